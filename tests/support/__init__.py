@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: waiting on conditions, kubectl, running the agent."""

@@ -1,0 +1,91 @@
+"""Settings: defaults < file < environment < flags, and clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vk_provider.config import ConfigError, Settings, load_settings
+
+
+def test_defaults() -> None:
+    s = load_settings(env={})
+    assert s == Settings()
+    assert s.node.name == "virtual-kubelet"
+    assert s.node.provider == "alibabacloud"
+    assert s.node.lease_duration_seconds == 40
+    assert s.node.lease_renew_interval_seconds == 10
+    assert s.node.status_update_interval_seconds == 60
+    assert s.kubelet.port == 10250
+
+
+def test_shipped_example_file_is_valid() -> None:
+    s = load_settings(str(Path(__file__).parents[2] / "config" / "agent.yaml"), env={})
+    assert s.node.name == "virtual-kubelet"
+
+
+def test_precedence_file_env_flags(tmp_path: Path) -> None:
+    f = tmp_path / "a.yaml"
+    f.write_text("node: {name: from-file, pods: 10, cpu: '8'}\nlog_level: DEBUG\n")
+    s = load_settings(str(f), env={"VK_PROVIDER_NODE_PODS": "20", "VK_PROVIDER_NODE_NAME": "from-env"})
+    assert (s.node.name, s.node.pods, s.node.cpu, s.log_level) == ("from-env", 20, "8", "DEBUG")
+    s = load_settings(str(f), env={"VK_PROVIDER_NODE_NAME": "from-env"}, overrides={"node.name": "from-flag"})
+    assert s.node.name == "from-flag"
+    s = load_settings(str(f), env={}, overrides={"node.name": None})
+    assert s.node.name == "from-file"
+
+
+def test_env_dict_and_bool_and_float() -> None:
+    s = load_settings(
+        env={
+            "VK_PROVIDER_NODE_LABELS": "{zone: a, tier: '1'}",
+            "VK_PROVIDER_KUBE_QPS": "5.5",
+            "VK_PROVIDER_LOG_LEVEL": "warning",
+            "VK_PROVIDER_TEST_SOMETHING": "ignored",
+        }
+    )
+    assert s.node.labels == {"zone": "a", "tier": "1"}
+    assert s.kube.qps == 5.5
+    assert s.log_level == "warning"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"VK_PROVIDER_NODE_PODS": "lots"}, "environment variable VK_PROVIDER_NODE_PODS: setting node.pods"),
+        ({"VK_PROVIDER_NODE_ON_SHUTDOWN": "explode"}, "node.on_shutdown must be one of"),
+        ({"VK_PROVIDER_NODE_CPU": "four"}, "node.cpu must be a Kubernetes quantity"),
+        ({"VK_PROVIDER_NODE_INTERNAL_IP": "300.1.1.1"}, "node.internal_ip must be an IP address"),
+        ({"VK_PROVIDER_NODE_LEASE_RENEW_INTERVAL_SECONDS": "60"}, "shorter than the lease duration"),
+        ({"VK_PROVIDER_KUBELET_PORT": "70000"}, "kubelet.port"),
+        ({"VK_PROVIDER_KUBELET_TLS_CERT_FILE": "/x.crt"}, "given together"),
+        ({"VK_PROVIDER_LOG_LEVEL": "loud"}, "log_level"),
+    ],
+)
+def test_invalid_values_name_the_setting(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        load_settings(env=env)
+
+
+def test_unknown_group_key_lists_known_ones(tmp_path: Path) -> None:
+    f = tmp_path / "a.yaml"
+    f.write_text("kubelet: {prot: 1}\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(str(f), env={})
+    assert "unknown setting kubelet.prot" in str(info.value)
+    assert "port" in str(info.value)
+    assert str(f) in str(info.value)
+
+
+def test_empty_file_means_defaults(tmp_path: Path) -> None:
+    f = tmp_path / "a.yaml"
+    f.write_text("")
+    assert load_settings(str(f), env={}) == Settings()
+
+
+def test_bool_from_yaml_is_not_a_number(tmp_path: Path) -> None:
+    f = tmp_path / "a.yaml"
+    f.write_text("node: {pods: true}\n")
+    with pytest.raises(ConfigError, match="whole number"):
+        load_settings(str(f), env={})

@@ -1,0 +1,7 @@
+"""``python -m vk_provider``."""
+
+import sys
+
+from vk_provider.cli import main
+
+sys.exit(main())

@@ -1,0 +1,187 @@
+"""Composition root: builds the agent's parts from :class:`Settings` and runs them.
+
+Start order (virtual-kubelet's): connect and check the API server, open the registry, serve the
+kubelet endpoint, start taking Pods, and only then register the Node and heartbeat. Shutdown runs
+in reverse: the Node is left NotReady (or deleted) first, then the tasks are cancelled, then the
+HTTP server and the connections are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from vk_provider import __version__
+from vk_provider.config import Settings
+from vk_provider.controllers.clock import SystemClock
+from vk_provider.controllers.node import NodeController, NodeTiming
+from vk_provider.domain.node import NodeFacts
+from vk_provider.http.certs import CertificateError, serving_certificate
+from vk_provider.http.server import KubeletServer
+from vk_provider.kube.auth import ClusterAuth
+from vk_provider.kube.nodes import NodeClient
+from vk_provider.kube.session import KubeConfigError, KubeError, KubeSession
+from vk_provider.supervisor import Supervisor
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The agent cannot start; the message is one line naming the problem."""
+
+
+class Agent:
+    """The running agent: owns the API session, the supervisor and the controllers."""
+
+    def __init__(self, settings: Settings, session: KubeSession) -> None:
+        self.settings = settings
+        self.session = session
+        self.supervisor = Supervisor()
+        self.clock = SystemClock()
+        self.server: KubeletServer | None = None
+        self.node: NodeController | None = None
+
+    @classmethod
+    async def create(cls, settings: Settings) -> Agent:
+        """Connect to the API server (fails fast with :class:`StartupError`)."""
+        try:
+            session = await KubeSession.connect(
+                settings.kube.kubeconfig,
+                qps=settings.kube.qps,
+                burst=settings.kube.burst,
+                request_timeout=settings.kube.request_timeout_seconds,
+            )
+        except KubeConfigError as exc:
+            raise StartupError(str(exc)) from None
+        try:
+            version = await _wait_for_api_server(session, settings.kube.startup_timeout_seconds)
+            log.info("connected to %s (%s) using %s", session.host, version, session.source)
+        except BaseException:
+            await session.close()
+            raise
+        return cls(settings, session)
+
+    async def start(self) -> None:
+        s = self.settings
+        try:
+            cert, key = serving_certificate(
+                s.kubelet.tls_cert_file,
+                s.kubelet.tls_key_file,
+                s.kubelet.cert_dir,
+                s.node.name,
+                s.node.internal_ip,
+            )
+        except CertificateError as exc:
+            raise StartupError(str(exc)) from None
+        client_ca = s.kubelet.client_ca_file or self.session.configuration.ssl_ca_cert or None
+        self.server = KubeletServer(
+            node_name=s.node.name,
+            bind_address=s.kubelet.bind_address,
+            port=s.kubelet.port,
+            cert_file=cert,
+            key_file=key,
+            client_ca_file=client_ca,
+            authorizer=ClusterAuth(self.session),
+        )
+        try:
+            port = await self.server.start()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot serve the kubelet endpoint on {s.kubelet.bind_address}:{s.kubelet.port}: {exc.strerror or exc}"
+            ) from None
+        self.node = NodeController(NodeClient(self.session), self._node_facts(port), self._node_timing(), self.clock)
+        self.supervisor.start("node-heartbeat", self.node.run())
+
+    def _node_facts(self, port: int) -> NodeFacts:
+        n = self.settings.node
+        return NodeFacts(
+            name=n.name,
+            provider=n.provider,
+            cpu=n.cpu,
+            memory=n.memory,
+            pods=n.pods,
+            ephemeral_storage=n.ephemeral_storage,
+            internal_ip=n.internal_ip,
+            kubelet_port=port,
+            labels=tuple(sorted(n.labels.items())),
+            operating_system=n.operating_system,
+            architecture=n.architecture,
+            kubelet_version=n.kubelet_version,
+            agent_version=__version__,
+        )
+
+    def _node_timing(self) -> NodeTiming:
+        n = self.settings.node
+        return NodeTiming(
+            lease_duration_seconds=n.lease_duration_seconds,
+            lease_renew_interval=n.lease_renew_interval_seconds,
+            status_interval=n.status_update_interval_seconds,
+            max_backoff=self.settings.kube.max_backoff_seconds,
+            on_shutdown=n.on_shutdown,
+        )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Start, run until ``stop`` is set or a critical task fails, then shut down in order."""
+        try:
+            await self.start()
+            stopper = asyncio.create_task(stop.wait(), name="wait-stop")
+            failed = asyncio.create_task(self.supervisor.failed.wait(), name="wait-failure")
+            try:
+                await asyncio.wait({stopper, failed}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in (stopper, failed):
+                    waiter.cancel()
+                await asyncio.gather(stopper, failed, return_exceptions=True)
+        finally:
+            await self.shutdown()
+        if self.supervisor.failure is not None:
+            raise StartupError(f"agent stopped: {self.supervisor.failure}")
+
+    async def shutdown(self) -> None:
+        """Reverse start order: tasks stop, the Node is left NotReady (or deleted), then HTTP and the session."""
+        log.info("shutting down")
+        await self.supervisor.stop()
+        if self.node is not None:
+            try:
+                await asyncio.wait_for(self.node.shutdown(), timeout=3.0)
+            except TimeoutError:
+                log.warning("node %s: shutdown update timed out", self.node.name)
+        if self.server is not None:
+            await self.server.stop()
+        await self.session.close()
+        log.info("stopped")
+
+
+async def _wait_for_api_server(session: KubeSession, timeout: float) -> str:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    client = NodeClient(session)
+    delay = 0.25
+    while True:
+        remaining = deadline - loop.time()
+        try:
+            return await client.server_version(timeout=max(1.0, min(5.0, remaining)))
+        except KubeError as exc:
+            if exc.status in (401, 403):
+                raise StartupError(
+                    f"API server {session.host} refused our credentials ({exc.status} {exc.reason})"
+                ) from None
+            if loop.time() + delay > deadline:
+                raise StartupError(f"cannot reach the API server at {session.host}: {exc.message}") from None
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+async def run_agent(settings: Settings) -> None:
+    """Run the agent until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        agent = await Agent.create(settings)
+        await agent.run(stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)

@@ -1,0 +1,326 @@
+"""Settings: grouped, documented, frozen.
+
+Precedence, lowest first: built-in defaults < the YAML settings file (``--config``) < environment
+variables (``VK_PROVIDER_<GROUP>_<FIELD>``, e.g. ``VK_PROVIDER_NODE_NAME``) < command-line flags.
+Every field below is documented where it is declared; ``config/agent.yaml`` is the annotated example.
+
+This module parses and validates only. A problem is raised as :class:`ConfigError` with a one-line
+message that names the file or variable and the setting, so the command line can print it as is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+ENV_PREFIX = "VK_PROVIDER_"
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
+_DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+class ConfigError(Exception):
+    """A settings problem, with a message fit to print on one line."""
+
+
+@dataclass(frozen=True)
+class KubeSettings:
+    """How the agent talks to the API server."""
+
+    # Path of a kubeconfig. Empty: in-cluster config, then $KUBECONFIG, then ~/.kube/config.
+    kubeconfig: str = ""
+    # Client-side rate limit, like the kubelet's kubeAPIQPS / kubeAPIBurst. 0 disables it.
+    qps: float = 50.0
+    burst: int = 100
+    # How long `run` keeps trying to reach the API server at start before it gives up.
+    startup_timeout_seconds: float = 10.0
+    # Timeout of one ordinary API request.
+    request_timeout_seconds: float = 30.0
+    # Longest pause between retries after API errors (back-off doubles up to this).
+    max_backoff_seconds: float = 10.0
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """The virtual Node this agent registers and keeps Ready."""
+
+    name: str = "virtual-kubelet"
+    # Provider in the taint virtual-kubelet.io/provider=<provider>:NoSchedule.
+    provider: str = "alibabacloud"
+    # Capacity (= allocatable) advertised by the Node.
+    cpu: str = "1000"
+    memory: str = "4Ti"
+    pods: int = 1000
+    ephemeral_storage: str = "10Ti"
+    # Extra labels on the Node, on top of type, kubernetes.io/role and kubernetes.io/hostname.
+    labels: dict[str, str] = field(default_factory=dict)
+    # Address advertised as the Node's InternalIP; the API server reaches the kubelet endpoint here.
+    internal_ip: str = "127.0.0.1"
+    # Lease in kube-node-lease: its duration, and how often it is renewed.
+    lease_duration_seconds: int = 40
+    lease_renew_interval_seconds: float = 10.0
+    # The full NodeStatus is written at least this often.
+    status_update_interval_seconds: float = 60.0
+    # On shutdown: mark the Node NotReady ("not-ready") or delete it ("delete").
+    on_shutdown: Literal["not-ready", "delete"] = "not-ready"
+    # nodeInfo fields.
+    operating_system: str = "linux"
+    architecture: str = "amd64"
+    kubelet_version: str = "v1.20.2-vk-provider"
+
+
+@dataclass(frozen=True)
+class KubeletSettings:
+    """The kubelet-style HTTPS endpoint (logs, pods, health, metrics)."""
+
+    bind_address: str = "0.0.0.0"
+    # 0 picks a free port; the bound port is what the Node advertises.
+    port: int = 10250
+    # A serving certificate and key you provide (PEM). Empty: a self-signed pair is generated.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    # Where generated certificates are kept.
+    cert_dir: str = "vk-provider-certs"
+    # CA that signs the client certificates we accept (the API server's kubelet client).
+    # Empty: the cluster CA from the kubeconfig or the in-cluster service account.
+    client_ca_file: str = ""
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """The cache registry database."""
+
+    # A file path (SQLite) or any SQLAlchemy URL.
+    db: str = "vk-provider.db"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """All settings of one agent."""
+
+    kube: KubeSettings = field(default_factory=KubeSettings)
+    node: NodeSettings = field(default_factory=NodeSettings)
+    kubelet: KubeletSettings = field(default_factory=KubeletSettings)
+    registry: RegistrySettings = field(default_factory=RegistrySettings)
+    # Python logging level name.
+    log_level: str = "INFO"
+
+
+# Command-line flags map to these dotted names.
+FLAG_FIELDS = {
+    "kubeconfig": "kube.kubeconfig",
+    "node_name": "node.name",
+    "db": "registry.db",
+    "log_level": "log_level",
+}
+
+
+def load_settings(
+    config_file: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build :class:`Settings` from defaults, a YAML file, the environment and flag overrides.
+
+    ``overrides`` maps dotted names (``node.name``) to values; ``None`` values are ignored.
+    """
+    raw: dict[str, Any] = {}
+    if config_file:
+        raw = _read_yaml(config_file)
+    merged = _merge(raw, _from_env(os.environ if env is None else env))
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(merged, dotted, value)
+    settings: Settings = _build(Settings, merged, source=config_file or "settings")
+    _validate(settings)
+    return settings
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read settings file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise ConfigError(f"settings file {path}{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"settings file {path}: expected a mapping of setting groups, got {type(data).__name__}")
+    return data
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    groups = {f.name: f for f in dataclasses.fields(Settings)}
+    for key, value in env.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        rest = key[len(ENV_PREFIX) :].lower()
+        if rest in groups and not dataclasses.is_dataclass(_field_type(Settings, rest)):
+            out[rest] = _EnvValue(key, value)
+            continue
+        group, _, name = rest.partition("_")
+        if group not in groups or not name:
+            continue  # not ours (e.g. VK_PROVIDER_TEST_*)
+        out.setdefault(group, {})[name] = _EnvValue(key, value)
+    return out
+
+
+@dataclass(frozen=True)
+class _EnvValue:
+    """A value from the environment: a string to coerce, and the variable to name in errors."""
+
+    variable: str
+    text: str
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _set_dotted(target: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        target = target.setdefault(part, {})
+    target[parts[-1]] = value
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _build(cls: type, data: Any, source: str, prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {prefix.rstrip('.') or 'settings'} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown setting {prefix}{unknown[0]} (known in {prefix.rstrip('.') or 'top level'}: "
+            f"{', '.join(sorted(known))})"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value, source, f"{prefix}{name}.")  # type: ignore[arg-type]
+        else:
+            kwargs[name] = _coerce(kind, value, source, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(kind: Any, value: Any, source: str, name: str) -> Any:
+    where = source
+    if isinstance(value, _EnvValue):
+        where, value = f"environment variable {value.variable}", _parse_env_text(kind, value.text)
+    origin = typing.get_origin(kind)
+    try:
+        if kind is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            raise TypeError("true or false")
+        if kind is int:
+            if isinstance(value, bool) or not isinstance(value, int | str):
+                raise TypeError("a whole number")
+            return int(value)
+        if kind is float:
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise TypeError("a number")
+            return float(value)
+        if kind is str:
+            if isinstance(value, bool) or not isinstance(value, str | int | float):
+                raise TypeError("a string")
+            return str(value)
+        if origin is Literal:
+            choices = typing.get_args(kind)
+            if value not in choices:
+                raise TypeError("one of " + ", ".join(repr(c) for c in choices))
+            return value
+        if origin is dict:
+            if not isinstance(value, dict) or not all(
+                isinstance(k, str) and isinstance(v, str | int | float) and not isinstance(v, bool)
+                for k, v in value.items()
+            ):
+                raise TypeError("a mapping of strings to strings")
+            return {k: str(v) for k, v in value.items()}
+        if origin in (typing.Union, types.UnionType):
+            raise TypeError("unsupported")  # pragma: no cover - no optional fields yet
+    except (TypeError, ValueError) as exc:
+        expected = exc.args[0] if isinstance(exc, TypeError) else _EXPECTED.get(kind, "a valid value")
+        raise ConfigError(f"{where}: setting {name} must be {expected}, got {value!r}") from None
+    raise ConfigError(f"{where}: setting {name} has an unsupported type")  # pragma: no cover
+
+
+_EXPECTED: dict[Any, str] = {int: "a whole number", float: "a number", bool: "true or false"}
+
+
+def _parse_env_text(kind: Any, text: str) -> Any:
+    if typing.get_origin(kind) is dict:
+        try:
+            return yaml.safe_load(text) or {}
+        except yaml.YAMLError:
+            return text
+    return text
+
+
+def _validate(s: Settings) -> None:
+    def bad(name: str, why: str) -> ConfigError:
+        return ConfigError(f"setting {name} {why}")
+
+    if not _DNS_NAME.match(s.node.name) or len(s.node.name) > 253:
+        raise bad("node.name", f"must be a lowercase DNS name, got {s.node.name!r}")
+    for name, quantity in (
+        ("node.cpu", s.node.cpu),
+        ("node.memory", s.node.memory),
+        ("node.ephemeral_storage", s.node.ephemeral_storage),
+    ):
+        if not _QUANTITY.match(quantity):
+            raise bad(name, f"must be a Kubernetes quantity such as 4, 500m or 16Gi, got {quantity!r}")
+    if s.node.pods < 1:
+        raise bad("node.pods", "must be at least 1")
+    try:
+        ipaddress.ip_address(s.node.internal_ip)
+    except ValueError:
+        raise bad("node.internal_ip", f"must be an IP address, got {s.node.internal_ip!r}") from None
+    if s.node.lease_duration_seconds < 1:
+        raise bad("node.lease_duration_seconds", "must be at least 1")
+    if not 0 < s.node.lease_renew_interval_seconds < s.node.lease_duration_seconds:
+        raise bad("node.lease_renew_interval_seconds", "must be positive and shorter than the lease duration")
+    if s.node.status_update_interval_seconds <= 0:
+        raise bad("node.status_update_interval_seconds", "must be positive")
+    if not 0 <= s.kubelet.port <= 65535:
+        raise bad("kubelet.port", f"must be a TCP port (0 picks a free one), got {s.kubelet.port}")
+    if bool(s.kubelet.tls_cert_file) != bool(s.kubelet.tls_key_file):
+        raise bad("kubelet.tls_cert_file", "and kubelet.tls_key_file must be given together")
+    if s.kube.qps < 0 or s.kube.burst < 1:
+        raise bad("kube.qps", "must be >= 0 and kube.burst >= 1")
+    if s.kube.startup_timeout_seconds < 0 or s.kube.request_timeout_seconds <= 0:
+        raise bad("kube.startup_timeout_seconds", "and kube.request_timeout_seconds must be positive")
+    if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise bad("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {s.log_level!r}")
+    if not s.registry.db:
+        raise bad("registry.db", "must not be empty")

@@ -1,0 +1,287 @@
+"""The connection to the API server: credentials, a JSON request helper, rate limiting, errors.
+
+This package is the only one that imports ``kubernetes_asyncio``. Its typed models are slow to
+build and hide fields, so the agent uses the client only for what it does well (kubeconfig and
+in-cluster loading, credentials, the TLS session) and exchanges plain JSON dicts through
+:meth:`KubeSession.request` and :meth:`KubeSession.stream`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from kubernetes_asyncio import client as k8s_client
+from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.config.config_exception import ConfigException
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+
+
+class KubeConfigError(Exception):
+    """The credentials could not be loaded; the message names the source and the problem."""
+
+
+class KubeError(Exception):
+    """An API request failed: ``status`` is the HTTP status (0 when no answer came back)."""
+
+    def __init__(self, status: int, reason: str, message: str, body: JSON | None = None) -> None:
+        super().__init__(f"{status} {reason}: {message}" if status else message)
+        self.status = status
+        self.reason = reason
+        self.message = message
+        self.body = body or {}
+
+    @property
+    def is_conflict(self) -> bool:
+        return self.status == 409
+
+    @property
+    def is_not_found(self) -> bool:
+        return self.status == 404
+
+    @property
+    def is_gone(self) -> bool:
+        return self.status == 410
+
+    @property
+    def is_already_exists(self) -> bool:
+        return self.status == 409 and self.reason == "AlreadyExists"
+
+    @property
+    def is_transient(self) -> bool:
+        """Worth retrying: no answer, throttled, or the server failing."""
+        return self.status == 0 or self.status == 429 or self.status >= 500
+
+
+class RateLimiter:
+    """A token bucket on the event loop's clock (``qps`` tokens a second, at most ``burst``)."""
+
+    def __init__(self, qps: float, burst: int) -> None:
+        self._qps = qps
+        self._burst = float(burst)
+        self._tokens = float(burst)
+        self._stamp: float | None = None
+        self._lock = asyncio.Lock()
+
+    async def acquire(self) -> None:
+        if self._qps <= 0:
+            return
+        async with self._lock:
+            loop = asyncio.get_running_loop()
+            now = loop.time()
+            if self._stamp is not None:
+                self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._qps)
+            self._stamp = now
+            if self._tokens < 1.0:
+                wait = (1.0 - self._tokens) / self._qps
+                await asyncio.sleep(wait)
+                self._tokens = 1.0
+                self._stamp = loop.time()
+            self._tokens -= 1.0
+
+
+async def load_configuration(kubeconfig: str = "") -> tuple[k8s_client.Configuration, str]:
+    """Load credentials: the given kubeconfig, else in-cluster, else $KUBECONFIG, else ~/.kube/config.
+
+    Returns the client configuration and a description of where it came from.
+    """
+    cfg = k8s_client.Configuration()
+    if kubeconfig:
+        source = f"kubeconfig {kubeconfig}"
+        if not Path(kubeconfig).is_file():
+            raise KubeConfigError(f"{source}: no such file")
+        await _load_kubeconfig(cfg, kubeconfig, source)
+        return cfg, source
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        try:
+            k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+            return cfg, "in-cluster service account"
+        except ConfigException as exc:
+            raise KubeConfigError(f"in-cluster config: {exc}") from None
+    env_path = os.environ.get("KUBECONFIG", "").split(os.pathsep)[0]
+    path = env_path or str(Path.home() / ".kube" / "config")
+    source = f"kubeconfig {path}" + (" (from $KUBECONFIG)" if env_path else "")
+    if not Path(path).is_file():
+        raise KubeConfigError(
+            f"no cluster credentials: {path} does not exist (name one with --kubeconfig or $KUBECONFIG)"
+        )
+    await _load_kubeconfig(cfg, path, source)
+    return cfg, source
+
+
+async def _load_kubeconfig(cfg: k8s_client.Configuration, path: str, source: str) -> None:
+    try:
+        await k8s_config.load_kube_config(config_file=path, client_configuration=cfg, persist_config=False)
+    except ConfigException as exc:
+        raise KubeConfigError(f"{source}: {exc}") from None
+    except Exception as exc:  # yaml errors, bad base64, unreadable files...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise KubeConfigError(f"{source}: invalid kubeconfig ({first})") from None
+
+
+class KubeSession:
+    """One authenticated HTTP session to the API server, shared by every controller.
+
+    Contract: :meth:`request` returns the decoded JSON body or raises :class:`KubeError`; it never
+    raises aiohttp's exceptions. It is safe to call concurrently. :meth:`close` must be awaited once.
+    """
+
+    def __init__(
+        self,
+        configuration: k8s_client.Configuration,
+        *,
+        qps: float = 0.0,
+        burst: int = 1,
+        request_timeout: float = 30.0,
+        source: str = "",
+    ) -> None:
+        configuration.connection_pool_maxsize = max(configuration.connection_pool_maxsize or 0, 64)
+        self.configuration = configuration
+        self.source = source
+        self.host: str = str(configuration.host)
+        self._api = k8s_client.ApiClient(configuration=configuration)
+        self._limiter = RateLimiter(qps, burst)
+        self._timeout = request_timeout
+        self.requests_by_verb: dict[str, int] = {}
+
+    @classmethod
+    async def connect(
+        cls, kubeconfig: str = "", *, qps: float = 0.0, burst: int = 1, request_timeout: float = 30.0
+    ) -> KubeSession:
+        cfg, source = await load_configuration(kubeconfig)
+        return cls(cfg, qps=qps, burst=burst, request_timeout=request_timeout, source=source)
+
+    async def close(self) -> None:
+        await self._api.close()
+
+    async def __aenter__(self) -> KubeSession:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: Any = None,
+        query: Mapping[str, str | int | bool] | Sequence[tuple[str, str]] | None = None,
+        content_type: str = "application/json",
+        timeout: float | None = None,
+    ) -> JSON:
+        """Send one request and return its JSON body (``{}`` for an empty one)."""
+        await self._limiter.acquire()
+        self.requests_by_verb[method] = self.requests_by_verb.get(method, 0) + 1
+        try:
+            resp = await self._call(method, path, body, query, content_type, timeout or self._timeout)
+            try:
+                data = await resp.read()
+            finally:
+                resp.release()
+        except KubeError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise KubeError(0, "Unreachable", f"{method} {path}: {_describe(exc)}") from None
+        return _decode(resp.status, data, method, path)
+
+    @asynccontextmanager
+    async def stream(
+        self, path: str, query: Mapping[str, str | int | bool], timeout: float
+    ) -> AsyncIterator[AsyncIterator[JSON]]:
+        """Open a watch: yields an async iterator of decoded watch events (``{"type", "object"}``)."""
+        await self._limiter.acquire()
+        self.requests_by_verb["WATCH"] = self.requests_by_verb.get("WATCH", 0) + 1
+        try:
+            resp = await self._call("GET", path, None, query, "application/json", timeout)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise KubeError(0, "Unreachable", f"watch {path}: {_describe(exc)}") from None
+        try:
+            if resp.status >= 300:
+                data = await resp.read()
+                _decode(resp.status, data, "GET", path)
+            yield _lines(resp, path)
+        finally:
+            resp.release()
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        query: Mapping[str, str | int | bool] | Sequence[tuple[str, str]] | None,
+        content_type: str,
+        timeout: float,
+    ) -> aiohttp.ClientResponse:
+        params: list[tuple[str, str]] = []
+        if isinstance(query, Mapping):
+            params = [(k, _query_text(v)) for k, v in query.items()]
+        elif query:
+            params = list(query)
+        headers = {"Content-Type": content_type, "Accept": "application/json"}
+        try:
+            resp: aiohttp.ClientResponse = await self._api.call_api(
+                path,
+                method,
+                query_params=params,
+                header_params=headers,
+                body=body,
+                auth_settings=["BearerToken"],
+                _preload_content=False,
+                _request_timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0)),
+            )
+        except k8s_client.ApiException as exc:  # raised for request-building problems only
+            raise KubeError(exc.status or 0, str(exc.reason), str(exc)) from None
+        return resp
+
+
+async def _lines(resp: aiohttp.ClientResponse, path: str) -> AsyncIterator[JSON]:
+    buffer = b""
+    try:
+        async for chunk in resp.content.iter_any():
+            buffer += chunk
+            while b"\n" in buffer:
+                line, buffer = buffer.split(b"\n", 1)
+                if line.strip():
+                    yield json.loads(line)
+    except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+        raise KubeError(0, "Unreachable", f"watch {path}: {_describe(exc)}") from None
+    if buffer.strip():
+        yield json.loads(buffer)
+
+
+def _decode(status: int, data: bytes, method: str, path: str) -> JSON:
+    try:
+        body = json.loads(data) if data else {}
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {"items": body}
+    if 200 <= status < 300:
+        return body
+    reason = str(body.get("reason") or "")
+    message = str(body.get("message") or data[:200].decode("utf-8", "replace") or "no message")
+    raise KubeError(status, reason, f"{method} {path}: {message}", body)
+
+
+def _query_text(value: str | int | bool) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
