@@ -1,0 +1,105 @@
+"""Opening the registry database: URL handling and the async engine with SQLite tuned for sharing.
+
+Owns how connections are made (pragmas, transaction start); it does not touch the schema
+(``migrate``) nor the data (``repository``).
+
+SQLite is shared with people running ``sqlite3`` on the same file while the agent writes, so
+every connection uses WAL (readers never block the writer and never see half a transaction), a
+busy timeout (a writer waits for the lock instead of failing), enforced foreign keys, and
+``synchronous=NORMAL`` (durable enough with WAL, and no fsync per commit). SQLAlchemy, not the
+``sqlite3`` driver, emits BEGIN, so that write transactions can start with ``BEGIN IMMEDIATE``:
+taking the write lock up front is what lets the busy timeout work; a deferred transaction that
+read first and then tries to write fails at once with "database is locked" when another
+connection wrote in between, whatever the timeout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+
+if TYPE_CHECKING:
+    from vk_provider.registry.repository import Registry
+
+BUSY_TIMEOUT_MS = 5000
+WRITE_OPTION = "vk_provider_write"
+"""Execution option: a transaction begun on a connection carrying it is a write transaction."""
+MIGRATION_OPTION = "vk_provider_migration"
+"""Execution option: the connection runs migrations (foreign keys off while tables are rebuilt)."""
+
+_DRIVERS = {
+    "sqlite": "sqlite+aiosqlite",
+    "postgresql": "postgresql+asyncpg",
+    "postgres": "postgresql+asyncpg",
+}
+
+
+def database_url(db: str) -> str:
+    """Turn the ``--db`` value into an async SQLAlchemy URL.
+
+    A plain path becomes ``sqlite+aiosqlite:///<absolute path>``; a URL passes through, except
+    that a URL naming no async driver (``sqlite://``, ``postgresql://``) gets the async one.
+    """
+    if "://" not in db:
+        if db == ":memory:":
+            return "sqlite+aiosqlite:///:memory:"
+        return f"sqlite+aiosqlite:///{Path(db).expanduser().resolve()}"
+    scheme, rest = db.split("://", 1)
+    return f"{_DRIVERS.get(scheme, scheme)}://{rest}"
+
+
+def is_sqlite(engine: AsyncEngine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
+    """An AsyncEngine for ``url`` (see ``database_url``); for SQLite, with the pragmas above."""
+    url = database_url(url)
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_async_engine(url, **kwargs)
+    if is_sqlite(engine):
+        _configure_sqlite(engine)
+    return engine
+
+
+def _configure_sqlite(engine: AsyncEngine) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        # None: the driver must not emit BEGIN itself; _on_begin does.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            # busy_timeout first: switching to WAL needs a lock another process may hold.
+            cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            cursor.execute("PRAGMA journal_mode = WAL")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA foreign_keys = ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(connection: Connection) -> None:
+        options = connection.get_execution_options()
+        if options.get(MIGRATION_OPTION):
+            # Only possible outside a transaction; the migration connection is discarded afterwards.
+            connection.exec_driver_sql("PRAGMA foreign_keys = OFF")
+        write = options.get(WRITE_OPTION) or options.get(MIGRATION_OPTION)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+
+
+async def open_registry(url: str) -> Registry:
+    """Open the registry at ``url`` (a path or URL, see ``database_url``).
+
+    The schema is not touched: the agent calls ``migrate.upgrade(registry.engine)`` on start.
+    ``await registry.close()`` releases every connection.
+    """
+    from vk_provider.registry.repository import Registry  # repository is above engine; avoids a cycle
+
+    return Registry(create_engine(url))

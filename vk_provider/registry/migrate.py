@@ -1,0 +1,141 @@
+"""Running the Alembic migrations in ``migrations/`` from inside the agent or from the command line.
+
+Owns the Alembic configuration and the connection migrations run on; the migrations themselves
+live in ``migrations/versions``. The async functions run inside the caller's event loop: they
+take a connection from the caller's engine and hand it to ``migrations/env.py`` through
+``config.attributes["connection"]``, so Alembic never starts an event loop of its own. The
+``*_sync`` wrappers are for ``vk-provider db …``, which has no loop yet.
+
+On SQLite the migration transaction has foreign keys off (SQLite rebuilds a table to alter it,
+and a rebuild of a referenced table would otherwise cascade deletes); the keys are checked
+afterwards and switched back on before the connection returns to the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from vk_provider.registry.engine import MIGRATION_OPTION, create_engine, database_url, is_sqlite
+
+MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+_T = TypeVar("_T")
+
+
+class MigrationError(RuntimeError):
+    """The database is not consistent after a migration (e.g. a foreign key check failed)."""
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """An Alembic configuration for ``migrations/`` without reading alembic.ini."""
+    if not (MIGRATIONS_DIR / "env.py").is_file():
+        raise MigrationError(f"migrations not found in {MIGRATIONS_DIR}")
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if url is not None:
+        # '%' is interpolation syntax in Alembic's config parser.
+        config.set_main_option("sqlalchemy.url", database_url(url).replace("%", "%%"))
+    return config
+
+
+def run_migrations_on(connection: Connection, action: Callable[[Config], None]) -> None:
+    """Run an Alembic command on ``connection`` (a sync connection, e.g. inside ``run_sync``)."""
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    action(config)
+
+
+def _pragma(connection: Connection, sql: str) -> list[tuple[object, ...]]:
+    # On the DBAPI connection: through SQLAlchemy it would open a transaction, where
+    # PRAGMA foreign_keys is silently ignored.
+    cursor = connection.connection.cursor()
+    try:
+        cursor.execute(sql)
+        return [tuple(row) for row in cursor.fetchall()]
+    finally:
+        cursor.close()
+
+
+async def on_migration_connection(target: AsyncEngine | str, work: Callable[[Connection], _T]) -> _T:
+    """Run ``work`` (sync, given a sync connection) on a connection meant for migrations.
+
+    ``target`` is the caller's engine (shared: the agent's running loop and pool) or a path/URL
+    (an engine is made and disposed here).
+    """
+    engine = create_engine(target) if isinstance(target, str) else target
+    try:
+        async with engine.connect() as connection:
+            if not is_sqlite(engine):
+                return await connection.run_sync(work)
+            await connection.execution_options(**{MIGRATION_OPTION: True})
+            try:
+                result = await connection.run_sync(work)
+                await connection.rollback()
+                problems = await connection.run_sync(_pragma, "PRAGMA foreign_key_check")
+            finally:
+                await connection.run_sync(_pragma, "PRAGMA foreign_keys = ON")
+            if problems:
+                raise MigrationError(f"foreign key check failed after migration: {problems[:10]}")
+            return result
+    finally:
+        if isinstance(target, str):
+            await engine.dispose()
+
+
+async def upgrade(target: AsyncEngine | str, revision: str = "head") -> None:
+    """Upgrade the database at ``target`` (an engine, path or URL) to ``revision``."""
+
+    def work(connection: Connection) -> None:
+        run_migrations_on(connection, lambda config: command.upgrade(config, revision))
+
+    await on_migration_connection(target, work)
+
+
+async def downgrade(target: AsyncEngine | str, revision: str) -> None:
+    """Downgrade the database at ``target`` to ``revision`` (``base`` drops every table)."""
+
+    def work(connection: Connection) -> None:
+        run_migrations_on(connection, lambda config: command.downgrade(config, revision))
+
+    await on_migration_connection(target, work)
+
+
+async def current(target: AsyncEngine | str) -> str | None:
+    """The revision the database is at, or None for an empty database."""
+
+    engine = create_engine(target) if isinstance(target, str) else target
+    try:
+        async with engine.connect() as connection:
+            return await connection.run_sync(lambda sync: MigrationContext.configure(sync).get_current_revision())
+    finally:
+        if isinstance(target, str):
+            await engine.dispose()
+
+
+def head_revision() -> str | None:
+    """The newest revision in ``migrations/``."""
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def upgrade_sync(db: str, revision: str = "head") -> None:
+    """``vk-provider db upgrade``: for callers with no running event loop."""
+    asyncio.run(upgrade(db, revision))
+
+
+def downgrade_sync(db: str, revision: str) -> None:
+    """``vk-provider db downgrade``."""
+    asyncio.run(downgrade(db, revision))
+
+
+def current_sync(db: str) -> str | None:
+    """``vk-provider db current``."""
+    return asyncio.run(current(db))
