@@ -10,18 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import signal
 
 from vk_provider import __version__
+from vk_provider.catalogs import CatalogError, load_catalogs
 from vk_provider.config import Settings
 from vk_provider.controllers.clock import SystemClock
+from vk_provider.controllers.images import CatalogImages
 from vk_provider.controllers.node import NodeController, NodeTiming
+from vk_provider.controllers.pods import PodController, PodTiming, node_allocatable
+from vk_provider.controllers.puller import Puller
+from vk_provider.controllers.reporter import StatusReporter
 from vk_provider.domain.node import NodeFacts
 from vk_provider.http.certs import CertificateError, serving_certificate
 from vk_provider.http.server import KubeletServer
 from vk_provider.kube.auth import ClusterAuth
 from vk_provider.kube.nodes import NodeClient
+from vk_provider.kube.pods import EventRecorder, PodClient
 from vk_provider.kube.session import KubeConfigError, KubeError, KubeSession
+from vk_provider.kube.watching import list_watch
+from vk_provider.registry.engine import database_url, open_registry
+from vk_provider.registry.migrate import upgrade
+from vk_provider.registry.repository import Registry
 from vk_provider.supervisor import Supervisor
 
 log = logging.getLogger(__name__)
@@ -41,6 +52,8 @@ class Agent:
         self.clock = SystemClock()
         self.server: KubeletServer | None = None
         self.node: NodeController | None = None
+        self.pods: PodController | None = None
+        self.registry: Registry | None = None
 
     @classmethod
     async def create(cls, settings: Settings) -> Agent:
@@ -64,13 +77,14 @@ class Agent:
 
     async def start(self) -> None:
         s = self.settings
+        await self._open_registry()
+        try:
+            catalog = load_catalogs(s.images.catalog, s.images.extra_catalogs)
+        except CatalogError as exc:
+            raise StartupError(str(exc)) from None
         try:
             cert, key = serving_certificate(
-                s.kubelet.tls_cert_file,
-                s.kubelet.tls_key_file,
-                s.kubelet.cert_dir,
-                s.node.name,
-                s.node.internal_ip,
+                s.kubelet.tls_cert_file, s.kubelet.tls_key_file, s.kubelet.cert_dir, s.node.name, s.node.internal_ip
             )
         except CertificateError as exc:
             raise StartupError(str(exc)) from None
@@ -90,8 +104,59 @@ class Agent:
             raise StartupError(
                 f"cannot serve the kubelet endpoint on {s.kubelet.bind_address}:{s.kubelet.port}: {exc.strerror or exc}"
             ) from None
+
+        # Pods: able to take Pods before the Node is advertised (virtual-kubelet's start order).
+        puller = Puller(s.pull, random.Random(s.simulation.seed), self.clock)
+        images = CatalogImages(catalog, puller, unknown=s.images.unknown_images, seed=s.simulation.seed)
+        pod_client = PodClient(self.session)
+        reporter = StatusReporter(pod_client, workers=s.pods.status_writers, max_backoff=s.kube.max_backoff_seconds)
+        events = EventRecorder(self.session, host=s.node.name)
+        self.pods = PodController(
+            node_name=s.node.name,
+            host_ip=s.node.internal_ip,
+            pod_cidr=s.pods.pod_cidr,
+            allocatable=node_allocatable(s.node.cpu, s.node.memory, s.node.pods),
+            api=pod_client,
+            reporter=reporter,
+            events=events,
+            images=images,
+            clock=self.clock,
+            timing=PodTiming(
+                time_scale=s.pull.time_scale, create_seconds=0.0, start_seconds=s.pull.container_start_seconds
+            ),
+        )
+        self.server.pods = self.pods
+        self.supervisor.start("status-reporter", reporter.run())
+        self.supervisor.start("event-recorder", events.run())
+        self.supervisor.start("pods", self.pods.run())
+        self.supervisor.start(
+            "pod-watch",
+            list_watch(
+                self.session,
+                "/api/v1/pods",
+                self.pods,
+                query={"fieldSelector": f"spec.nodeName={s.node.name}"},
+                what="pods",
+                max_backoff=s.kube.max_backoff_seconds,
+            ),
+        )
+        try:
+            await asyncio.wait_for(self.pods.synced.wait(), timeout=30)
+        except TimeoutError:
+            log.warning("pods not listed within 30 s; registering the node anyway")
+
         self.node = NodeController(NodeClient(self.session), self._node_facts(port), self._node_timing(), self.clock)
         self.supervisor.start("node-heartbeat", self.node.run())
+
+    async def _open_registry(self) -> None:
+        db = self.settings.registry.db
+        try:
+            self.registry = await open_registry(database_url(db))
+            await upgrade(self.registry.engine)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise StartupError(f"registry database {db}: {first}") from None
+        log.info("registry database %s is at the newest schema", db)
 
     def _node_facts(self, port: int) -> NodeFacts:
         n = self.settings.node
@@ -149,6 +214,8 @@ class Agent:
                 log.warning("node %s: shutdown update timed out", self.node.name)
         if self.server is not None:
             await self.server.stop()
+        if self.registry is not None:
+            await self.registry.close()
         await self.session.close()
         log.info("stopped")
 

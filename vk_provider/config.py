@@ -23,6 +23,8 @@ from typing import Any, Literal
 
 import yaml
 
+from vk_provider.domain.pullmodel import PullSettings
+
 ENV_PREFIX = "VK_PROVIDER_"
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -104,6 +106,34 @@ class RegistrySettings:
 
 
 @dataclass(frozen=True)
+class PodSettings:
+    """How the node runs Pods."""
+
+    # Pod IPs are handed out from this range, unique among the node's Pods.
+    pod_cidr: str = "10.234.0.0/16"
+    # Concurrent Pod status writers.
+    status_writers: int = 8
+
+
+@dataclass(frozen=True)
+class ImageSettings:
+    """Where image manifests come from."""
+
+    # The shipped catalog; empty: config/images.yaml of this checkout, if present.
+    catalog: str = ""
+    # Your own catalog files (same format), read after the shipped one; later entries win.
+    extra_catalogs: list[str] = field(default_factory=list)
+    # An image in no catalog: "synthetic" (a deterministic made-up size) or "fail" (ErrImagePull).
+    unknown_images: Literal["synthetic", "fail"] = "synthetic"
+
+
+@dataclass(frozen=True)
+class SimulationSettings:
+    # Seed of the random generator behind jitter and injected failures.
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class Settings:
     """All settings of one agent."""
 
@@ -111,6 +141,11 @@ class Settings:
     node: NodeSettings = field(default_factory=NodeSettings)
     kubelet: KubeletSettings = field(default_factory=KubeletSettings)
     registry: RegistrySettings = field(default_factory=RegistrySettings)
+    pods: PodSettings = field(default_factory=PodSettings)
+    images: ImageSettings = field(default_factory=ImageSettings)
+    # The pull model: every number documented in docs/pull-model.md (time_scale included).
+    pull: PullSettings = field(default_factory=PullSettings)
+    simulation: SimulationSettings = field(default_factory=SimulationSettings)
     # Python logging level name.
     log_level: str = "INFO"
 
@@ -260,6 +295,12 @@ def _coerce(kind: Any, value: Any, source: str, name: str) -> Any:
             if value not in choices:
                 raise TypeError("one of " + ", ".join(repr(c) for c in choices))
             return value
+        if origin is list:
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise TypeError("a list of strings")
+            return [v.strip() for v in value]
         if origin is dict:
             if not isinstance(value, dict) or not all(
                 isinstance(k, str) and isinstance(v, str | int | float) and not isinstance(v, bool)
@@ -324,3 +365,12 @@ def _validate(s: Settings) -> None:
         raise bad("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {s.log_level!r}")
     if not s.registry.db:
         raise bad("registry.db", "must not be empty")
+    try:
+        ipaddress.ip_network(s.pods.pod_cidr, strict=False)
+    except ValueError:
+        raise bad("pods.pod_cidr", f"must be a CIDR such as 10.234.0.0/16, got {s.pods.pod_cidr!r}") from None
+    if s.pods.status_writers < 1:
+        raise bad("pods.status_writers", "must be at least 1")
+    problems = s.pull.problems()
+    if problems:
+        raise ConfigError(f"setting pull.{problems[0]}")

@@ -53,3 +53,10 @@ def test_merge_taints_replaces_only_ours() -> None:
     other = {"key": "x", "effect": "NoExecute"}
     merged = merge_taints([other, {"key": "virtual-kubelet.io/provider", "value": "y", "effect": "NoSchedule"}], FACTS)
     assert merged == [other, {"key": "virtual-kubelet.io/provider", "value": "alibabacloud", "effect": "NoSchedule"}]
+
+
+def test_status_patch_replaces_the_address_list() -> None:
+    from vk_provider.domain.node import node_status_patch
+
+    patch = node_status_patch(FACTS, NOW, ready=True, transition=NOW)
+    assert patch["addresses"] == [{"$patch": "replace"}, {"type": "InternalIP", "address": "10.0.0.7"}]

@@ -148,7 +148,7 @@ class NodeController:
 
     async def _write_status(self, *, ready: bool) -> None:
         now = self._clock.now()
-        status = render.node_status(self._facts, now, ready=ready, transition=self._ready_since or now)
+        status = render.node_status_patch(self._facts, now, ready=ready, transition=self._ready_since or now)
         await self._api.patch_node_status(self.name, status)
         self._last_status_at = self._clock.monotonic()
         self.status_updates += 1

@@ -149,6 +149,17 @@ def node_status(facts: NodeFacts, now: datetime, *, ready: bool, transition: dat
     }
 
 
+def node_status_patch(facts: NodeFacts, now: datetime, *, ready: bool, transition: datetime) -> JSON:
+    """:func:`node_status` as a strategic-merge patch that replaces the address list whole.
+
+    A plain strategic merge keeps addresses an earlier version of the Node listed (e.g. a
+    Hostname the API server would then try to resolve); ``$patch: replace`` drops them.
+    """
+    status = node_status(facts, now, ready=ready, transition=transition)
+    status["addresses"] = [{"$patch": "replace"}, *status["addresses"]]
+    return status
+
+
 def lease_object(name: str, namespace: str, duration_seconds: int, now: datetime) -> JSON:
     return {
         "apiVersion": "coordination.k8s.io/v1",

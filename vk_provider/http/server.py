@@ -14,7 +14,6 @@ import asyncio
 import logging
 import ssl
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -30,10 +29,11 @@ class Authorizer(Protocol):
     async def authorize(self, caller: Caller, verb: str, node: str, subresource: str) -> bool: ...
 
 
-@dataclass(frozen=True, slots=True)
-class LogLine:
-    at: datetime
-    text: str
+class LogLine(Protocol):
+    @property
+    def at(self) -> datetime: ...
+    @property
+    def text(self) -> str: ...
 
 
 class ContainerLog(Protocol):

@@ -1,0 +1,371 @@
+"""The async puller on a virtual-time event loop: no test waits in real time.
+
+``VirtualTimeLoop`` jumps its clock straight to the next timer whenever it would otherwise block, so
+a 50-second simulated pull runs in milliseconds while ``loop.time()``, ``asyncio.sleep`` and the
+puller's default clock behave exactly as on a real loop. Durations asserted are SIMULATED seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import selectors
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any, TypeVar
+
+import pytest
+
+from vk_provider.controllers.clock import FakeClock
+from vk_provider.controllers.puller import (
+    BandwidthPool,
+    ImagePullEvent,
+    ImagePullEventKind,
+    PodPullResult,
+    Puller,
+)
+from vk_provider.domain.model import ImageManifest, Layer
+from vk_provider.domain.pullmodel import (
+    MB,
+    PodPullPlan,
+    PullPolicy,
+    PullSettings,
+    distinct_layers,
+    estimate_pull_seconds,
+    fetch_seconds,
+    plan_pod_pull,
+)
+
+T = TypeVar("T")
+
+NO_JITTER = PullSettings(jitter=0.0)
+
+
+class _VirtualSelector(selectors.DefaultSelector):
+    """Polls real I/O without blocking; a wait for a timer becomes a jump of the virtual clock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready: list[tuple[selectors.SelectorKey, int]] = super().select(0)
+        if ready:
+            return ready
+        if timeout is None:
+            raise RuntimeError("virtual-time loop would wait forever: nothing is scheduled (deadlock)")
+        self.now += timeout
+        return []
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    def __init__(self) -> None:
+        self._virtual = _VirtualSelector()
+        super().__init__(self._virtual)
+
+    def time(self) -> float:
+        return self._virtual.now
+
+
+def run_virtual(main: Callable[[], Awaitable[T]]) -> T:
+    """Run ``main`` on a fresh virtual-time loop and fail if it leaves any task behind."""
+    loop = VirtualTimeLoop()
+    try:
+
+        async def wrapper() -> T:
+            return await main()
+
+        result = loop.run_until_complete(wrapper())
+        # Cancelled timers finish on the next iteration; anything still pending after that leaked.
+        loop.run_until_complete(asyncio.sleep(0))
+        leaked = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        assert not leaked, f"tasks left running: {leaked}"
+        return result
+    finally:
+        loop.close()
+
+
+def layer(name: str, size_mb: float, ratio: float = 2.5) -> Layer:
+    digest = "sha256:" + name.encode().hex().ljust(64, "0")[:64]
+    return Layer(digest=digest, size=round(size_mb * MB), uncompressed_size=round(size_mb * MB * ratio))
+
+
+def image(name: str, *layers: Layer) -> ImageManifest:
+    return ImageManifest(f"docker.io/library/{name}", "sha256:" + "0" * 64, layers)
+
+
+# Like the calibration image: ~386 MB compressed, ~1 GB uncompressed, one dominant layer.
+BIG = image(
+    "big:1",
+    layer("b1", 49.6, 2.36),
+    layer("b2", 24.1, 2.45),
+    layer("b3", 64.4, 2.95),
+    layer("b4", 211.4, 2.74),
+    layer("b5", 6.2, 2.9),
+    layer("b6", 30.3, 1.9),
+)
+SMALL = image("small:1", layer("s1", 3.6), layer("s2", 12.0))
+
+
+def miss(*manifests: ImageManifest, policy: PullPolicy = PullPolicy.IF_NOT_PRESENT) -> PodPullPlan:
+    return plan_pod_pull([(m, policy) for m in manifests], set(), set())
+
+
+async def pull_concurrently(puller: Puller, plans: list[PodPullPlan]) -> list[PodPullResult]:
+    return list(await asyncio.gather(*(puller.pull_pod(plan) for plan in plans)))
+
+
+def test_virtual_loop_fast_forwards_sleeps() -> None:
+    async def main() -> float:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await asyncio.sleep(3600)
+        return loop.time() - start
+
+    assert run_virtual(main) == pytest.approx(3600)
+
+
+@pytest.mark.parametrize("manifest", [BIG, SMALL], ids=["big", "small"])
+def test_one_pull_agrees_with_the_analytic_estimate(manifest: ImageManifest) -> None:
+    plan = miss(manifest)
+    result = run_virtual(lambda: Puller(NO_JITTER, random.Random(1)).pull_pod(plan))
+    assert result.ok
+    assert result.bytes_downloaded == manifest.size
+    assert result.seconds == pytest.approx(estimate_pull_seconds(plan, NO_JITTER), rel=0.10)
+
+
+def test_calibration_image_pulls_in_about_fifty_seconds() -> None:
+    plan = miss(BIG)
+    result = run_virtual(lambda: Puller(NO_JITTER, random.Random(1)).pull_pod(plan))
+    start = result.seconds + NO_JITTER.container_start_seconds
+    assert 40 <= start <= 60
+
+
+@pytest.mark.parametrize("pods", [2, 5, 10])
+def test_concurrent_pulls_against_a_saturated_registry_take_n_times_as_long(pods: int) -> None:
+    # One Pod alone already fills the registry, so N Pods share it N ways.
+    settings = replace(NO_JITTER, registry_bandwidth=NO_JITTER.pod_bandwidth)
+    plan = miss(BIG)
+    alone = run_virtual(lambda: Puller(settings, random.Random(1)).pull_pod(plan)).seconds
+    together = run_virtual(lambda: pull_concurrently(Puller(settings, random.Random(1)), [plan] * pods))
+    slowest = max(result.seconds for result in together)
+    assert slowest == pytest.approx(pods * alone, rel=0.10)
+
+
+def test_a_hundred_pods_at_once_are_slower_than_one_at_default_settings() -> None:
+    plan = miss(BIG)
+    alone = run_virtual(lambda: Puller(NO_JITTER, random.Random(1)).pull_pod(plan)).seconds
+    crowd = run_virtual(lambda: pull_concurrently(Puller(NO_JITTER, random.Random(1)), [plan] * 100))
+    assert min(result.seconds for result in crowd) > 3 * alone
+    # 100 x 386 MB through a 125 MB/s registry cannot be faster than the registry allows.
+    assert max(result.seconds for result in crowd) >= 100 * BIG.size / NO_JITTER.registry_bandwidth
+
+
+def test_pool_never_hands_out_more_than_its_capacity() -> None:
+    settings = replace(NO_JITTER, registry_bandwidth=20 * MB)
+    samples: list[float] = []
+
+    async def main() -> None:
+        puller = Puller(settings, random.Random(1))
+        pulls = asyncio.gather(*(puller.pull_pod(miss(BIG)) for _ in range(4)))
+        for _ in range(20):
+            await asyncio.sleep(5)
+            samples.append(puller.pool.allocated)
+        await pulls
+
+    run_virtual(main)
+    assert max(samples) == pytest.approx(20 * MB)
+    assert all(sample <= 20 * MB * (1 + 1e-9) for sample in samples)
+
+
+def test_cancelling_a_pull_releases_its_bandwidth() -> None:
+    settings = replace(NO_JITTER, registry_bandwidth=NO_JITTER.pod_bandwidth)
+    plan = miss(BIG)
+    alone = run_virtual(lambda: Puller(settings, random.Random(1)).pull_pod(plan)).seconds
+    observed: dict[str, float] = {}
+
+    async def main() -> PodPullResult:
+        puller = Puller(settings, random.Random(1))
+        cancelled = asyncio.create_task(puller.pull_pod(plan))
+        kept = asyncio.create_task(puller.pull_pod(plan))
+        await asyncio.sleep(alone / 2)
+        observed["allocated_while_both"] = puller.pool.allocated
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        observed["downloads_after_cancel"] = puller.pool.active_downloads
+        observed["allocated_after_cancel"] = puller.pool.allocated
+        result = await kept
+        observed["downloads_at_end"] = puller.pool.active_downloads
+        return result
+
+    kept = run_virtual(main)
+    # Half the time at half the rate, then the whole registry: ~1.25 times alone (twice had it stayed).
+    assert kept.seconds == pytest.approx(1.25 * alone, rel=0.10)
+    assert observed["allocated_while_both"] == pytest.approx(settings.registry_bandwidth)
+    assert 0 < observed["downloads_after_cancel"] <= settings.max_concurrent_layers
+    assert observed["allocated_after_cancel"] == pytest.approx(settings.registry_bandwidth)
+    assert observed["downloads_at_end"] == 0
+
+
+def test_same_seed_same_durations_and_another_seed_differs() -> None:
+    settings = PullSettings(jitter=0.2)
+    plans = [miss(BIG), miss(SMALL), miss(BIG, SMALL)]
+
+    def durations(seed: int) -> list[float]:
+        results = run_virtual(lambda: pull_concurrently(Puller(settings, random.Random(seed)), plans))
+        return [result.seconds for result in results]
+
+    assert durations(7) == durations(7)
+    assert durations(7) != durations(8)
+
+
+def test_events_report_each_image_as_it_happens() -> None:
+    cached_plan = plan_pod_pull(
+        [(SMALL, PullPolicy.IF_NOT_PRESENT), (BIG, PullPolicy.IF_NOT_PRESENT), (BIG, PullPolicy.ALWAYS)],
+        set(),
+        {SMALL.reference},
+    )
+    events: list[tuple[ImagePullEvent, float]] = []
+
+    async def main() -> PodPullResult:
+        loop = asyncio.get_running_loop()
+
+        async def record(event: ImagePullEvent) -> None:
+            events.append((event, loop.time()))
+
+        return await Puller(NO_JITTER, random.Random(1)).pull_pod(cached_plan, record)
+
+    result = run_virtual(main)
+    kinds = [(event.kind, event.image, event.already_present) for event, _ in events]
+    assert kinds == [
+        (ImagePullEventKind.PULLED, SMALL.reference, True),
+        (ImagePullEventKind.PULLING, BIG.reference, False),
+        (ImagePullEventKind.PULLED, BIG.reference, False),
+        (ImagePullEventKind.PULLING, BIG.reference, False),
+        (ImagePullEventKind.PULLED, BIG.reference, False),
+    ]
+    first_pull, always_again = events[2][0], events[4][0]
+    assert first_pull.bytes_downloaded == BIG.size
+    assert first_pull.image_size == BIG.size
+    assert first_pull.duration_seconds == pytest.approx(events[2][1] - events[1][1])
+    # Always on a present image: a manifest round trip, no bytes.
+    assert always_again.bytes_downloaded == 0
+    assert always_again.duration_seconds == pytest.approx(NO_JITTER.manifest_round_trip_seconds)
+    assert events[0][0].from_cache
+    assert result.snapshot_seconds > 0
+    assert result.seconds == pytest.approx(events[-1][1])
+
+
+def test_injected_failures_retry_then_fail_with_err_image_pull() -> None:
+    settings = replace(NO_JITTER, failure_probability=1.0, max_retries=2, retry_backoff_seconds=10.0)
+    result = run_virtual(lambda: Puller(settings, random.Random(1)).pull_pod(miss(SMALL)))
+    assert result.failure is not None
+    assert result.failure.reason == "ErrImagePull"
+    assert result.failure.image == SMALL.reference
+    assert result.failure.attempts == 3
+    assert "gave up after 3 attempts" in result.failure.message
+    # Three manifest round trips and back-offs of 10 s and 20 s; no layer was fetched.
+    assert result.seconds == pytest.approx(3 * settings.manifest_round_trip_seconds + 30)
+    assert result.bytes_downloaded == 0
+
+
+def test_never_policy_on_an_absent_image_fails_without_pulling() -> None:
+    plan = plan_pod_pull([(SMALL, PullPolicy.IF_NOT_PRESENT), (BIG, PullPolicy.NEVER)], set(), set())
+    result = run_virtual(lambda: Puller(NO_JITTER, random.Random(1)).pull_pod(plan))
+    assert result.failure is not None
+    assert result.failure.reason == "ErrImageNeverPull"
+    assert BIG.reference in result.failure.message
+    assert [outcome.image for outcome in result.images] == [SMALL.reference]
+
+
+def test_cache_build_reports_progress_in_bytes_at_the_build_bandwidth() -> None:
+    progress: list[tuple[int, int]] = []
+
+    async def record(done: int, total: int) -> None:
+        progress.append((done, total))
+
+    built = run_virtual(lambda: Puller(NO_JITTER, random.Random(1)).pull_for_cache([BIG, SMALL, BIG], record))
+    total = BIG.size + SMALL.size
+    assert built.total_bytes == built.bytes_downloaded == total
+    assert progress[0] == (0, total)
+    assert progress[-1] == (total, total)
+    assert [done for done, _ in progress] == sorted(done for done, _ in progress)
+    assert built.seconds >= total / NO_JITTER.cache_build_bandwidth
+    # The build runs at the build bandwidth, far above a Pod's; the estimate is a lower bound here
+    # because the 211 MB layer, bound by one stream's 25 MB/s, starts only when a slot frees up.
+    layers = distinct_layers([BIG, SMALL])
+    at_build = fetch_seconds(layers, NO_JITTER, NO_JITTER.cache_build_bandwidth)
+    at_pod = fetch_seconds(layers, NO_JITTER, NO_JITTER.pod_bandwidth)
+    assert at_build <= built.seconds <= 1.3 * at_build
+    assert built.seconds < at_pod / 2
+
+
+def test_cache_build_skips_reused_layers() -> None:
+    reused = {item.digest for item in BIG.layers}
+    built = run_virtual(lambda: Puller(NO_JITTER, random.Random(1)).pull_for_cache([BIG, SMALL], skip_layers=reused))
+    assert built.bytes_downloaded == built.total_bytes == SMALL.size
+
+
+def test_time_scale_runs_faster_on_the_clock_but_reports_simulated_seconds() -> None:
+    scaled = replace(NO_JITTER, time_scale=10.0)
+    clock_seconds: dict[str, float] = {}
+
+    async def main(settings: PullSettings) -> PodPullResult:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        result = await Puller(settings, random.Random(1)).pull_pod(miss(BIG))
+        clock_seconds[str(settings.time_scale)] = loop.time() - start
+        return result
+
+    real = run_virtual(lambda: main(NO_JITTER))
+    fast = run_virtual(lambda: main(scaled))
+    assert fast.seconds == pytest.approx(real.seconds, rel=1e-6)
+    assert clock_seconds["10.0"] == pytest.approx(clock_seconds["1.0"] / 10, rel=1e-6)
+
+
+def test_puller_runs_on_an_injected_fake_clock() -> None:
+    async def main() -> PodPullResult:
+        clock = FakeClock()
+        puller = Puller(NO_JITTER, random.Random(1), clock=clock)
+        task = asyncio.create_task(puller.pull_pod(miss(SMALL)))
+        for _ in range(200):
+            if task.done():
+                break
+            await clock.advance(0.5)
+        return await task
+
+    result: Any = asyncio.run(main())
+    assert result.seconds == pytest.approx(estimate_pull_seconds(miss(SMALL), NO_JITTER), rel=0.10)
+
+
+def test_pool_alone_shares_between_groups_max_min_fairly() -> None:
+    async def main() -> list[float]:
+        loop = asyncio.get_running_loop()
+        pool = BandwidthPool(capacity=30.0, clock=_LoopClock())
+        slow, fast = object(), object()
+        finished: list[float] = []
+
+        async def one(group: object, cap: float) -> None:
+            await pool.transfer(100.0, stream_cap=100.0, group=group, group_cap=cap)
+            finished.append(loop.time())
+
+        # slow is capped at 5/s, so fast gets the other 25/s: 4 s for fast, 20 s for slow
+        # (fast's departure cannot speed slow up beyond its own cap).
+        await asyncio.gather(one(slow, 5.0), one(fast, 100.0))
+        return finished
+
+    assert run_virtual(main) == pytest.approx([4.0, 20.0])
+
+
+class _LoopClock:
+    """The running loop's clock, for a pool built outside a Puller."""
+
+    def monotonic(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+    def now(self) -> Any:  # pragma: no cover - the pool never asks for wall time
+        raise AssertionError("the bandwidth pool must not read the wall clock")

@@ -1,0 +1,50 @@
+"""Loads image catalog files (YAML) into a :class:`~vk_provider.domain.catalog.Catalog`.
+
+The shipped catalog is ``config/images.yaml`` of the checkout (or the path in
+``images.catalog``); user files from ``images.extra_catalogs`` are read after it and their entries
+replace the shipped ones. A file that cannot be read or parsed is an error naming the file; a bad
+entry inside a file is left out and reported as a warning, so one typo does not stop the node.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import yaml
+
+from vk_provider.domain.catalog import Catalog, merge_catalogs, parse_catalog
+
+log = logging.getLogger(__name__)
+SHIPPED = Path(__file__).resolve().parents[1] / "config" / "images.yaml"
+
+
+class CatalogError(Exception):
+    pass
+
+
+def load_file(path: str | Path) -> Catalog:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CatalogError(f"cannot read image catalog {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise CatalogError(f"image catalog {path}{where}: invalid YAML") from None
+    catalog = parse_catalog(data, source=str(path))
+    for problem in catalog.problems:
+        log.warning("image catalog: %s (entry left out)", problem)
+    return catalog
+
+
+def load_catalogs(shipped: str = "", extra: list[str] | None = None) -> Catalog:
+    base_path = Path(shipped) if shipped else SHIPPED
+    if shipped or base_path.is_file():
+        base = load_file(base_path)
+    else:
+        log.warning("no shipped image catalog at %s; unknown images follow images.unknown_images", base_path)
+        base = parse_catalog({}, source="empty")
+    return merge_catalogs(base, *(load_file(p) for p in extra or ()))

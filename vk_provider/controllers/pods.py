@@ -1,0 +1,678 @@
+"""The pod controller: takes the Pods bound to the node and runs them, in simulation.
+
+Intake (:class:`PodController`, fed by the list+watch) is fast and never blocks: it admits a new
+Pod like the kubelet (cpu, memory, pod count), gives it a Pod IP, and starts one serial
+:class:`PodWorker` task for it. The worker drives the pure state machine in
+``domain.lifecycle`` through the steps — cache resolution, images made present (through the
+:class:`ImageService` seam), containers created and started, readiness, exits and restarts — and
+publishes each resulting status to the :class:`StatusReporter`, the only writer of Pod status.
+
+Cancellation flows downstream: a Pod being deleted has its worker cancelled (and with it any
+pull), its containers stopped within the grace period, its status reported, and the Pod removed
+from the API server; a Pod gone from the API server is forgotten by the reporter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from vk_provider.controllers.clock import Clock
+from vk_provider.controllers.logs import SimLog
+from vk_provider.controllers.reporter import StatusReporter
+from vk_provider.domain import lifecycle as lc
+from vk_provider.domain.events import EventSpec, container_field_path
+from vk_provider.domain.ipam import IpPool, PoolExhausted
+from vk_provider.domain.lifecycle import PodState
+from vk_provider.domain.podspec import ContainerSpec, PodFacts, pod_facts
+from vk_provider.domain.workload import Workload, parse_workload
+
+log = logging.getLogger(__name__)
+JSON = dict[str, Any]
+
+
+# ------------------------------------------------------------------ seams
+
+
+class EventSink(Protocol):
+    def record(self, spec: EventSpec, now: datetime | None = None) -> None:
+        """Queue an Event; must not block."""
+        ...
+
+
+class PodApi(Protocol):
+    async def delete_now(self, namespace: str, name: str, uid: str) -> None:
+        """Delete with grace 0 and a uid precondition; a Pod already gone is not an error."""
+        ...
+
+    async def patch_annotations(self, namespace: str, name: str, uid: str, annotations: dict[str, str]) -> JSON: ...
+
+
+@dataclass(frozen=True, slots=True)
+class ImageResult:
+    """One container image made present. ``seconds`` are simulated seconds."""
+
+    image_id: str
+    size: int
+    seconds: float = 0.0
+    downloaded: int = 0
+    present: bool = False
+
+
+class ImagePullError(Exception):
+    """``reason`` is the container's waiting reason: ErrImagePull, ErrImageNeverPull, InvalidImageName."""
+
+    def __init__(self, reason: str, message: str, retry: bool = True) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+        self.retry = retry
+
+
+class PodImages(Protocol):
+    async def attach_snapshot(self) -> float:
+        """Attach the cache snapshot, if the decision gave one; returns simulated seconds (0: none)."""
+        ...
+
+    def will_pull(self, container: ContainerSpec) -> bool:
+        """Whether :meth:`pull` contacts the registry (a ``Pulling`` Event is due) for this container."""
+        ...
+
+    async def pull(self, container: ContainerSpec) -> ImageResult:
+        """Make the container's image present (simulated); raises :class:`ImagePullError`.
+
+        Cancellable: a cancelled pull releases what it held.
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class CacheDecision:
+    """What cache resolution decided for a Pod (see controllers.caches)."""
+
+    present_images: frozenset[str] = frozenset()  # normalised references the cache makes present
+    failure: tuple[str, str] | None = None  # (reason, message): the Pod fails
+    events: tuple[EventSpec, ...] = ()
+    annotations: Mapping[str, str] = field(default_factory=dict)
+    outcome: str = "none"
+    imc_id: str = ""
+    explanation: str = ""
+
+
+class CacheResolver(Protocol):
+    async def resolve(self, pod: PodFacts) -> CacheDecision: ...
+
+
+class ImageService(Protocol):
+    def for_pod(self, pod: PodFacts, decision: CacheDecision) -> PodImages: ...
+
+
+class StartRecorder(Protocol):
+    async def record(self, start: PodStart) -> None:
+        """Store one finished Pod start (called once per Pod, when all containers have started)."""
+        ...
+
+
+@dataclass(slots=True)
+class PodStart:
+    """Timings of one Pod start, in simulated seconds, collected by the worker."""
+
+    pod: PodFacts
+    node: str
+    decision: CacheDecision
+    images: list[tuple[str, ImageResult]] = field(default_factory=list)
+    resolve_seconds: float = 0.0
+    attach_seconds: float = 0.0
+    container_seconds: float = 0.0
+    started_at: datetime | None = None
+    startup_seconds: float = 0.0
+
+
+class NoCaches:
+    async def resolve(self, pod: PodFacts) -> CacheDecision:
+        return CacheDecision()
+
+
+class NoRecords:
+    async def record(self, start: PodStart) -> None:
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class PodTiming:
+    """Simulated seconds for the kubelet's own steps, and how fast simulated time runs."""
+
+    time_scale: float = 1.0
+    create_seconds: float = 0.1
+    start_seconds: float = 0.2
+    pull_backoff_base: float = 10.0
+    pull_backoff_max: float = 300.0
+    crash_backoff_base: float = 10.0
+    crash_backoff_max: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Allocatable:
+    cpu_milli: int
+    memory: int
+    pods: int
+
+
+# ------------------------------------------------------------------ the controller
+
+
+class PodController:
+    """Implements the watch handler for Pods bound to one node, and the http layer's PodView."""
+
+    def __init__(
+        self,
+        *,
+        node_name: str,
+        host_ip: str,
+        pod_cidr: str,
+        allocatable: Allocatable,
+        api: PodApi,
+        reporter: StatusReporter,
+        events: EventSink,
+        images: ImageService,
+        clock: Clock,
+        timing: PodTiming = PodTiming(),
+        caches: CacheResolver | None = None,
+        records: StartRecorder | None = None,
+    ) -> None:
+        self.node_name = node_name
+        self.host_ip = host_ip
+        self.allocatable = allocatable
+        self.api = api
+        self.reporter = reporter
+        self.events = events
+        self.images = images
+        self.clock = clock
+        self.timing = timing
+        self.caches: CacheResolver = caches or NoCaches()
+        self.records: StartRecorder = records or NoRecords()
+        self.ips = IpPool(pod_cidr)
+        self.workers: dict[str, PodWorker] = {}
+        self.synced = asyncio.Event()
+        self.started_total = 0
+
+    # -- watch handler
+
+    async def resync(self, objects: list[JSON]) -> None:
+        seen = set()
+        # Adopt first (running Pods reserve their resources and IPs), then start the rest.
+        ordered = sorted(objects, key=lambda o: 0 if (o.get("status") or {}).get("phase") != "Pending" else 1)
+        for obj in ordered:
+            uid = (obj.get("metadata") or {}).get("uid")
+            if uid:
+                seen.add(uid)
+                await self.upsert(obj)
+        for uid in [u for u in self.workers if u not in seen]:
+            self._gone(uid)
+        self.synced.set()
+
+    async def upsert(self, obj: JSON) -> None:
+        meta = obj.get("metadata") or {}
+        uid = meta.get("uid")
+        if not uid or (obj.get("spec") or {}).get("nodeName") != self.node_name:
+            return
+        worker = self.workers.get(uid)
+        if worker is None:
+            worker = self._take(obj)
+            if worker is None:
+                return
+        if meta.get("deletionTimestamp") and not worker.stopping:
+            worker.request_stop(meta.get("deletionGracePeriodSeconds"))
+
+    async def delete(self, obj: JSON) -> None:
+        uid = (obj.get("metadata") or {}).get("uid")
+        if uid:
+            self._gone(uid)
+
+    # -- http PodView
+
+    def pod_list(self) -> list[JSON]:
+        return [w.as_api_object() for w in self.workers.values()]
+
+    def container_log(self, namespace: str, pod: str, container: str) -> SimLog | None:
+        for w in self.workers.values():
+            if w.facts.namespace == namespace and w.facts.name == pod:
+                return w.logs.get(container)
+        return None
+
+    # -- internals
+
+    def used(self) -> tuple[int, int, int]:
+        cpu = mem = pods = 0
+        for w in self.workers.values():
+            if w.counts_for_admission:
+                c, m = w.facts.requests()
+                cpu, mem, pods = cpu + c, mem + m, pods + 1
+        return cpu, mem, pods
+
+    def _take(self, obj: JSON) -> PodWorker | None:
+        facts = pod_facts(obj)
+        status = obj.get("status") or {}
+        now = self.clock.now()
+        adopted = lc.adopt(status, facts.restart_policy, now)
+        worker = PodWorker(self, facts)
+        self.workers[facts.uid] = worker
+        if adopted is not None:
+            worker.state = adopted
+            self.ips.reserve(adopted.pod_ip)
+            self.reporter.seen(facts.uid, facts.namespace, facts.name, lc.render_status(adopted))
+            worker.adopted = True
+        else:
+            rejection = self._admit(facts)
+            if rejection is not None:
+                worker.rejection = rejection
+            else:
+                ip = status.get("podIP") or ""
+                if ip:
+                    self.ips.reserve(ip)
+                else:
+                    try:
+                        ip = self.ips.allocate()
+                    except PoolExhausted as exc:
+                        worker.rejection = ("OutOfPodIPs", str(exc))
+                worker.pod_ip = ip
+        worker.start()
+        return worker
+
+    def _admit(self, facts: PodFacts) -> tuple[str, str] | None:
+        cpu, mem, pods = self.used()
+        want_cpu, want_mem = facts.requests()
+        a = self.allocatable
+        if pods + 1 > a.pods:
+            return (
+                "OutOfpods",
+                f"Node didn't have enough resource: pods, requested: 1, used: {pods}, capacity: {a.pods}",
+            )
+        if want_cpu and cpu + want_cpu > a.cpu_milli:
+            return (
+                "OutOfcpu",
+                f"Node didn't have enough resource: cpu, requested: {want_cpu}, used: {cpu}, capacity: {a.cpu_milli}",
+            )
+        if want_mem and mem + want_mem > a.memory:
+            return (
+                "OutOfmemory",
+                f"Node didn't have enough resource: memory, requested: {want_mem}, used: {mem}, capacity: {a.memory}",
+            )
+        return None
+
+    def _gone(self, uid: str) -> None:
+        worker = self.workers.pop(uid, None)
+        if worker is None:
+            return
+        worker.cancel()
+        self.reporter.forget(uid)
+        if worker.pod_ip or (worker.state and worker.state.pod_ip):
+            self.ips.release(worker.pod_ip or (worker.state.pod_ip if worker.state else ""))
+        for sim_log in worker.logs.values():
+            sim_log.close()
+
+    async def run(self) -> None:
+        """Owns the workers' lifetime: waits forever; on cancellation, cancels every worker."""
+        try:
+            await asyncio.Event().wait()
+        finally:
+            tasks = [w.task for w in self.workers.values() if w.task is not None]
+            for w in self.workers.values():
+                w.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def emit(self, facts: PodFacts, reason: str, message: str, *, type: str = "Normal", field_path: str = "") -> None:
+        self.events.record(
+            EventSpec(facts.namespace, facts.name, facts.uid, reason, message, type, field_path), self.clock.now()
+        )
+
+
+# ------------------------------------------------------------------ one Pod
+
+
+class _Stop(Exception):
+    pass
+
+
+class PodWorker:
+    """Runs one Pod. All state changes go through ``domain.lifecycle`` and are published at once."""
+
+    def __init__(self, ctl: PodController, facts: PodFacts) -> None:
+        self.ctl = ctl
+        self.facts = facts
+        self.state: PodState | None = None
+        self.pod_ip = ""
+        self.adopted = False
+        self.rejection: tuple[str, str] | None = None
+        self.task: asyncio.Task[None] | None = None
+        self._main: asyncio.Task[None] | None = None
+        self.stopping = False
+        self._grace: float = float(facts.grace_seconds)
+        self.workload: Workload = parse_workload(
+            facts.annotation_map(), [c.name for c in facts.init_containers], [c.name for c in facts.main_containers]
+        )
+        self.logs: dict[str, SimLog] = {c.name: SimLog() for c in facts.containers}
+
+    # -- state
+
+    @property
+    def counts_for_admission(self) -> bool:
+        return self.rejection is None and not (self.state is not None and self.state.terminal)
+
+    def _set(self, state: PodState) -> None:
+        self.state = state
+        self.ctl.reporter.publish(self.facts.uid, self.facts.namespace, self.facts.name, lc.render_status(state))
+
+    def _log(self, container: str, text: str) -> None:
+        sim_log = self.logs.get(container)
+        if sim_log is not None:
+            sim_log.write(self.ctl.clock.now(), text)
+
+    def as_api_object(self) -> JSON:
+        f = self.facts
+        return {
+            "metadata": {"name": f.name, "namespace": f.namespace, "uid": f.uid},
+            "spec": {
+                "nodeName": f.node_name,
+                "containers": [{"name": c.name, "image": c.image} for c in f.main_containers],
+            },
+            "status": lc.render_status(self.state) if self.state else {"phase": "Pending"},
+        }
+
+    async def _sleep(self, simulated: float) -> None:
+        if simulated > 0:
+            await self.ctl.clock.sleep(simulated / self.ctl.timing.time_scale)
+
+    # -- task control
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._run(), name=f"pod:{self.facts.key}")
+
+    def cancel(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+
+    def request_stop(self, grace: int | None) -> None:
+        self.stopping = True
+        if grace is not None and grace >= 0:
+            self._grace = float(grace)
+        if self._main is not None and not self._main.done():
+            self._main.cancel()
+        elif self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._terminate(), name=f"pod-stop:{self.facts.key}")
+
+    async def _run(self) -> None:
+        main: asyncio.Task[None] | None = None
+        try:
+            if not self.stopping:
+                main = self._main = asyncio.create_task(self._lifecycle(), name=f"pod-life:{self.facts.key}")
+                await asyncio.wait({main})  # does not raise when only the lifecycle was cancelled
+                if not main.cancelled() and main.exception() is not None:
+                    exc = main.exception()
+                    log.error("pod %s: unexpected error; the Pod is left as it is", self.facts.key, exc_info=exc)
+            if self.stopping:
+                await self._terminate()
+        except asyncio.CancelledError:
+            if main is not None:
+                main.cancel()
+                await asyncio.gather(main, return_exceptions=True)
+            raise
+
+    # -- the lifecycle
+
+    async def _lifecycle(self) -> None:
+        f = self.facts
+        for problem in self.workload.problems:
+            self.ctl.emit(f, "InvalidWorkloadAnnotation", problem, type="Warning")
+        if self.rejection is not None:
+            await self._reject(*self.rejection)
+            return
+        if self.adopted and self.state is not None:
+            await self._continue_adopted(self.state)
+            return
+        clock = self.ctl.clock
+        t0 = clock.monotonic()
+        now = clock.now()
+        self._set(
+            lc.accepted(
+                restart_policy=f.restart_policy,
+                init_containers=[(c.name, c.image) for c in f.init_containers],
+                containers=[(c.name, c.image) for c in f.main_containers],
+                host_ip=self.ctl.host_ip,
+                pod_ip=self.pod_ip,
+                now=now,
+            )
+        )
+        decision = await self.ctl.caches.resolve(f)
+        for event in decision.events:
+            self.ctl.events.record(event, clock.now())
+        if decision.annotations:
+            try:
+                await self.ctl.api.patch_annotations(f.namespace, f.name, f.uid, dict(decision.annotations))
+            except Exception as exc:
+                log.warning("pod %s: could not annotate: %s", f.key, exc)
+        if decision.failure is not None:
+            reason, message = decision.failure
+            self._set(lc.failed(self._state, reason, message, clock.now()))
+            return
+        start = PodStart(pod=f, node=self.ctl.node_name, decision=decision)
+        start.resolve_seconds = (clock.monotonic() - t0) * self.ctl.timing.time_scale
+        images = self.ctl.images.for_pod(f, decision)
+        start.attach_seconds = await images.attach_snapshot()
+        for spec in f.init_containers:
+            if not await self._run_init(spec, images, start):
+                return
+        lives: list[Awaitable[None]] = []
+        for spec in f.main_containers:
+            if not await self._pull_create_start(spec, images, start):
+                return  # an image that can never be pulled: the Pod stays Pending with the reason
+            lives.append(self._live(spec, images))
+        started_at = clock.now()
+        start.started_at = started_at
+        if f.created is not None:
+            start.startup_seconds = max(0.0, (started_at - f.created).total_seconds())
+        self.ctl.started_total += 1
+        try:
+            await self.ctl.records.record(start)
+        except Exception as exc:
+            log.warning("pod %s: could not record its start: %s", f.key, exc)
+        await asyncio.gather(*lives)
+
+    @property
+    def _state(self) -> PodState:
+        assert self.state is not None
+        return self.state
+
+    async def _reject(self, reason: str, message: str) -> None:
+        f = self.facts
+        now = self.ctl.clock.now()
+        self.ctl.emit(f, reason, message, type="Warning")
+        state = lc.accepted(
+            restart_policy=f.restart_policy,
+            init_containers=[(c.name, c.image) for c in f.init_containers],
+            containers=[(c.name, c.image) for c in f.main_containers],
+            host_ip=self.ctl.host_ip,
+            pod_ip="",
+            now=now,
+        )
+        self._set(lc.failed(state, reason, message, now))
+
+    async def _pull(self, spec: ContainerSpec, images: PodImages, start: PodStart | None) -> ImageResult:
+        """Pull until it works (with the kubelet's image back-off); raise only for hopeless cases."""
+        f = self.facts
+        path = container_field_path(spec.name, spec.init)
+        attempt = 0
+        while True:
+            try:
+                if images.will_pull(spec):
+                    self.ctl.emit(f, "Pulling", f'Pulling image "{spec.image}"', field_path=path)
+                    self._log(spec.name, f'pulling image "{spec.image}"')
+                result = await images.pull(spec)
+            except ImagePullError as exc:
+                now = self.ctl.clock.now()
+                if exc.reason == "InvalidImageName":
+                    self.ctl.emit(f, "InspectFailed", exc.message, type="Warning", field_path=path)
+                    self._set(lc.waiting(self._state, spec.name, exc.reason, exc.message, now))
+                    raise
+                if exc.reason == "ErrImageNeverPull":
+                    self.ctl.emit(f, "ErrImageNeverPull", exc.message, type="Warning", field_path=path)
+                    self._set(lc.waiting(self._state, spec.name, exc.reason, exc.message, now))
+                    raise
+                self.ctl.emit(f, "Failed", f'Failed to pull image "{spec.image}": {exc.message}', type="Warning",
+                              field_path=path)  # fmt: skip
+                self.ctl.emit(f, "Failed", "Error: ErrImagePull", type="Warning", field_path=path)
+                self._set(lc.waiting(self._state, spec.name, "ErrImagePull", exc.message, now))
+                if not exc.retry:
+                    raise
+                attempt += 1
+                delay = min(self.ctl.timing.pull_backoff_max, self.ctl.timing.pull_backoff_base * 2 ** (attempt - 1))
+                self.ctl.emit(f, "BackOff", f'Back-off pulling image "{spec.image}"', field_path=path)
+                self._set(
+                    lc.waiting(
+                        self._state,
+                        spec.name,
+                        "ImagePullBackOff",
+                        f'Back-off pulling image "{spec.image}"',
+                        self.ctl.clock.now(),
+                    )
+                )
+                await self._sleep(delay)
+                continue
+            if result.present:
+                message = f'Container image "{spec.image}" already present on machine'
+            else:
+                message = (
+                    f'Successfully pulled image "{spec.image}" in {result.seconds:.3f}s '
+                    f"({result.seconds:.3f}s including waiting). Image size: {result.size} bytes."
+                )
+            self.ctl.emit(f, "Pulled", message, field_path=path)
+            self._log(spec.name, message)
+            if start is not None:
+                start.images.append((spec.image, result))
+            return result
+
+    async def _pull_create_start(self, spec: ContainerSpec, images: PodImages, start: PodStart | None) -> bool:
+        f = self.facts
+        path = container_field_path(spec.name, spec.init)
+        try:
+            result = await self._pull(spec, images, start)
+        except ImagePullError:
+            return False
+        t0 = self.ctl.clock.monotonic()
+        await self._sleep(self.ctl.timing.create_seconds)
+        self.ctl.emit(f, "Created", f"Created container {spec.name}", field_path=path)
+        self._log(spec.name, f"created container {spec.name}")
+        await self._sleep(self.ctl.timing.start_seconds)
+        self._set(lc.started(self._state, spec.name, f.uid, result.image_id, self.ctl.clock.now()))
+        self.ctl.emit(f, "Started", f"Started container {spec.name}", field_path=path)
+        self._log(spec.name, f"started container {spec.name}")
+        if start is not None:
+            start.container_seconds += (self.ctl.clock.monotonic() - t0) * self.ctl.timing.time_scale
+        return True
+
+    async def _run_init(self, spec: ContainerSpec, images: PodImages, start: PodStart) -> bool:
+        behaviour = self.workload.of(spec.name)
+        while True:
+            if not await self._pull_create_start(spec, images, start):
+                return False
+            await self._sleep(behaviour.run_seconds or 0.0)
+            now = self.ctl.clock.now()
+            self._set(lc.exited(self._state, spec.name, behaviour.exit_code, now))
+            self._log(spec.name, f"exited with code {behaviour.exit_code}")
+            if behaviour.exit_code == 0:
+                return True
+            if not lc.should_restart(self._state, spec.name):
+                return False  # restartPolicy Never: the Pod is Failed (compute_phase)
+            await self._back_off(spec)
+
+    async def _back_off(self, spec: ContainerSpec) -> None:
+        f = self.facts
+        count = self._state.container(spec.name).restart_count + 1
+        delay = lc.restart_delay(count, self.ctl.timing.crash_backoff_base, self.ctl.timing.crash_backoff_max)
+        message = f"back-off {delay:.0f}s restarting failed container={spec.name} pod={f.name}_{f.namespace}({f.uid})"
+        self._set(lc.back_off(self._state, spec.name, message, self.ctl.clock.now()))
+        self.ctl.emit(
+            f, "BackOff", "Back-off restarting failed container", type="Warning",
+            field_path=container_field_path(spec.name, spec.init),
+        )  # fmt: skip
+        await self._sleep(delay)
+
+    async def _live(self, spec: ContainerSpec, images: PodImages, *, ran_for: float = 0.0) -> None:
+        """A started main container: turns ready, maybe exits, maybe restarts; until the Pod stops."""
+        behaviour = self.workload.of(spec.name)
+        while True:
+            ready_task = asyncio.create_task(self._ready_after(spec.name, max(0.0, behaviour.ready_after - ran_for)))
+            try:
+                if behaviour.run_seconds is None:
+                    await ready_task
+                    await asyncio.Event().wait()  # runs until the Pod is deleted
+                else:
+                    await self._sleep(max(0.0, behaviour.run_seconds - ran_for))
+            finally:
+                ready_task.cancel()
+                await asyncio.gather(ready_task, return_exceptions=True)
+            ran_for = 0.0
+            self._set(lc.exited(self._state, spec.name, behaviour.exit_code, self.ctl.clock.now()))
+            self._log(spec.name, f"exited with code {behaviour.exit_code}")
+            if not lc.should_restart(self._state, spec.name):
+                return
+            await self._back_off(spec)
+            if not await self._pull_create_start(spec, images, None):
+                return
+
+    async def _ready_after(self, name: str, seconds: float) -> None:
+        await self._sleep(seconds)
+        self._set(lc.became_ready(self._state, name, self.ctl.clock.now()))
+        self._log(name, "container is ready")
+
+    async def _continue_adopted(self, state: PodState) -> None:
+        """After an agent restart: containers keep running where they are (same startedAt)."""
+        if state.terminal:
+            return
+        now = self.ctl.clock.now()
+        images = self.ctl.images.for_pod(self.facts, CacheDecision())
+        lives = []
+        for spec in self.facts.main_containers:
+            try:
+                c = state.container(spec.name)
+            except KeyError:
+                continue
+            if isinstance(c.state, lc.Running):
+                ran = (now - c.state.started_at).total_seconds() * self.ctl.timing.time_scale
+                lives.append(self._live(spec, images, ran_for=ran))
+            elif isinstance(c.state, lc.Waiting) and c.last_state is not None:
+                lives.append(self._restart_then_live(spec, images))
+        await asyncio.gather(*lives)
+
+    async def _restart_then_live(self, spec: ContainerSpec, images: PodImages) -> None:
+        if await self._pull_create_start(spec, images, None):
+            await self._live(spec, images)
+
+    async def _terminate(self) -> None:
+        """Stop within the grace period, report the final status, then remove the Pod."""
+        f = self.facts
+        state = self.state
+        if state is not None and not state.terminal:
+            slowest = 0.0
+            for c in state.containers:
+                if c.running:
+                    self.ctl.emit(f, "Killing", f"Stopping container {c.name}",
+                                  field_path=container_field_path(c.name, c.init))  # fmt: skip
+                    self._log(c.name, f"stopping container {c.name}")
+                    slowest = max(slowest, self.workload.of(c.name).stop_seconds)
+            await self._sleep(min(slowest, self._grace))
+            self._set(lc.killed(state, self.ctl.clock.now()))
+            await self.ctl.reporter.flushed(f.uid)
+        await self.ctl.api.delete_now(f.namespace, f.name, f.uid)
+
+
+def node_allocatable(cpu: str, memory: str, pods: int) -> Allocatable:
+    from vk_provider.domain.quantity import milli, parse_quantity, whole
+
+    c = parse_quantity(cpu)
+    m = parse_quantity(memory)
+    return Allocatable(milli(c) if c else 0, whole(m) if m else 0, pods)

@@ -1,0 +1,440 @@
+"""The Pod lifecycle as a pure state machine, and the Pod status it renders to.
+
+PURE: every transition takes the current :class:`PodState` and ``now`` and returns a new state;
+nothing here sleeps, reads a clock or talks to the API server. The pod worker (controllers/pods)
+decides *when* a transition happens; this module decides *what the Pod looks like* afterwards,
+following the kubelet's rules for phase (``getPhase``), conditions and container states.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+from vk_provider.domain.node import rfc3339
+
+JSON = dict[str, Any]
+
+
+class Phase(enum.StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+@dataclass(frozen=True, slots=True)
+class Waiting:
+    reason: str
+    message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Running:
+    started_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Terminated:
+    exit_code: int
+    reason: str
+    finished_at: datetime
+    started_at: datetime | None = None
+    message: str = ""
+    container_id: str = ""
+
+
+ContainerStateValue = Waiting | Running | Terminated
+
+
+@dataclass(frozen=True, slots=True)
+class Container:
+    name: str
+    image: str
+    init: bool = False
+    state: ContainerStateValue = Waiting("ContainerCreating")
+    last_state: Terminated | None = None
+    ready: bool = False
+    restart_count: int = 0
+    image_id: str = ""
+    container_id: str = ""
+
+    @property
+    def running(self) -> bool:
+        return isinstance(self.state, Running)
+
+    @property
+    def succeeded(self) -> bool:
+        return isinstance(self.state, Terminated) and self.state.exit_code == 0
+
+
+@dataclass(frozen=True, slots=True)
+class Condition:
+    type: str
+    status: str  # "True" / "False"
+    since: datetime
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class PodState:
+    phase: Phase
+    restart_policy: str
+    host_ip: str
+    pod_ip: str
+    start_time: datetime | None
+    containers: tuple[Container, ...]
+    conditions: tuple[Condition, ...] = ()
+    reason: str = ""
+    message: str = ""
+
+    def container(self, name: str) -> Container:
+        for c in self.containers:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    @property
+    def init_containers(self) -> tuple[Container, ...]:
+        return tuple(c for c in self.containers if c.init)
+
+    @property
+    def main_containers(self) -> tuple[Container, ...]:
+        return tuple(c for c in self.containers if not c.init)
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in (Phase.SUCCEEDED, Phase.FAILED)
+
+
+def container_id_for(pod_uid: str, name: str, restart_count: int) -> str:
+    digest = hashlib.sha256(f"{pod_uid}/{name}/{restart_count}".encode()).hexdigest()
+    return f"containerd://{digest}"
+
+
+def accepted(
+    *,
+    restart_policy: str,
+    init_containers: Sequence[tuple[str, str]],
+    containers: Sequence[tuple[str, str]],
+    host_ip: str,
+    pod_ip: str,
+    now: datetime,
+) -> PodState:
+    """A Pod the node has just taken: Pending, its containers waiting to be created."""
+    waiting_main = Waiting("PodInitializing") if init_containers else Waiting("ContainerCreating")
+    members = [Container(n, i, init=True, state=Waiting("PodInitializing")) for n, i in init_containers]
+    members += [Container(n, i, state=waiting_main) for n, i in containers]
+    state = PodState(
+        phase=Phase.PENDING,
+        restart_policy=restart_policy or "Always",
+        host_ip=host_ip,
+        pod_ip=pod_ip,
+        start_time=now,
+        containers=tuple(members),
+    )
+    return recompute(state, now)
+
+
+def _update(pod: PodState, name: str, now: datetime, **changes: Any) -> PodState:
+    members = tuple(replace(c, **changes) if c.name == name else c for c in pod.containers)
+    return recompute(replace(pod, containers=members), now)
+
+
+def waiting(state: PodState, name: str, reason: str, message: str, now: datetime) -> PodState:
+    return _update(state, name, now, state=Waiting(reason, message), ready=False)
+
+
+def started(state: PodState, name: str, pod_uid: str, image_id: str, now: datetime) -> PodState:
+    c = state.container(name)
+    cid = container_id_for(pod_uid, name, c.restart_count)
+    return _update(state, name, now, state=Running(now), ready=False, image_id=image_id, container_id=cid)
+
+
+def became_ready(state: PodState, name: str, now: datetime) -> PodState:
+    if not state.container(name).running:
+        return state
+    return _update(state, name, now, ready=True)
+
+
+def exited(state: PodState, name: str, exit_code: int, now: datetime, reason: str = "") -> PodState:
+    c = state.container(name)
+    started_at = c.state.started_at if isinstance(c.state, Running) else None
+    term = Terminated(
+        exit_code=exit_code,
+        reason=reason or ("Completed" if exit_code == 0 else "Error"),
+        finished_at=now,
+        started_at=started_at,
+        container_id=c.container_id,
+    )
+    return _update(state, name, now, state=term, ready=False)
+
+
+def should_restart(state: PodState, name: str) -> bool:
+    """The kubelet's rule: Always restarts any exit, OnFailure a non-zero one, Never none."""
+    c = state.container(name)
+    if not isinstance(c.state, Terminated):
+        return False
+    if c.init:
+        return c.state.exit_code != 0 and state.restart_policy != "Never"
+    if state.restart_policy == "Always":
+        return True
+    return state.restart_policy == "OnFailure" and c.state.exit_code != 0
+
+
+def back_off(state: PodState, name: str, message: str, now: datetime) -> PodState:
+    """The container exited and will be restarted: CrashLoopBackOff, lastState, restartCount + 1."""
+    c = state.container(name)
+    last = c.state if isinstance(c.state, Terminated) else c.last_state
+    return _update(
+        state,
+        name,
+        now,
+        state=Waiting("CrashLoopBackOff", message),
+        last_state=last,
+        restart_count=c.restart_count + 1,
+        ready=False,
+    )
+
+
+def restart_delay(restart_count: int, base: float = 10.0, cap: float = 300.0) -> float:
+    """The kubelet's crash-loop back-off: 10 s, doubled per restart, at most 5 minutes."""
+    return float(min(cap, base * (2 ** max(0, restart_count - 1))))
+
+
+def failed(state: PodState, reason: str, message: str, now: datetime) -> PodState:
+    """The Pod cannot run at all (admission, an unusable image cache): Failed with a reason."""
+    members = tuple(
+        c if isinstance(c.state, Terminated) else replace(c, state=Waiting(reason, message), ready=False)
+        for c in state.containers
+    )
+    return recompute(replace(state, containers=members, phase=Phase.FAILED, reason=reason, message=message), now)
+
+
+def killed(state: PodState, now: datetime) -> PodState:
+    """Every container stopped because the Pod is being deleted."""
+    members = []
+    for c in state.containers:
+        if isinstance(c.state, Terminated):
+            members.append(c)
+            continue
+        started_at = c.state.started_at if isinstance(c.state, Running) else None
+        code = 0 if isinstance(c.state, Running) else 137
+        reason = "Completed" if code == 0 else "ContainerStatusUnknown"
+        members.append(
+            replace(
+                c,
+                ready=False,
+                state=Terminated(code, reason, now, started_at, container_id=c.container_id),
+            )
+        )
+    return recompute(replace(state, containers=tuple(members)), now)
+
+
+def compute_phase(state: PodState) -> Phase:
+    """kubelet getPhase: init containers first, then the main containers' states."""
+    if state.phase is Phase.FAILED and state.reason:
+        return Phase.FAILED  # failed by a decision (admission, cache), not by containers
+    for c in state.init_containers:
+        if c.succeeded:
+            continue
+        if isinstance(c.state, Terminated) and state.restart_policy == "Never":
+            return Phase.FAILED
+        return Phase.PENDING
+    running = waiting = stopped = succeeded = 0
+    for c in state.main_containers:
+        if isinstance(c.state, Running):
+            running += 1
+        elif isinstance(c.state, Terminated):
+            stopped += 1
+            succeeded += c.state.exit_code == 0
+        elif c.last_state is not None:
+            stopped += 1
+        else:
+            waiting += 1
+    if waiting:
+        return Phase.PENDING
+    if running:
+        return Phase.RUNNING
+    if stopped:
+        if state.restart_policy == "Always":
+            return Phase.RUNNING
+        if stopped == succeeded:
+            return Phase.SUCCEEDED
+        if state.restart_policy == "Never":
+            return Phase.FAILED
+        return Phase.RUNNING
+    return Phase.PENDING
+
+
+def recompute(state: PodState, now: datetime) -> PodState:
+    phase = compute_phase(state)
+    initialized = all(c.succeeded for c in state.init_containers)
+    containers_ready = bool(state.main_containers) and all(c.ready for c in state.main_containers)
+    if phase is Phase.SUCCEEDED or phase is Phase.FAILED:
+        containers_ready = False
+    wanted = {
+        "Initialized": (initialized, "" if initialized else "ContainersNotInitialized"),
+        "Ready": (containers_ready, "" if containers_ready else "ContainersNotReady"),
+        "ContainersReady": (containers_ready, "" if containers_ready else "ContainersNotReady"),
+        "PodScheduled": (True, ""),
+    }
+    if phase is Phase.SUCCEEDED:
+        wanted["Ready"] = (False, "PodCompleted")
+        wanted["ContainersReady"] = (False, "PodCompleted")
+    old = {c.type: c for c in state.conditions}
+    conditions = []
+    for kind, (ok, reason) in wanted.items():
+        status = "True" if ok else "False"
+        prev = old.get(kind)
+        since = prev.since if prev is not None and prev.status == status else now
+        conditions.append(Condition(kind, status, since, reason))
+    return replace(state, phase=phase, conditions=tuple(conditions))
+
+
+# ------------------------------------------------------------------ rendering
+
+
+def render_status(state: PodState) -> JSON:
+    """The Pod's ``status`` as a merge patch: every field we own is present (null when unset)."""
+    return {
+        "phase": state.phase.value,
+        "conditions": [_condition(c) for c in state.conditions],
+        "hostIP": state.host_ip,
+        "podIP": state.pod_ip or None,
+        "podIPs": [{"ip": state.pod_ip}] if state.pod_ip else None,
+        "startTime": rfc3339(state.start_time) if state.start_time else None,
+        "initContainerStatuses": [_container(c) for c in state.init_containers] or None,
+        "containerStatuses": [_container(c) for c in state.main_containers],
+        "reason": state.reason or None,
+        "message": state.message or None,
+        "qosClass": None,
+    }
+
+
+def _condition(c: Condition) -> JSON:
+    out: JSON = {"type": c.type, "status": c.status, "lastProbeTime": None, "lastTransitionTime": rfc3339(c.since)}
+    if c.reason:
+        out["reason"] = c.reason
+    return out
+
+
+def _container(c: Container) -> JSON:
+    out: JSON = {
+        "name": c.name,
+        "image": c.image,
+        "imageID": c.image_id,
+        "ready": c.ready,
+        "restartCount": c.restart_count,
+        "started": c.running,
+        "state": _state(c.state),
+        "lastState": _state(c.last_state) if c.last_state else {},
+    }
+    if c.container_id:
+        out["containerID"] = c.container_id
+    return out
+
+
+def _state(s: ContainerStateValue) -> JSON:
+    if isinstance(s, Waiting):
+        body: JSON = {"reason": s.reason}
+        if s.message:
+            body["message"] = s.message
+        return {"waiting": body}
+    if isinstance(s, Running):
+        return {"running": {"startedAt": rfc3339(s.started_at)}}
+    term: JSON = {"exitCode": s.exit_code, "reason": s.reason, "finishedAt": rfc3339(s.finished_at)}
+    term["startedAt"] = rfc3339(s.started_at) if s.started_at else None
+    if s.message:
+        term["message"] = s.message
+    if s.container_id:
+        term["containerID"] = s.container_id
+    return {"terminated": term}
+
+
+# ------------------------------------------------------------------ adoption after a restart
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def adopt(status: JSON, restart_policy: str, fallback: datetime) -> PodState | None:
+    """Rebuild the state of a Pod this node was already running (agent restart).
+
+    Returns ``None`` when the status is not one we can continue from (never started, or
+    incomplete): such a Pod is started again from the beginning.
+    """
+    if status.get("phase") not in ("Running", "Succeeded", "Failed"):
+        return None
+    members: list[Container] = []
+    try:
+        for init, key in ((True, "initContainerStatuses"), (False, "containerStatuses")):
+            for cs in status.get(key) or ():
+                members.append(
+                    Container(
+                        name=cs["name"],
+                        image=cs.get("image", ""),
+                        init=init,
+                        state=_parse_state(cs.get("state") or {}, fallback),
+                        last_state=_terminated(cs.get("lastState") or {}, fallback),
+                        ready=bool(cs.get("ready")),
+                        restart_count=int(cs.get("restartCount", 0)),
+                        image_id=cs.get("imageID", ""),
+                        container_id=cs.get("containerID", ""),
+                    )
+                )
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not any(not c.init for c in members):
+        return None
+    conditions = tuple(
+        Condition(c["type"], c["status"], parse_time(c.get("lastTransitionTime")) or fallback, c.get("reason", ""))
+        for c in status.get("conditions") or ()
+        if "type" in c and "status" in c
+    )
+    return PodState(
+        phase=Phase(status["phase"]),
+        restart_policy=restart_policy or "Always",
+        host_ip=status.get("hostIP", ""),
+        pod_ip=status.get("podIP", ""),
+        start_time=parse_time(status.get("startTime")) or fallback,
+        containers=tuple(members),
+        conditions=conditions,
+        reason=status.get("reason", "") or "",
+        message=status.get("message", "") or "",
+    )
+
+
+def _parse_state(body: JSON, fallback: datetime) -> ContainerStateValue:
+    if "running" in body:
+        return Running(parse_time(body["running"].get("startedAt")) or fallback)
+    term = _terminated({"terminated": body["terminated"]} if "terminated" in body else {}, fallback)
+    if term is not None:
+        return term
+    waiting_body = body.get("waiting") or {}
+    return Waiting(waiting_body.get("reason", "ContainerCreating"), waiting_body.get("message", ""))
+
+
+def _terminated(body: JSON, fallback: datetime) -> Terminated | None:
+    t = body.get("terminated")
+    if not t:
+        return None
+    return Terminated(
+        exit_code=int(t.get("exitCode", 0)),
+        reason=t.get("reason", ""),
+        finished_at=parse_time(t.get("finishedAt")) or fallback,
+        started_at=parse_time(t.get("startedAt")),
+        message=t.get("message", ""),
+        container_id=t.get("containerID", ""),
+    )
+
+
+def names(containers: Iterable[Container]) -> list[str]:
+    return [c.name for c in containers]

@@ -1,0 +1,131 @@
+"""Pod API calls (status patches, deletion, annotations) and the Event recorder.
+
+Owns REST paths and wire formats. The pod controller decides what to write and when; the status
+reporter is the only caller of :meth:`PodClient.patch_status`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+
+from vk_provider.domain.events import EventSpec
+from vk_provider.domain.node import rfc3339
+from vk_provider.kube.session import JSON, MERGE_PATCH, KubeError, KubeSession
+
+log = logging.getLogger(__name__)
+
+
+class PodClient:
+    def __init__(self, session: KubeSession) -> None:
+        self._s = session
+
+    async def patch_status(self, namespace: str, name: str, uid: str, status: JSON) -> JSON:
+        # The uid precondition keeps a status meant for a deleted Pod off a new one of the same name.
+        body = {"metadata": {"uid": uid}, "status": status}
+        return await self._s.request(
+            "PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}/status", body=body, content_type=MERGE_PATCH
+        )
+
+    async def patch_annotations(self, namespace: str, name: str, uid: str, annotations: dict[str, str]) -> JSON:
+        body = {"metadata": {"uid": uid, "annotations": annotations}}
+        return await self._s.request(
+            "PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}", body=body, content_type=MERGE_PATCH
+        )
+
+    async def delete_now(self, namespace: str, name: str, uid: str) -> None:
+        """Remove the Pod for good (grace 0), only if it is still the object we saw."""
+        body = {
+            "apiVersion": "v1",
+            "kind": "DeleteOptions",
+            "gracePeriodSeconds": 0,
+            "preconditions": {"uid": uid},
+        }
+        try:
+            await self._s.request("DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}", body=body)
+        except KubeError as exc:
+            if not (exc.is_not_found or exc.is_conflict):
+                raise
+
+
+class EventRecorder:
+    """Posts core/v1 Events in the order they are recorded, without blocking the caller.
+
+    Event names follow the kubelet (``<pod>.<hex nanoseconds>``), strictly increasing, so that
+    ``kubectl describe`` (which sorts by time, then name) lists them in the order they happened.
+    Posting failures are logged and dropped: an Event is never worth stalling a Pod.
+    """
+
+    def __init__(self, session: KubeSession, host: str, max_queue: int = 10000) -> None:
+        self._s = session
+        self._host = host
+        self._queue: asyncio.Queue[tuple[EventSpec, datetime, int]] = asyncio.Queue(maxsize=max_queue)
+        self._last_ns = 0
+        self.posted = 0
+        self.dropped = 0
+
+    def record(self, spec: EventSpec, now: datetime | None = None) -> None:
+        moment = now or datetime.now(UTC)
+        stamp = max(time.time_ns(), self._last_ns + 1)
+        self._last_ns = stamp
+        try:
+            self._queue.put_nowait((spec, moment, stamp))
+        except asyncio.QueueFull:
+            self.dropped += 1
+
+    async def run(self, workers: int = 4) -> None:
+        """Drain the queue forever (one task per worker); cancel to stop."""
+        async with asyncio.TaskGroup() as group:
+            for i in range(workers):
+                group.create_task(self._worker(), name=f"event-poster-{i}")
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        """Wait until everything recorded so far has been posted (or the timeout passes)."""
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout)
+        except TimeoutError:
+            log.warning("%d events were not posted before shutdown", self._queue.qsize())
+
+    async def _worker(self) -> None:
+        while True:
+            spec, moment, stamp = await self._queue.get()
+            try:
+                await self._post(spec, moment, stamp)
+                self.posted += 1
+            except KubeError as exc:
+                if not exc.is_not_found:  # the namespace is gone: nothing to tell
+                    log.warning(
+                        "could not post event %s for %s/%s: %s", spec.reason, spec.namespace, spec.pod_name, exc
+                    )
+            finally:
+                self._queue.task_done()
+
+    async def _post(self, spec: EventSpec, moment: datetime, stamp: int) -> None:
+        involved: JSON = {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "namespace": spec.namespace,
+            "name": spec.pod_name,
+            "uid": spec.pod_uid,
+        }
+        if spec.field_path:
+            involved["fieldPath"] = spec.field_path
+        when = rfc3339(moment)
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": f"{spec.pod_name}.{stamp:x}", "namespace": spec.namespace},
+            "involvedObject": involved,
+            "reason": spec.reason,
+            "message": spec.message[:1024],
+            "type": spec.type,
+            "source": {"component": spec.component, "host": self._host},
+            "firstTimestamp": when,
+            "lastTimestamp": when,
+            "count": 1,
+            "reportingComponent": spec.component,
+            "reportingInstance": self._host,
+        }
+        await self._s.request("POST", f"/api/v1/namespaces/{spec.namespace}/events", body=body)

@@ -1,0 +1,117 @@
+"""List, then watch from the list's resourceVersion; ``410 Gone`` or a broken stream → list again.
+
+:func:`list_watch` feeds a :class:`WatchHandler`: after every (re)list it gets the complete set of
+objects (so it can notice deletions it missed while disconnected), then each change as it
+happens. It never returns except by cancellation, and never raises for API trouble: errors are
+logged and retried with capped exponential back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Protocol
+
+from vk_provider.kube.session import JSON, KubeError, KubeSession
+
+log = logging.getLogger(__name__)
+
+
+class WatchHandler(Protocol):
+    async def resync(self, objects: list[JSON]) -> None:
+        """The full current set, after a list. Objects absent from it are gone."""
+        ...
+
+    async def upsert(self, obj: JSON) -> None: ...
+
+    async def delete(self, obj: JSON) -> None: ...
+
+
+async def list_watch(
+    session: KubeSession,
+    path: str,
+    handler: WatchHandler,
+    *,
+    query: Mapping[str, str] | None = None,
+    what: str = "objects",
+    watch_timeout: int = 300,
+    max_backoff: float = 10.0,
+    page_size: int = 500,
+) -> None:
+    backoff = 0.0
+    failing = False
+    while True:
+        try:
+            items, version = await _list_all(session, path, dict(query or {}), page_size)
+            await handler.resync(items)
+            if failing:
+                log.info("watch of %s: API server reachable again; re-listed %d", what, len(items))
+            failing, backoff = False, 0.0
+            while True:
+                version = await _watch_once(session, path, dict(query or {}), version, handler, watch_timeout)
+        except _Relist:
+            continue
+        except KubeError as exc:
+            if not failing:
+                log.warning("watch of %s failed (%s); re-listing with back-off", what, exc)
+            failing = True
+        except (ValueError, KeyError, TypeError) as exc:  # a malformed event: start over
+            log.warning("watch of %s: unexpected data (%s); re-listing", what, exc)
+        backoff = min(max_backoff, max(0.5, backoff * 2))
+        await asyncio.sleep(backoff)
+
+
+class _Relist(Exception):
+    pass
+
+
+async def _list_all(session: KubeSession, path: str, query: dict[str, str], page_size: int) -> tuple[list[JSON], str]:
+    items: list[JSON] = []
+    token = ""
+    while True:
+        page = {**query, "limit": str(page_size)}
+        if token:
+            page["continue"] = token
+        try:
+            body = await session.request("GET", path, query=page)
+        except KubeError as exc:
+            if exc.is_gone and token:  # the continue token expired: start the list again
+                items, token = [], ""
+                continue
+            raise
+        items.extend(body.get("items") or [])
+        meta = body.get("metadata") or {}
+        token = meta.get("continue") or ""
+        if not token:
+            return items, str(meta.get("resourceVersion", ""))
+
+
+async def _watch_once(
+    session: KubeSession, path: str, query: dict[str, str], version: str, handler: WatchHandler, timeout: int
+) -> str:
+    params = {
+        **query,
+        "watch": "true",
+        "resourceVersion": version,
+        "allowWatchBookmarks": "true",
+        "timeoutSeconds": str(timeout),
+    }
+    async with session.stream(path, params, timeout=timeout + 30) as events:
+        async for event in events:
+            kind = event.get("type")
+            obj = event.get("object") or {}
+            if kind == "ERROR":
+                if obj.get("code") == 410:
+                    raise _Relist
+                raise KubeError(int(obj.get("code") or 0), str(obj.get("reason", "")), str(obj.get("message", "")))
+            new_version = (obj.get("metadata") or {}).get("resourceVersion")
+            if kind == "BOOKMARK":
+                version = new_version or version
+                continue
+            if kind in ("ADDED", "MODIFIED"):
+                await handler.upsert(obj)
+            elif kind == "DELETED":
+                await handler.delete(obj)
+            version = new_version or version
+    return version
