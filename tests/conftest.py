@@ -60,3 +60,6 @@ def cluster() -> Iterator[Cluster]:
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path
+
+
+from tests.support.fixtures import namespace  # noqa: E402,F401  (a fixture shared by the integration tests)

@@ -72,6 +72,7 @@ class AgentProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> AgentProcess:
+        assert self.proc is None or self.proc.poll() is not None, "agent already running"
         self._log = self.log_file.open("ab")
         self.proc = subprocess.Popen(
             self.args,
@@ -113,10 +114,10 @@ class AgentProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
-        return self.proc.returncode
+        return int(self.proc.returncode)
 
     def __enter__(self) -> AgentProcess:
-        return self.start()
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:

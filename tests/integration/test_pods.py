@@ -1,0 +1,272 @@
+"""Pods on the virtual node, against a real kube-apiserver (issue: run Pods)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from tests.support.agent import AgentProcess
+from tests.support.cluster import Cluster
+from tests.support.fixtures import pod_manifest, start_agent, unique
+from tests.support.wait import wait_for
+
+FAST = {"pull": {"time_scale": 20, "jitter": 0}}
+
+
+def apply(cluster: Cluster, namespace: str, manifest: dict[str, Any]) -> None:
+    # `create`, not `apply`: apply would copy each object into an annotation (too big for the huge one).
+    cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+
+
+def pod(cluster: Cluster, namespace: str, name: str) -> dict[str, Any] | None:
+    found: dict[str, Any] | None = cluster.get_json("pod", name, "-n", namespace)
+    return found
+
+
+def phase(cluster: Cluster, namespace: str, name: str) -> str:
+    found = pod(cluster, namespace, name)
+    return str(found["status"].get("phase", "")) if found else "<gone>"
+
+
+def events_of(cluster: Cluster, namespace: str, name: str) -> list[dict[str, Any]]:
+    items = cluster.get_json("events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")["items"]
+    return sorted(items, key=lambda e: (e.get("lastTimestamp") or "", e["metadata"]["name"]))
+
+
+def reasons(cluster: Cluster, namespace: str, name: str) -> list[str]:
+    return [e["reason"] for e in events_of(cluster, namespace, name)]
+
+
+def test_seed_pod_reaches_running_with_a_full_status(cluster: Cluster, workdir: Path, namespace: str) -> None:
+    with start_agent(cluster, workdir, FAST) as agent:
+        manifest = pod_manifest(
+            "nginx-plain",
+            agent.node_name,
+            resources={"limits": {"cpu": "300m", "memory": "200Mi"}, "requests": {"cpu": "200m", "memory": "100Mi"}},
+        )
+        apply(cluster, namespace, manifest)
+        wait_for(lambda: phase(cluster, namespace, "nginx-plain") == "Running", timeout=30, what="Running")
+        wait_for(lambda: "Started" in reasons(cluster, namespace, "nginx-plain"), timeout=15, what="Started event")
+        status = pod(cluster, namespace, "nginx-plain")["status"]  # type: ignore[index]
+        assert status["hostIP"] == "127.0.0.1"
+        assert status["podIP"].startswith("10.234.")
+        assert status["startTime"]
+        conditions = {c["type"]: c for c in status["conditions"]}
+        assert set(conditions) == {"PodScheduled", "Initialized", "ContainersReady", "Ready"}
+        assert all(c["status"] == "True" and c["lastTransitionTime"] for c in conditions.values())
+        [cs] = status["containerStatuses"]
+        assert cs["image"] == "nginx:1.7.9"
+        assert cs["imageID"].startswith("docker.io/library/nginx@sha256:")
+        assert cs["containerID"].startswith("containerd://")
+        assert cs["ready"] is True
+        assert cs["started"] is True
+        assert cs["restartCount"] == 0
+        assert "startedAt" in cs["state"]["running"]
+        assert cs["lastState"] == {}
+        # kubectl describe lists the kubelet's events in order.
+        described = cluster.kubectl("describe", "pod", "-n", namespace, "nginx-plain")
+        section = described[described.index("Events:") :]
+        positions = [section.index(r) for r in ("Pulling", "Pulled", "Created", "Started")]
+        assert positions == sorted(positions), section
+        pulled = next(e for e in events_of(cluster, namespace, "nginx-plain") if e["reason"] == "Pulled")
+        assert "Successfully pulled image" in pulled["message"]
+        assert "Image size:" in pulled["message"]
+        assert pulled["involvedObject"]["fieldPath"] == "spec.containers{nginx}"
+        assert pulled["source"]["component"] == "kubelet"
+        # kubectl logs reaches the simulated log through the API server.
+        logs = cluster.kubectl("logs", "-n", namespace, "nginx-plain")
+        assert "started container nginx" in logs
+        stamped = cluster.kubectl("logs", "-n", namespace, "nginx-plain", "--timestamps", "--tail=1")
+        assert len(stamped.strip().splitlines()) == 1
+        assert stamped.startswith("20")
+        # Anonymous callers are turned away.
+        port = cluster.get_json("node", agent.node_name)["status"]["daemonEndpoints"]["kubeletEndpoint"]["Port"]
+        anonymous = subprocess.run(
+            ["curl", "-sk", "-o", "/dev/null", "-w", "%{http_code}",
+             f"https://127.0.0.1:{port}/containerLogs/{namespace}/nginx-plain/nginx"],
+            capture_output=True, text=True, check=False, timeout=10,
+        )  # fmt: skip
+        assert anonymous.stdout == "401"
+        assert agent.stop() == 0
+
+
+def test_deployment_scales_up_and_down(cluster: Cluster, workdir: Path, namespace: str) -> None:
+    with start_agent(cluster, workdir, FAST) as agent:
+        deployment = {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": "nginx-deployment", "labels": {"app": "nginx"}},
+            "spec": {
+                "replicas": 2,
+                "selector": {"matchLabels": {"app": "nginx"}},
+                "template": {
+                    "metadata": {"labels": {"app": "nginx"}},
+                    "spec": {
+                        "nodeName": agent.node_name,
+                        "terminationGracePeriodSeconds": 5,
+                        "containers": [{"name": "nginx", "image": "nginx:1.7.9", "imagePullPolicy": "IfNotPresent"}],
+                    },
+                },
+            },
+        }
+        apply(cluster, namespace, deployment)
+
+        def running() -> list[dict[str, Any]]:
+            items = cluster.get_json("pods", "-n", namespace, "-l", "app=nginx")["items"]
+            return [p for p in items if p["status"].get("phase") == "Running"]
+
+        pods = wait_for(lambda: len(running()) == 2 and running(), timeout=40, what="2 Running Pods")
+        ips = {p["status"]["podIP"] for p in pods}
+        assert len(ips) == 2
+        cluster.kubectl("scale", "-n", namespace, "deployment/nginx-deployment", "--replicas=0")
+        wait_for(
+            lambda: not cluster.get_json("pods", "-n", namespace, "-l", "app=nginx")["items"],
+            timeout=5 + 10,
+            what="both Pods removed within their grace period",
+        )
+        killing = [r for p in pods for r in reasons(cluster, namespace, p["metadata"]["name"]) if r == "Killing"]
+        assert len(killing) == 2
+
+
+def test_job_completes_and_exit_codes_follow_restart_policy(cluster: Cluster, workdir: Path, namespace: str) -> None:
+    with start_agent(cluster, workdir, FAST) as agent:
+        job = {
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {"name": "once"},
+            "spec": {
+                "backoffLimit": 0,
+                "template": {
+                    "metadata": {"annotations": {"vk-provider.io/run-seconds": "2"}},
+                    "spec": {
+                        "nodeName": agent.node_name,
+                        "restartPolicy": "Never",
+                        "containers": [{"name": "work", "image": "busybox:1.36"}],
+                    },
+                },
+            },
+        }
+        apply(cluster, namespace, job)
+        never = pod_manifest(
+            "fails", agent.node_name, image="busybox:1.36", restart_policy="Never",
+            annotations={"vk-provider.io/run-seconds": "1", "vk-provider.io/exit-code": "1"},
+        )  # fmt: skip
+        always = pod_manifest(
+            "crashes", agent.node_name, image="busybox:1.36", restart_policy="Always",
+            annotations={"vk-provider.io/run-seconds": "1", "vk-provider.io/exit-code": "3"},
+        )  # fmt: skip
+        apply(cluster, namespace, never)
+        apply(cluster, namespace, always)
+        wait_for(
+            lambda: (cluster.get_json("job", "once", "-n", namespace)["status"].get("succeeded") or 0) == 1,
+            timeout=40,
+            what="the Job to complete",
+        )
+        wait_for(lambda: phase(cluster, namespace, "fails") == "Failed", timeout=30, what="Failed")
+        [cs] = pod(cluster, namespace, "fails")["status"]["containerStatuses"]  # type: ignore[index]
+        assert cs["state"]["terminated"]["exitCode"] == 1
+        assert cs["state"]["terminated"]["reason"] == "Error"
+        assert cs["restartCount"] == 0
+
+        def restarts() -> int:
+            found = pod(cluster, namespace, "crashes")
+            statuses = found["status"].get("containerStatuses") if found else None
+            return int(statuses[0]["restartCount"]) if statuses else 0
+
+        wait_for(lambda: restarts() >= 2, timeout=30, what="restartCount to grow")
+        crashed = pod(cluster, namespace, "crashes")["status"]  # type: ignore[index]
+        assert crashed["phase"] == "Running"
+        [cs] = crashed["containerStatuses"]
+        last = cs["lastState"].get("terminated")
+        assert last is not None
+        assert last["exitCode"] == 3
+        backoffs = [e for e in events_of(cluster, namespace, "crashes") if e["reason"] == "BackOff"]
+        assert backoffs
+        assert all(e["type"] == "Warning" for e in backoffs)
+
+
+def test_agent_killed_mid_start_then_restarted_runs_every_pod_once(
+    cluster: Cluster, workdir: Path, namespace: str
+) -> None:
+    node = unique("vk")
+    slow = {"pull": {"time_scale": 1, "jitter": 0}}
+    agent = start_agent(cluster, workdir, slow, node=node)
+    names = [f"p{i}" for i in range(20)]
+    manifests = [pod_manifest(n, node, image="nginx:1.7.9") for n in names]
+    apply(cluster, namespace, {"apiVersion": "v1", "kind": "List", "items": manifests})
+
+    def creating() -> bool:
+        items = cluster.get_json("pods", "-n", namespace)["items"]
+        return len(items) == 20 and all(
+            p["status"].get("phase") == "Pending" and p["status"].get("podIP") for p in items
+        )
+
+    wait_for(creating, timeout=20, what="20 Pods taken and pulling")
+    assert agent.stop(signal.SIGKILL) != 0
+    assert any(phase(cluster, namespace, n) == "Pending" for n in names)
+
+    restarted = AgentProcess(cluster, workdir, node_name=node, settings=slow).start()
+    try:
+        restarted.wait_ready()
+        wait_for(lambda: all(phase(cluster, namespace, n) == "Running" for n in names), timeout=60, what="20 Running")
+        for n in names:
+            [cs] = pod(cluster, namespace, n)["status"]["containerStatuses"]  # type: ignore[index]
+            assert cs["restartCount"] == 0
+        started_before = {n: running_since(cluster, namespace, n) for n in names}
+        assert restarted.stop() == 0
+        # A second restart keeps Running Pods as they are: same startedAt, no restarts.
+        again = AgentProcess(cluster, workdir, node_name=node, settings=slow).start()
+        try:
+            again.wait_ready()
+            for n in names:
+                [cs] = pod(cluster, namespace, n)["status"]["containerStatuses"]  # type: ignore[index]
+                assert cs["state"]["running"]["startedAt"] == started_before[n]
+                assert cs["restartCount"] == 0
+            started_events = [r for n in names for r in reasons(cluster, namespace, n) if r == "Started"]
+            assert len(started_events) == 20
+        finally:
+            again.stop()
+    finally:
+        if restarted.alive():
+            restarted.stop()
+
+
+def running_since(cluster: Cluster, namespace: str, name: str) -> str:
+    found = pod(cluster, namespace, name)
+    assert found is not None
+    return str(found["status"]["containerStatuses"][0]["state"]["running"]["startedAt"])
+
+
+def test_bad_input_never_stops_the_agent(cluster: Cluster, workdir: Path, namespace: str) -> None:
+    with start_agent(cluster, workdir, FAST) as agent:
+        node = agent.node_name
+        apply(cluster, namespace, pod_manifest("bad-image", node, image="NGINX::not valid"))
+        apply(cluster, namespace, pod_manifest("bad-annotation", node,
+                                               annotations={"vk-provider.io/run-seconds": "soon"}))  # fmt: skip
+        apply(cluster, namespace, pod_manifest("huge-annotation", node,
+                                               annotations={"vk-provider.io/exit-code": "9" * 200_000}))  # fmt: skip
+        apply(cluster, namespace, pod_manifest("too-big", node,
+                                               resources={"requests": {"cpu": "5000"}}))  # fmt: skip
+        apply(cluster, namespace, pod_manifest("after", node))
+
+        def waiting_reason(name: str) -> str:
+            found = pod(cluster, namespace, name)
+            statuses = (found or {}).get("status", {}).get("containerStatuses") or [{}]
+            return str(statuses[0].get("state", {}).get("waiting", {}).get("reason", ""))
+
+        wait_for(lambda: waiting_reason("bad-image") == "InvalidImageName", timeout=20, what="InvalidImageName")
+        assert "InspectFailed" in reasons(cluster, namespace, "bad-image")
+        wait_for(lambda: phase(cluster, namespace, "bad-annotation") == "Running", timeout=20, what="Running")
+        warnings = [e for e in events_of(cluster, namespace, "bad-annotation") if e["type"] == "Warning"]
+        assert any("run-seconds" in e["message"] for e in warnings)
+        wait_for(lambda: phase(cluster, namespace, "huge-annotation") == "Running", timeout=20, what="Running")
+        assert "InvalidWorkloadAnnotation" in reasons(cluster, namespace, "huge-annotation")
+        wait_for(lambda: phase(cluster, namespace, "too-big") == "Failed", timeout=20, what="OutOfcpu")
+        assert pod(cluster, namespace, "too-big")["status"]["reason"] == "OutOfcpu"  # type: ignore[index]
+        assert "OutOfcpu" in reasons(cluster, namespace, "too-big")
+        wait_for(lambda: phase(cluster, namespace, "after") == "Running", timeout=20, what="the next Pod Running")
+        assert agent.alive()
+        assert "Traceback" not in agent.log
