@@ -1,0 +1,175 @@
+"""The pure Pod state machine: kubelet phase rules, conditions, restarts, rendering, adoption."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from vk_provider.domain import lifecycle as lc
+from vk_provider.domain.lifecycle import Phase
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def new_pod(policy: str = "Always", init: bool = False, containers: int = 1) -> lc.PodState:
+    return lc.accepted(
+        restart_policy=policy,
+        init_containers=[("init", "busybox")] if init else [],
+        containers=[(f"c{i}", "nginx") for i in range(containers)],
+        host_ip="10.0.0.1",
+        pod_ip="10.234.0.5",
+        now=T0,
+    )
+
+
+def cond(state: lc.PodState, kind: str) -> lc.Condition:
+    return next(c for c in state.conditions if c.type == kind)
+
+
+def test_accepted_is_pending_and_creating() -> None:
+    s = new_pod()
+    assert s.phase is Phase.PENDING
+    assert s.container("c0").state == lc.Waiting("ContainerCreating")
+    assert cond(s, "PodScheduled").status == "True"
+    assert cond(s, "Initialized").status == "True"
+    assert cond(s, "Ready").status == "False"
+
+
+def test_init_containers_gate_initialized_and_main_waits_pod_initializing() -> None:
+    s = new_pod(init=True)
+    assert cond(s, "Initialized").status == "False"
+    assert s.container("c0").state == lc.Waiting("PodInitializing")
+    s = lc.started(s, "init", "uid", "img", at(1))
+    assert s.phase is Phase.PENDING
+    s = lc.exited(s, "init", 0, at(2))
+    assert cond(s, "Initialized").status == "True"
+    assert cond(s, "Initialized").since == at(2)
+
+
+def test_running_then_ready_sets_transition_times_once() -> None:
+    s = lc.started(new_pod(), "c0", "uid", "img", at(5))
+    assert s.phase is Phase.RUNNING
+    assert cond(s, "Ready").status == "False"
+    s = lc.became_ready(s, "c0", at(7))
+    assert cond(s, "Ready").status == "True"
+    assert cond(s, "Ready").since == at(7)
+    s = lc.recompute(s, at(9))
+    assert cond(s, "Ready").since == at(7)  # unchanged status keeps its transition time
+
+
+def test_all_main_containers_must_run_before_running() -> None:
+    s = new_pod(containers=2)
+    s = lc.started(s, "c0", "uid", "img", at(1))
+    assert s.phase is Phase.PENDING  # c1 still waiting
+    s = lc.started(s, "c1", "uid", "img", at(2))
+    assert s.phase is Phase.RUNNING
+
+
+@pytest.mark.parametrize(
+    ("policy", "code", "restart", "phase"),
+    [
+        ("Always", 0, True, Phase.RUNNING),
+        ("Always", 1, True, Phase.RUNNING),
+        ("OnFailure", 0, False, Phase.SUCCEEDED),
+        ("OnFailure", 2, True, Phase.RUNNING),
+        ("Never", 0, False, Phase.SUCCEEDED),
+        ("Never", 1, False, Phase.FAILED),
+    ],
+)
+def test_exit_and_restart_policy(policy: str, code: int, restart: bool, phase: Phase) -> None:
+    s = lc.started(new_pod(policy), "c0", "uid", "img", at(1))
+    s = lc.exited(s, "c0", code, at(3))
+    assert lc.should_restart(s, "c0") is restart
+    if restart:
+        s = lc.back_off(s, "c0", "back-off 10s", at(3))
+        assert s.container("c0").restart_count == 1
+        assert s.container("c0").state == lc.Waiting("CrashLoopBackOff", "back-off 10s")
+        assert s.container("c0").last_state is not None
+        assert s.container("c0").last_state.exit_code == code  # type: ignore[union-attr]
+    assert s.phase is phase
+
+
+def test_failed_init_with_never_fails_the_pod() -> None:
+    s = new_pod("Never", init=True)
+    s = lc.exited(lc.started(s, "init", "uid", "img", at(1)), "init", 1, at(2))
+    assert s.phase is Phase.FAILED
+    assert not lc.should_restart(s, "init")
+
+
+def test_restart_delay_doubles_and_caps() -> None:
+    assert [lc.restart_delay(n) for n in (1, 2, 3, 4, 5, 6, 7)] == [10, 20, 40, 80, 160, 300, 300]
+
+
+def test_failed_by_decision_keeps_reason() -> None:
+    s = lc.failed(new_pod(), "OutOfcpu", "Node didn't have enough resource: cpu", at(1))
+    assert s.phase is Phase.FAILED
+    body = lc.render_status(s)
+    assert body["reason"] == "OutOfcpu"
+    assert body["containerStatuses"][0]["state"]["waiting"]["reason"] == "OutOfcpu"
+
+
+def test_killed_terminates_running_containers() -> None:
+    s = lc.started(new_pod(containers=2), "c0", "uid", "img", at(1))
+    s = lc.killed(s, at(5))
+    c0, c1 = s.container("c0").state, s.container("c1").state
+    assert isinstance(c0, lc.Terminated)
+    assert c0.exit_code == 0
+    assert c0.started_at == at(1)
+    assert isinstance(c1, lc.Terminated)
+    assert c1.exit_code == 137
+
+
+def test_render_status_golden() -> None:
+    s = lc.became_ready(lc.started(new_pod(), "c0", "uid-1", "docker.io/library/nginx@sha256:ab", at(4)), "c0", at(4))
+    assert lc.render_status(s) == {
+        "phase": "Running",
+        "conditions": [
+            {"type": "Initialized", "status": "True", "lastProbeTime": None, "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            {"type": "Ready", "status": "True", "lastProbeTime": None, "lastTransitionTime": "2026-01-01T00:00:04Z"},
+            {"type": "ContainersReady", "status": "True", "lastProbeTime": None,
+             "lastTransitionTime": "2026-01-01T00:00:04Z"},
+            {"type": "PodScheduled", "status": "True", "lastProbeTime": None, "lastTransitionTime": "2026-01-01T00:00:00Z"},
+        ],
+        "hostIP": "10.0.0.1",
+        "podIP": "10.234.0.5",
+        "podIPs": [{"ip": "10.234.0.5"}],
+        "startTime": "2026-01-01T00:00:00Z",
+        "initContainerStatuses": None,
+        "containerStatuses": [
+            {
+                "name": "c0",
+                "image": "nginx",
+                "imageID": "docker.io/library/nginx@sha256:ab",
+                "ready": True,
+                "restartCount": 0,
+                "started": True,
+                "state": {"running": {"startedAt": "2026-01-01T00:00:04Z"}},
+                "lastState": {},
+                "containerID": lc.container_id_for("uid-1", "c0", 0),
+            }
+        ],
+        "reason": None,
+        "message": None,
+        "qosClass": None,
+    }  # fmt: skip
+
+
+def test_adopt_round_trips_a_running_status() -> None:
+    s = lc.became_ready(lc.started(new_pod(), "c0", "uid-1", "img", at(4)), "c0", at(4))
+    body = lc.render_status(s)
+    adopted = lc.adopt(body, "Always", at(100))
+    assert adopted is not None
+    assert lc.render_status(adopted) == body
+
+
+@pytest.mark.parametrize(
+    "status",
+    [{}, {"phase": "Pending"}, {"phase": "Running"}, {"phase": "Running", "containerStatuses": [{"nope": 1}]}],
+)
+def test_adopt_refuses_what_it_cannot_continue(status: dict[str, object]) -> None:
+    assert lc.adopt(status, "Always", T0) is None

@@ -1,0 +1,249 @@
+"""The pod controller and its workers with fakes and a fake clock (no API server, no real time)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import pytest
+
+from vk_provider.controllers.clock import FakeClock
+from vk_provider.controllers.pods import (
+    Allocatable,
+    CacheDecision,
+    ImagePullError,
+    ImageResult,
+    PodController,
+    PodTiming,
+)
+from vk_provider.controllers.reporter import StatusReporter
+from vk_provider.domain.events import EventSpec
+from vk_provider.domain.podspec import ContainerSpec, PodFacts
+
+
+class Api:
+    def __init__(self) -> None:
+        self.statuses: dict[str, list[dict[str, Any]]] = {}
+        self.deleted: list[str] = []
+
+    async def patch_status(self, namespace: str, name: str, uid: str, status: dict[str, Any]) -> dict[str, Any]:
+        self.statuses.setdefault(name, []).append(status)
+        return {}
+
+    async def delete_now(self, namespace: str, name: str, uid: str) -> None:
+        self.deleted.append(name)
+
+    async def patch_annotations(
+        self, namespace: str, name: str, uid: str, annotations: dict[str, str]
+    ) -> dict[str, Any]:
+        return {}
+
+    def last(self, name: str) -> dict[str, Any]:
+        return self.statuses[name][-1]
+
+
+class Events:
+    def __init__(self) -> None:
+        self.items: list[EventSpec] = []
+
+    def record(self, spec: EventSpec, now: datetime | None = None) -> None:
+        self.items.append(spec)
+
+    def reasons(self, pod: str) -> list[str]:
+        return [e.reason for e in self.items if e.pod_name == pod]
+
+
+class Images:
+    """Each pull takes ``seconds`` of simulated time; images named in ``broken`` fail."""
+
+    def __init__(
+        self, clock: FakeClock, seconds: float = 10.0, broken: dict[str, ImagePullError] | None = None
+    ) -> None:
+        self.clock = clock
+        self.seconds = seconds
+        self.broken = broken or {}
+        self.pulls: list[str] = []
+
+    def for_pod(self, pod: PodFacts, decision: CacheDecision) -> Images:
+        return self
+
+    async def attach_snapshot(self) -> float:
+        return 0.0
+
+    def will_pull(self, container: ContainerSpec) -> bool:
+        return True
+
+    async def pull(self, container: ContainerSpec) -> ImageResult:
+        self.pulls.append(container.image)
+        if container.image in self.broken:
+            raise self.broken[container.image]
+        await self.clock.sleep(self.seconds)
+        return ImageResult("id@sha256:x", 1000, seconds=self.seconds, downloaded=1000)
+
+
+class Harness:
+    def __init__(self, clock: FakeClock, images: Images, pods: int = 10) -> None:
+        self.api = Api()
+        self.events = Events()
+        self.reporter = StatusReporter(self.api, workers=2)
+        self.ctl = PodController(
+            node_name="vk",
+            host_ip="10.0.0.1",
+            pod_cidr="10.234.0.0/24",
+            allocatable=Allocatable(cpu_milli=1000, memory=2**30, pods=pods),
+            api=self.api,
+            reporter=self.reporter,
+            events=self.events,
+            images=images,
+            clock=clock,
+            timing=PodTiming(time_scale=1.0, create_seconds=0.0, start_seconds=1.0),
+        )
+
+
+@pytest.fixture
+async def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+async def harness(clock: FakeClock) -> AsyncIterator[Harness]:
+    h = Harness(clock, Images(clock))
+    tasks = [asyncio.create_task(h.reporter.run()), asyncio.create_task(h.ctl.run())]
+    yield h
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def pod(name: str, *, annotations: dict[str, str] | None = None, policy: str = "Always", cpu: str = "100m",
+        image: str = "nginx:1.7.9", deleting: bool = False, status: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    meta: dict[str, Any] = {"uid": f"uid-{name}", "namespace": "ns", "name": name, "annotations": annotations or {}}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+        meta["deletionGracePeriodSeconds"] = 30
+    return {
+        "metadata": meta,
+        "spec": {
+            "nodeName": "vk",
+            "restartPolicy": policy,
+            "containers": [{"name": "c", "image": image, "resources": {"requests": {"cpu": cpu}}}],
+        },
+        "status": status or {"phase": "Pending"},
+    }
+
+
+async def test_pod_runs_through_pull_create_start(harness: Harness, clock: FakeClock) -> None:
+    await harness.ctl.resync([pod("a")])
+    await clock.advance(5)
+    assert harness.api.last("a")["phase"] == "Pending"
+    assert harness.api.last("a")["containerStatuses"][0]["state"] == {"waiting": {"reason": "ContainerCreating"}}
+    await clock.advance(10)
+    status = harness.api.last("a")
+    assert status["phase"] == "Running"
+    assert status["conditions"][1] == {**status["conditions"][1], "type": "Ready", "status": "True"}
+    assert harness.events.reasons("a") == ["Pulling", "Pulled", "Created", "Started"]
+    # coalescing: accepted, running (started, then ready in the same instant) -> few writes
+    assert len(harness.api.statuses["a"]) <= 3
+
+
+async def test_admission_out_of_cpu_and_pods(clock: FakeClock) -> None:
+    h = Harness(clock, Images(clock), pods=2)
+    tasks = [asyncio.create_task(h.reporter.run()), asyncio.create_task(h.ctl.run())]
+    await h.ctl.resync([pod("a", cpu="600m"), pod("b", cpu="600m"), pod("c", cpu="1m"), pod("d", cpu="1m")])
+    await clock.advance(1)
+    assert h.api.last("b")["phase"] == "Failed"
+    assert h.api.last("b")["reason"] == "OutOfcpu"
+    assert h.api.last("d")["reason"] == "OutOfpods"
+    assert h.api.last("c")["phase"] == "Pending"
+    assert "OutOfcpu" in h.events.reasons("b")
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_exit_code_with_never_and_crash_loop_with_always(harness: Harness, clock: FakeClock) -> None:
+    ann = {"vk-provider.io/run-seconds": "3", "vk-provider.io/exit-code": "1"}
+    await harness.ctl.resync([pod("never", annotations=ann, policy="Never"), pod("always", annotations=ann)])
+    await clock.advance(20)
+    never = harness.api.last("never")
+    assert never["phase"] == "Failed"
+    assert never["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 1
+    await clock.advance(200)
+    always = harness.api.last("always")["containerStatuses"][0]
+    assert always["restartCount"] >= 3
+    assert always["lastState"]["terminated"]["exitCode"] == 1
+    # back-off doubles: 10+20+40+80 = 150 s of waiting in the first ~220 s leaves room for ~4-5 restarts
+    assert always["restartCount"] <= 5
+    assert harness.events.reasons("always").count("BackOff") == always["restartCount"]
+
+
+async def test_deletion_stops_then_deletes(harness: Harness, clock: FakeClock) -> None:
+    await harness.ctl.resync([pod("a")])
+    await clock.advance(30)
+    await harness.ctl.upsert(pod("a", deleting=True))
+    await clock.advance(1)
+    assert harness.api.deleted == ["a"]
+    assert "Killing" in harness.events.reasons("a")
+    assert "terminated" in harness.api.last("a")["containerStatuses"][0]["state"]
+    await harness.ctl.delete(pod("a"))
+    assert "uid-a" not in harness.ctl.workers
+
+
+async def test_deleted_while_pulling_cancels_the_pull(harness: Harness, clock: FakeClock) -> None:
+    await harness.ctl.resync([pod("a")])
+    await clock.advance(2)
+    await harness.ctl.upsert(pod("a", deleting=True))
+    await clock.advance(1)
+    assert harness.api.deleted == ["a"]
+    assert "Started" not in harness.events.reasons("a")
+
+
+async def test_resync_forgets_pods_gone_while_disconnected(harness: Harness, clock: FakeClock) -> None:
+    await harness.ctl.resync([pod("a"), pod("b")])
+    await clock.advance(1)
+    await harness.ctl.resync([pod("b")])
+    assert set(harness.ctl.workers) == {"uid-b"}
+
+
+async def test_running_pod_is_adopted_not_restarted(harness: Harness, clock: FakeClock) -> None:
+    from vk_provider.domain import lifecycle as lc
+
+    t0 = clock.now()
+    state = lc.accepted(restart_policy="Always", init_containers=[], containers=[("c", "nginx:1.7.9")],
+                        host_ip="10.0.0.1", pod_ip="10.234.0.9", now=t0)  # fmt: skip
+    state = lc.became_ready(lc.started(state, "c", "uid-a", "x", t0), "c", t0)
+    running = lc.render_status(state)
+    await clock.advance(100)
+    await harness.ctl.resync([pod("a", status=running)])
+    await clock.advance(60)
+    assert harness.events.reasons("a") == []
+    assert "a" not in harness.api.statuses  # what the API server has is already right: no write
+    adopted = harness.ctl.workers["uid-a"].state
+    assert adopted is not None
+    assert adopted.container("c").state == lc.Running(t0)
+    assert "10.234.0.9" not in {harness.ctl.ips.allocate() for _ in range(3)}  # its IP stays reserved
+
+
+async def test_pull_errors(clock: FakeClock) -> None:
+    images = Images(
+        clock,
+        broken={
+            "bad": ImagePullError("InvalidImageName", "couldn't parse image reference", retry=False),
+            "flaky": ImagePullError("ErrImagePull", "registry said no"),
+        },
+    )
+    h = Harness(clock, images)
+    tasks = [asyncio.create_task(h.reporter.run()), asyncio.create_task(h.ctl.run())]
+    await h.ctl.resync([pod("bad", image="bad"), pod("flaky", image="flaky"), pod("fine")])
+    await clock.advance(35)
+    assert h.api.last("bad")["containerStatuses"][0]["state"]["waiting"]["reason"] == "InvalidImageName"
+    assert "InspectFailed" in h.events.reasons("bad")
+    flaky = h.api.last("flaky")["containerStatuses"][0]["state"]["waiting"]["reason"]
+    assert flaky == "ImagePullBackOff"
+    assert images.pulls.count("flaky") == 3  # at 0, 10 and 30 s (back-off 10 s, then 20 s)
+    assert h.api.last("fine")["phase"] == "Running"
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
