@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 import yaml
 
+from vk_provider import netinfo
 from vk_provider.domain.pullmodel import PullSettings
 
 ENV_PREFIX = "VK_PROVIDER_"
@@ -66,6 +67,7 @@ class NodeSettings:
     # Extra labels on the Node, on top of type, kubernetes.io/role and kubernetes.io/hostname.
     labels: dict[str, str] = field(default_factory=dict)
     # Address advertised as the Node's InternalIP; the API server reaches the kubelet endpoint here.
+    # "auto" (for containers): $POD_IP, else the default route's interface address (vk_provider.netinfo).
     internal_ip: str = "127.0.0.1"
     # Lease in kube-node-lease: its duration, and how often it is renewed.
     lease_duration_seconds: int = 40
@@ -168,16 +170,29 @@ def load_settings(
 
     ``overrides`` maps dotted names (``node.name``) to values; ``None`` values are ignored.
     """
+    environment = os.environ if env is None else env
     raw: dict[str, Any] = {}
     if config_file:
         raw = _read_yaml(config_file)
-    merged = _merge(raw, _from_env(os.environ if env is None else env))
+    merged = _merge(raw, _from_env(environment))
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(merged, dotted, value)
     settings: Settings = _build(Settings, merged, source=config_file or "settings")
+    settings = _resolve_internal_ip(settings, environment)
     _validate(settings)
     return settings
+
+
+def _resolve_internal_ip(settings: Settings, env: Mapping[str, str]) -> Settings:
+    # Resolved here, once, so that everything downstream (the Node's address, the serving
+    # certificate's SAN, the Pods' hostIP) sees one concrete address.
+    if settings.node.internal_ip != netinfo.AUTO:
+        return settings
+    found = netinfo.container_address(env)
+    if isinstance(found, netinfo.NoAddress):
+        raise ConfigError(f"setting node.internal_ip is auto, but {found.problem}; set an address instead")
+    return dataclasses.replace(settings, node=dataclasses.replace(settings.node, internal_ip=found.address))
 
 
 def _read_yaml(path: str) -> dict[str, Any]:
@@ -346,7 +361,7 @@ def _validate(s: Settings) -> None:
     try:
         ipaddress.ip_address(s.node.internal_ip)
     except ValueError:
-        raise bad("node.internal_ip", f"must be an IP address, got {s.node.internal_ip!r}") from None
+        raise bad("node.internal_ip", f"must be an IP address or auto, got {s.node.internal_ip!r}") from None
     if s.node.lease_duration_seconds < 1:
         raise bad("node.lease_duration_seconds", "must be at least 1")
     if not 0 < s.node.lease_renew_interval_seconds < s.node.lease_duration_seconds:

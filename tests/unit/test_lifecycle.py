@@ -129,11 +129,25 @@ def test_render_status_golden() -> None:
     assert lc.render_status(s) == {
         "phase": "Running",
         "conditions": [
-            {"type": "Initialized", "status": "True", "lastProbeTime": None, "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            {
+                "type": "Initialized",
+                "status": "True",
+                "lastProbeTime": None,
+                "lastTransitionTime": "2026-01-01T00:00:00Z",
+            },
             {"type": "Ready", "status": "True", "lastProbeTime": None, "lastTransitionTime": "2026-01-01T00:00:04Z"},
-            {"type": "ContainersReady", "status": "True", "lastProbeTime": None,
-             "lastTransitionTime": "2026-01-01T00:00:04Z"},
-            {"type": "PodScheduled", "status": "True", "lastProbeTime": None, "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            {
+                "type": "ContainersReady",
+                "status": "True",
+                "lastProbeTime": None,
+                "lastTransitionTime": "2026-01-01T00:00:04Z",
+            },
+            {
+                "type": "PodScheduled",
+                "status": "True",
+                "lastProbeTime": None,
+                "lastTransitionTime": "2026-01-01T00:00:00Z",
+            },
         ],
         "hostIP": "10.0.0.1",
         "podIP": "10.234.0.5",
@@ -156,7 +170,7 @@ def test_render_status_golden() -> None:
         "reason": None,
         "message": None,
         "qosClass": None,
-    }  # fmt: skip
+    }
 
 
 def test_adopt_round_trips_a_running_status() -> None:

@@ -117,8 +117,16 @@ async def harness(clock: FakeClock) -> AsyncIterator[Harness]:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def pod(name: str, *, annotations: dict[str, str] | None = None, policy: str = "Always", cpu: str = "100m",
-        image: str = "nginx:1.7.9", deleting: bool = False, status: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def pod(
+    name: str,
+    *,
+    annotations: dict[str, str] | None = None,
+    policy: str = "Always",
+    cpu: str = "100m",
+    image: str = "nginx:1.7.9",
+    deleting: bool = False,
+    status: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     meta: dict[str, Any] = {"uid": f"uid-{name}", "namespace": "ns", "name": name, "annotations": annotations or {}}
     if deleting:
         meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
