@@ -140,6 +140,7 @@ class PlannedPodImages:
             seconds=outcome.seconds,
             downloaded=outcome.bytes_downloaded,
             present=outcome.already_present,
+            from_cache=outcome.from_cache and outcome.already_present,
         )
 
 

@@ -61,6 +61,7 @@ class ImageResult:
     seconds: float = 0.0
     downloaded: int = 0
     present: bool = False
+    from_cache: bool = False  # made present by the Pod's ImageCache
 
 
 class ImagePullError(Exception):

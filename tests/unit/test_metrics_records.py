@@ -1,0 +1,83 @@
+"""Prometheus text rendering, and Pod starts recorded once into the store and the metrics."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from vk_provider.controllers.pods import CacheDecision, ImageResult, PodStart
+from vk_provider.controllers.records import RegistryStartRecorder, to_record
+from vk_provider.domain.podspec import ContainerSpec, PodFacts
+from vk_provider.domain.records import CacheOutcome, PodStartRecord
+from vk_provider.metrics import Counter, Histogram, NodeMetrics, image_size_bucket
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_histogram_renders_cumulative_buckets() -> None:
+    h = Histogram("x_seconds", "help", (1, 5), ("outcome",))
+    for v in (0.5, 1, 3, 9):
+        h.observe(v, "miss")
+    lines = h.render()
+    assert 'x_seconds_bucket{outcome="miss",le="1"} 2' in lines
+    assert 'x_seconds_bucket{outcome="miss",le="5"} 3' in lines
+    assert 'x_seconds_bucket{outcome="miss",le="+Inf"} 4' in lines
+    assert 'x_seconds_sum{outcome="miss"} 13.5' in lines
+    assert 'x_seconds_count{outcome="miss"} 4' in lines
+    assert h.count("miss") == 4
+
+
+def test_counter_escapes_labels() -> None:
+    c = Counter("c_total", "help", ("l",))
+    c.inc('a"b')
+    assert 'c_total{l="a\\"b"} 1' in c.render()
+
+
+def test_image_size_buckets() -> None:
+    assert image_size_bucket(5 * 2**20) == "0-10MB"
+    assert image_size_bucket(400 * 2**20) == "100MB-500MB"
+    assert image_size_bucket(20 * 2**30) == "10GB+"
+
+
+class Store:
+    def __init__(self) -> None:
+        self.rows: dict[str, PodStartRecord] = {}
+
+    async def record_pod_start(self, record: PodStartRecord) -> bool:
+        if record.pod_uid in self.rows:
+            return False
+        self.rows[record.pod_uid] = record
+        return True
+
+
+def start(outcome: str = "miss") -> PodStart:
+    pod = PodFacts(
+        uid="u1", namespace="ns", name="p", node_name="vk", created=T0, restart_policy="Always", grace_seconds=30,
+        containers=(ContainerSpec("c", "nginx:1.7.9", "IfNotPresent"),), labels=(("app", "web"),),
+    )  # fmt: skip
+    s = PodStart(pod=pod, node="vk", decision=CacheDecision(outcome=outcome, imc_id="imc-x", explanation="why"))
+    s.images.append(("nginx:1.7.9", ImageResult("id", 39_000_000, seconds=6.0, downloaded=39_000_000)))
+    s.started_at = T0 + timedelta(seconds=9)
+    s.startup_seconds = 9.0
+    return s
+
+
+async def test_recorded_once_with_metrics() -> None:
+    store, metrics = Store(), NodeMetrics()
+    recorder = RegistryStartRecorder(store, metrics)
+    await recorder.record(start())
+    await recorder.record(start())  # a restarted agent finishing the same start
+    assert len(store.rows) == 1
+    row = store.rows["u1"]
+    assert row.outcome is CacheOutcome.MISS
+    assert row.bytes_pulled == 39_000_000
+    assert row.labels == (("app", "web"),)
+    assert metrics.pod_start_total.count("miss") == 1
+    assert metrics.pod_start_sli.count("miss") == 1
+    assert metrics.image_pull.count("miss", "10MB-100MB") == 1
+    text = metrics.render()
+    assert 'kubelet_pod_start_total_duration_seconds_count{cache_outcome="miss"} 1' in text
+    assert "vk_provider_image_cache_misses_total 1" in text
+
+
+def test_unknown_outcome_is_none() -> None:
+    assert to_record(start("weird")).outcome is CacheOutcome.NONE

@@ -1,0 +1,83 @@
+"""Records every Pod start: one row in the registry database, and the node's metrics.
+
+Implements the pod controller's ``StartRecorder``. A Pod start is stored once (the registry is
+idempotent on the Pod's UID, so a restarted agent finishing a start it had begun does not count it
+twice); metrics are observed only for starts this process stored.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from vk_provider.controllers.pods import PodStart
+from vk_provider.domain.records import CacheOutcome, ImagePullRecord, PodStartRecord
+from vk_provider.metrics import NodeMetrics, image_size_bucket
+
+
+class PodStartStore(Protocol):
+    async def record_pod_start(self, record: PodStartRecord) -> bool:
+        """Store the record; False when one for this Pod UID already exists."""
+        ...
+
+
+def outcome_of(start: PodStart) -> CacheOutcome:
+    try:
+        return CacheOutcome(start.decision.outcome)
+    except ValueError:
+        return CacheOutcome.NONE
+
+
+def to_record(start: PodStart) -> PodStartRecord:
+    assert start.started_at is not None
+    images = tuple(
+        ImagePullRecord(
+            reference=image,
+            bytes_pulled=result.downloaded,
+            pull_seconds=result.seconds,
+            from_cache=result.from_cache,
+        )
+        for image, result in start.images
+    )
+    return PodStartRecord(
+        pod_uid=start.pod.uid,
+        namespace=start.pod.namespace,
+        name=start.pod.name,
+        node=start.node,
+        outcome=outcome_of(start),
+        imc_id=start.decision.imc_id or None,
+        reason=start.decision.explanation,
+        images=images,
+        resolve_seconds=start.resolve_seconds,
+        snapshot_attach_seconds=start.attach_seconds,
+        container_start_seconds=start.container_seconds,
+        startup_seconds=start.startup_seconds,
+        created_at=start.pod.created or start.started_at,
+        started_at=start.started_at,
+        labels=start.pod.labels,
+    )
+
+
+class RegistryStartRecorder:
+    def __init__(self, store: PodStartStore, metrics: NodeMetrics) -> None:
+        self._store = store
+        self._metrics = metrics
+
+    async def record(self, start: PodStart) -> None:
+        record = to_record(start)
+        if not await self._store.record_pod_start(record):
+            return
+        m = self._metrics
+        outcome = record.outcome.value
+        m.pod_start_total.observe(record.startup_seconds, outcome)
+        m.pod_start_sli.observe(max(0.0, record.startup_seconds - record.pull_seconds), outcome)
+        for (_, result), image in zip(start.images, record.images, strict=True):
+            if not result.present:
+                m.image_pull.observe(image.pull_seconds, outcome, image_size_bucket(result.size))
+        m.bytes_pulled.inc(outcome, by=record.bytes_pulled)
+        m.pods_started.inc(outcome)
+        if record.outcome in (CacheOutcome.EXPLICIT_HIT, CacheOutcome.AUTO_HIT, CacheOutcome.PARTIAL):
+            m.cache_hits.inc(outcome)
+        elif record.outcome is CacheOutcome.MISS:
+            m.cache_misses.inc()
+        if any(event.reason == "ImageCacheAutoCreated" for event in start.decision.events):
+            m.auto_created.inc()
