@@ -66,7 +66,7 @@ class Images:
         self.broken = broken or {}
         self.pulls: list[str] = []
 
-    def for_pod(self, pod: PodFacts, decision: CacheDecision) -> Images:
+    async def for_pod(self, pod: PodFacts, decision: CacheDecision) -> Images:
         return self
 
     async def attach_snapshot(self) -> float:

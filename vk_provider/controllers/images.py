@@ -52,7 +52,7 @@ class CatalogImages:
             self._on_manifest(found)
         return found
 
-    def for_pod(self, pod: PodFacts, decision: CacheDecision) -> PlannedPodImages:
+    async def for_pod(self, pod: PodFacts, decision: CacheDecision) -> PlannedPodImages:
         problems: dict[str, ImagePullError] = {}
         planned: list[tuple[ContainerSpec, ImageManifest]] = []
         for spec in pod.containers:

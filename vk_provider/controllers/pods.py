@@ -109,7 +109,9 @@ class CacheResolver(Protocol):
 
 
 class ImageService(Protocol):
-    def for_pod(self, pod: PodFacts, decision: CacheDecision) -> PodImages: ...
+    async def for_pod(self, pod: PodFacts, decision: CacheDecision) -> PodImages:
+        """Plan the Pod's images (may resolve manifests from a registry); never raises for bad images."""
+        ...
 
 
 class StartRecorder(Protocol):
@@ -462,7 +464,7 @@ class PodWorker:
             return
         start = PodStart(pod=f, node=self.ctl.node_name, decision=decision)
         start.resolve_seconds = (clock.monotonic() - t0) * self.ctl.timing.time_scale
-        images = self.ctl.images.for_pod(f, decision)
+        images = await self.ctl.images.for_pod(f, decision)
         start.attach_seconds = await images.attach_snapshot()
         for spec in f.init_containers:
             if not await self._run_init(spec, images, start):
@@ -635,7 +637,7 @@ class PodWorker:
         if state.terminal:
             return
         now = self.ctl.clock.now()
-        images = self.ctl.images.for_pod(self.facts, CacheDecision())
+        images = await self.ctl.images.for_pod(self.facts, CacheDecision())
         lives = []
         for spec in self.facts.main_containers:
             try:
