@@ -11,13 +11,19 @@ import asyncio
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vk_provider import __version__
 from vk_provider.config import ConfigError, Settings, load_settings
 
+if TYPE_CHECKING:
+    from vk_provider.report import Comparison
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+DEFAULT_DB = "vk-provider.db"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +43,53 @@ def build_parser() -> argparse.ArgumentParser:
     _agent_flags(demo)
     demo.add_argument("--keep-cluster", action="store_true", help="leave the local control plane running")
     demo.add_argument("--workdir", metavar="DIR", help="where the demo keeps its database and certificates")
+
+    report = sub.add_parser("report", help="compare Pod start-up per cache outcome (table, JSON, CSV, HTML chart)")
+    report.add_argument(
+        "--db", metavar="PATH_OR_URL", default=DEFAULT_DB, help=f"registry database (default {DEFAULT_DB})"
+    )
+    report.add_argument("--namespace", metavar="NS", help="only Pods in this namespace")
+    report.add_argument("--selector", "-l", metavar="SELECTOR", help="only Pods whose labels match (kubectl -l syntax)")
+    report.add_argument(
+        "--since", metavar="TIME", help="only Pods started at or after this ISO 8601 time (UTC if no offset)"
+    )
+    report.add_argument("--until", metavar="TIME", help="only Pods started before this ISO 8601 time")
+    _output_flags(report)
+
+    simulate = sub.add_parser(
+        "simulate", help="run a workload file through the cache and pull model with no cluster, then report"
+    )
+    simulate.add_argument("workload", metavar="WORKLOAD.yaml", help="workload file (see config/workload-*.yaml)")
+    simulate.add_argument(
+        "--db", metavar="PATH_OR_URL", default=DEFAULT_DB, help=f"registry database (default {DEFAULT_DB})"
+    )
+    simulate.add_argument("--seed", type=int, metavar="N", help="random seed (default: the workload file's)")
+    _output_flags(simulate)
+
+    db = sub.add_parser("db", help="manage the registry database schema (Alembic migrations)")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    for name, text in (("upgrade", "to the newest revision"), ("current", "print the revision the database is at")):
+        action = db_sub.add_parser(name, help=text)
+        action.add_argument(
+            "--db", metavar="PATH_OR_URL", default=DEFAULT_DB, help=f"registry database (default {DEFAULT_DB})"
+        )
+    downgrade = db_sub.add_parser("downgrade", help="to REVISION ('base' drops every table)")
+    downgrade.add_argument("revision", metavar="REVISION")
+    downgrade.add_argument(
+        "--db", metavar="PATH_OR_URL", default=DEFAULT_DB, help=f"registry database (default {DEFAULT_DB})"
+    )
     return parser
+
+
+def _output_flags(p: argparse.ArgumentParser) -> None:
+    form = p.add_mutually_exclusive_group()
+    form.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    form.add_argument("--csv", action="store_true", help="print the comparison as CSV")
+    chart = p.add_mutually_exclusive_group()
+    chart.add_argument(
+        "--chart", metavar="PATH", help="write the HTML chart here (default: <db>-report.html beside the database)"
+    )
+    chart.add_argument("--no-chart", action="store_true", help="do not write the HTML chart")
 
 
 def _agent_flags(p: argparse.ArgumentParser) -> None:
@@ -70,6 +122,10 @@ def _error(message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ("report", "simulate", "db"):
+        # Offline commands: no agent settings, no cluster.
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+        return {"report": _report, "simulate": _simulate, "db": _db}[args.command](args)
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:
@@ -114,6 +170,116 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
         _error(str(exc))
         return EXIT_FAILURE
     except KeyboardInterrupt:
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _print_comparison(comparison: Comparison, args: argparse.Namespace, db: str, preamble: Sequence[str] = ()) -> None:
+    from vk_provider.report import default_chart_path, render_csv, render_json, render_text, write_chart
+
+    chart = (
+        None if args.no_chart else write_chart(comparison, Path(args.chart) if args.chart else default_chart_path(db))
+    )
+    if args.json:
+        sys.stdout.write(render_json(comparison))
+    elif args.csv:
+        sys.stdout.write(render_csv(comparison))
+    else:
+        for line in preamble:
+            print(line)
+        if preamble:
+            print()
+        sys.stdout.write(render_text(comparison))
+        if chart is not None:
+            print(f"chart: {chart}")
+        return
+    # Machine output stays clean on stdout; people still learn where the chart went.
+    if chart is not None:
+        print(f"vk-provider: chart written to {chart}", file=sys.stderr)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from vk_provider.report import (
+        LabelSelector,
+        ReportError,
+        ReportFilter,
+        build_comparison,
+        load_records,
+        parse_selector,
+        parse_time,
+    )
+
+    try:
+        report_filter = ReportFilter(
+            namespace=args.namespace,
+            selector=parse_selector(args.selector) if args.selector is not None else LabelSelector(),
+            since=parse_time(args.since, "--since") if args.since is not None else None,
+            until=parse_time(args.until, "--until") if args.until is not None else None,
+        )
+        for problem in report_filter.problems():
+            raise ReportError(problem)
+    except ReportError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    try:
+        records = asyncio.run(load_records(args.db, report_filter))
+    except ReportError as exc:
+        _error(str(exc))
+        return EXIT_FAILURE
+    try:
+        _print_comparison(build_comparison(records, report_filter), args, args.db)
+    except OSError as exc:
+        _error(f"cannot write the chart: {exc.strerror or exc}")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from vk_provider.registry import CacheConflictError
+    from vk_provider.report import ReportFilter, build_comparison
+    from vk_provider.simulate import WorkloadError, load_workload, simulate, store, summary_lines
+
+    try:
+        workload = load_workload(args.workload)
+        result = simulate(workload, seed=args.seed)
+    except WorkloadError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    try:
+        stored = asyncio.run(store(result, args.db))
+    except CacheConflictError as exc:
+        _error(f"{args.workload}: a cache id is already used by another cache in {args.db}: {exc}")
+        return EXIT_FAILURE
+    except Exception as exc:  # a database that cannot be opened or written
+        _error(f"cannot write registry database {args.db}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+        return EXIT_FAILURE
+    try:
+        _print_comparison(
+            build_comparison(result.records, ReportFilter()), args, args.db, summary_lines(result, stored)
+        )
+    except OSError as exc:
+        _error(f"cannot write the chart: {exc.strerror or exc}")
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _db(args: argparse.Namespace) -> int:
+    from vk_provider.registry import migrate
+
+    if "://" not in args.db and args.db_command != "upgrade" and not Path(args.db).expanduser().is_file():
+        _error(f"no registry database at {args.db}")
+        return EXIT_FAILURE
+    try:
+        if args.db_command == "upgrade":
+            migrate.upgrade_sync(args.db)
+            print(f"{args.db}: at revision {migrate.current_sync(args.db)}")
+        elif args.db_command == "downgrade":
+            migrate.downgrade_sync(args.db, args.revision)
+            print(f"{args.db}: at revision {migrate.current_sync(args.db) or 'base (empty)'}")
+        else:
+            print(migrate.current_sync(args.db) or "base (empty)")
+    except Exception as exc:  # Alembic's errors (unknown revision, …) and the database's
+        _error(f"db {args.db_command} {args.db}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
         return EXIT_FAILURE
     return EXIT_OK
 

@@ -1,0 +1,211 @@
+"""``vk-provider report``, ``simulate`` and ``db``: output, and one clear error line for bad input."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from vk_provider.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+from vk_provider.registry.migrate import head_revision
+
+SMALL_WORKLOAD = """
+version: 1
+name: small
+seed: 3
+caches:
+  - {name: nginx-cache, images: ["nginx:1.7.9"]}
+pods:
+  - name: web
+    count: 6
+    labels: {app: web}
+    annotations: {k8s.aliyun.com/eci-image-cache: "true"}
+    images: ["nginx:1.7.9"]
+    arrival: {interval: 5s}
+  - name: base
+    namespace: other
+    count: 4
+    images: ["nginx:1.7.9"]
+"""
+
+
+def one_error(capsys: pytest.CaptureFixture[str], *needles: str) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("vk-provider: error: "), err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture
+def workload(tmp_path: Path) -> Path:
+    path = tmp_path / "small-workload.yaml"
+    path.write_text(SMALL_WORKLOAD)
+    return path
+
+
+@pytest.fixture
+def filled(tmp_path: Path, workload: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    db = tmp_path / "filled.db"
+    assert main(["simulate", str(workload), "--db", str(db), "--no-chart"]) == EXIT_OK
+    capsys.readouterr()
+    return db
+
+
+# ---- working commands --------------------------------------------------------------------------
+
+
+def test_simulate_prints_summary_table_and_chart_path(
+    tmp_path: Path, workload: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "run.db"
+    assert main(["simulate", str(workload), "--db", str(db)]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert out.startswith(f"simulated 10 Pods of {workload} (seed 3)")
+    assert "Pod start-up by cache outcome (10 Pods; filters: none)" in out
+    assert any(line.startswith("auto_hit ") for line in out.splitlines())
+    chart = tmp_path / "run-report.html"
+    assert out.rstrip().endswith(f"chart: {chart}")
+    assert "Pod start-up (simulated seconds)" in chart.read_text()
+
+
+def test_simulate_twice_with_one_seed_prints_identical_json(
+    tmp_path: Path, workload: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    outputs = []
+    for name in ("a.db", "b.db"):
+        assert main(["simulate", str(workload), "--db", str(tmp_path / name), "--json", "--no-chart"]) == EXIT_OK
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+    assert json.loads(outputs[0])["pods"] == 10
+    assert main(["simulate", str(workload), "--db", str(tmp_path / "c.db"), "--json", "--no-chart", "--seed", "4"]) == 0
+    assert capsys.readouterr().out != outputs[0]
+
+
+def test_report_reads_what_simulate_wrote(filled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    chart = tmp_path / "charts" / "c.html"
+    assert main(["report", "--db", str(filled), "--csv", "--chart", str(chart), "--namespace", "other"]) == EXIT_OK
+    captured = capsys.readouterr()
+    rows = list(csv.DictReader(io.StringIO(captured.out)))
+    assert [(row["outcome"], row["pods"]) for row in rows] == [("none", "4")]
+    assert captured.err.strip() == f"vk-provider: chart written to {chart}"
+    assert chart.is_file()
+
+
+def test_report_selector_filters(filled: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", "--db", str(filled), "--json", "--no-chart", "-l", "app=web"]) == EXIT_OK
+    data = json.loads(capsys.readouterr().out)
+    assert data["pods"] == 6
+    assert data["filters"] == {"selector": "app=web"}
+
+
+def test_db_upgrade_current_and_downgrade(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "fresh.db")
+    assert main(["db", "upgrade", "--db", db]) == EXIT_OK
+    assert capsys.readouterr().out.strip() == f"{db}: at revision {head_revision()}"
+    assert main(["db", "current", "--db", db]) == EXIT_OK
+    assert capsys.readouterr().out.strip() == head_revision()
+    assert main(["db", "downgrade", "base", "--db", db]) == EXIT_OK
+    assert capsys.readouterr().out.strip().endswith("base (empty)")
+    tables = sqlite3.connect(db).execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall()
+    assert tables == [("alembic_version",)]
+
+
+# ---- one error line each -----------------------------------------------------------------------
+
+
+def test_report_on_a_missing_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.db"
+    assert main(["report", "--db", str(missing)]) == EXIT_FAILURE
+    one_error(capsys, "no registry database at", str(missing))
+    assert not missing.exists()
+
+
+def test_report_on_a_database_without_the_schema(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()
+    assert main(["report", "--db", str(empty)]) == EXIT_FAILURE
+    one_error(capsys, "has no registry schema", "vk-provider db upgrade")
+
+
+def test_report_on_a_file_that_is_not_a_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_text("this is not SQLite, not even close " * 100)
+    assert main(["report", "--db", str(junk)]) == EXIT_FAILURE
+    one_error(capsys, "cannot read registry database", str(junk))
+
+
+@pytest.mark.parametrize(
+    ("flags", "needles"),
+    [
+        (["--selector", "app in (web"], ("label selector", "unbalanced")),
+        (["--selector", "app=we b"], ("invalid label value",)),
+        (["--since", "yesterday"], ("--since 'yesterday': not an ISO 8601 time",)),
+        (["--until", "2026-13-01"], ("--until",)),
+        (["--since", "2026-01-02", "--until", "2026-01-01"], ("is not after --since",)),
+    ],
+)
+def test_report_bad_filters(
+    filled: Path, flags: list[str], needles: tuple[str, ...], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["report", "--db", str(filled), *flags]) == EXIT_USAGE
+    one_error(capsys, *needles)
+
+
+def test_report_chart_that_cannot_be_written(filled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["report", "--db", str(filled), "--json", "--chart", str(blocker / "c.html")]) == EXIT_FAILURE
+    one_error(capsys, "cannot write the chart")
+
+
+def test_simulate_missing_workload(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["simulate", str(tmp_path / "absent.yaml"), "--db", str(tmp_path / "x.db")]) == EXIT_USAGE
+    one_error(capsys, "cannot read workload file", "absent.yaml")
+    assert not (tmp_path / "x.db").exists()
+
+
+def test_simulate_invalid_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\npods: [\n")
+    assert main(["simulate", str(bad), "--db", str(tmp_path / "x.db")]) == EXIT_USAGE
+    one_error(capsys, f"workload file {bad} line", "invalid YAML")
+
+
+def test_simulate_bad_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\npods:\n  - name: web\n    images: [nginx]\n    arrival: {rate: never}\n")
+    assert main(["simulate", str(bad), "--db", str(tmp_path / "x.db")]) == EXIT_USAGE
+    one_error(capsys, str(bad), "pods[0].arrival.rate: must be a positive rate")
+
+
+def test_simulate_cache_id_taken_in_the_database(
+    filled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    clash = tmp_path / "clash.yaml"
+    taken = sqlite3.connect(filled).execute("SELECT imc_id FROM caches WHERE name = 'nginx-cache'").fetchone()[0]
+    clash.write_text(
+        f"version: 1\ncaches:\n  - {{name: other-cache, id: {taken}, images: [nginx]}}\npods:\n"
+        "  - {name: p, images: [nginx]}\n"
+    )
+    assert main(["simulate", str(clash), "--db", str(filled), "--no-chart"]) == EXIT_FAILURE
+    one_error(capsys, "a cache id is already used by another cache")
+
+
+def test_db_downgrade_to_an_unknown_revision(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "d.db")
+    assert main(["db", "upgrade", "--db", db]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["db", "downgrade", "9999", "--db", db]) == EXIT_FAILURE
+    one_error(capsys, "db downgrade", "9999")
+
+
+def test_db_current_on_a_missing_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["db", "current", "--db", str(tmp_path / "none.db")]) == EXIT_FAILURE
+    one_error(capsys, "no registry database at")

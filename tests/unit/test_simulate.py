@@ -1,0 +1,481 @@
+"""``vk-provider simulate``: workload parsing, and the domain code run on virtual time.
+
+Durations asserted are SIMULATED seconds; nothing here waits in real time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from vk_provider.domain.catalog import Catalog
+from vk_provider.domain.model import CachePhase
+from vk_provider.domain.records import CacheOutcome
+from vk_provider.report import build_comparison
+from vk_provider.simulate import (
+    Arrival,
+    SimulationResult,
+    WorkloadError,
+    WorkloadSpec,
+    load_workload,
+    load_workload_catalog,
+    parse_duration,
+    parse_rate,
+    parse_workload,
+    simulate,
+    store,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKLOADS = sorted((ROOT / "config").glob("*workload*.yaml"))
+AUTO = {"k8s.aliyun.com/eci-auto-imc": "true"}
+EXPLICIT = {"k8s.aliyun.com/eci-imc-id": "imc-nginxcache0000000000"}
+NO_JITTER = {"jitter": 0.0}
+
+
+def workload(pods: list[dict[str, Any]], **top: Any) -> WorkloadSpec:
+    return parse_workload({"version": 1, "name": "t", "pods": pods, **top}, source="w.yaml")
+
+
+_CATALOG: Catalog | None = None
+
+
+def catalog() -> Catalog:
+    global _CATALOG
+    if _CATALOG is None:
+        _CATALOG = load_workload_catalog(workload([{"name": "x", "images": ["busybox:1.36"]}]))
+    return _CATALOG
+
+
+def run(spec: WorkloadSpec, seed: int | None = None) -> SimulationResult:
+    return simulate(spec, catalog(), seed=seed)
+
+
+def outcomes(result: SimulationResult) -> dict[str, CacheOutcome]:
+    return {record.name: record.outcome for record in result.records}
+
+
+# ---- parsing -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [(0, 0.0), (2.5, 2.5), ("90s", 90.0), ("1h30m", 5400.0), ("250ms", 0.25), ("2d", 172800.0), ("1.5m", 90.0)],
+)
+def test_durations(value: object, seconds: float) -> None:
+    assert parse_duration(value) == seconds
+
+
+@pytest.mark.parametrize("value", [-1, "soon", "5 parsecs", True, None, [], float("inf"), "h"])
+def test_bad_durations(value: object) -> None:
+    assert parse_duration(value) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "rate"), [(2, 2.0), ("30/m", 0.5), ("3600/h", 1.0), ("0.5/s", 0.5), ("86400/d", 1.0)]
+)
+def test_rates(value: object, rate: float) -> None:
+    assert parse_rate(value) == rate
+
+
+@pytest.mark.parametrize("value", [0, -1, "fast", "3/week", False, "0/s"])
+def test_bad_rates(value: object) -> None:
+    assert parse_rate(value) is None
+
+
+@pytest.mark.parametrize("path", WORKLOADS, ids=lambda path: path.name)
+def test_shipped_workloads_parse(path: Path) -> None:
+    spec = load_workload(path)
+    assert spec.pod_count > 0
+    assert spec.source == str(path)
+
+
+def test_shipped_workloads_are_there() -> None:
+    names = {path.name for path in WORKLOADS}
+    assert {"workload-seed.yaml", "workload-burst.yaml"} <= names
+    assert load_workload(ROOT / "config" / "workload-burst.yaml").pod_count == 1000
+
+
+GOOD_POD: dict[str, Any] = {"name": "web", "images": ["nginx:1.27"]}
+
+
+@pytest.mark.parametrize(
+    ("document", "needle"),
+    [
+        ([], "w.yaml: must be a YAML mapping"),
+        ({"version": 2, "pods": [GOOD_POD]}, "version: must be 1, got 2"),
+        ({"version": 1}, "pods: must be a non-empty list"),
+        ({"version": 1, "pods": [GOOD_POD], "colour": "red"}, "colour: unknown field"),
+        ({"version": 1, "pods": [{"name": "Web!", "images": ["nginx"]}]}, "pods[0].name: must be a lowercase DNS name"),
+        ({"version": 1, "pods": [{"name": "web"}]}, "pods[0].images: must be a non-empty list"),
+        (
+            {"version": 1, "pods": [{"name": "web", "images": ["NGINX:1"]}]},
+            "pods[0].images[0]: invalid image reference",
+        ),
+        ({"version": 1, "pods": [{**GOOD_POD, "count": 0}]}, "pods[0].count: must be a whole number from 1"),
+        ({"version": 1, "pods": [{**GOOD_POD, "pull_policy": "Sometimes"}]}, "pods[0].pull_policy: must be Always"),
+        (
+            {"version": 1, "pods": [{**GOOD_POD, "arrival": {"rate": -2}}]},
+            "pods[0].arrival.rate: must be a positive rate",
+        ),
+        ({"version": 1, "pods": [{**GOOD_POD, "arrival": {"interval": "often"}}]}, "pods[0].arrival.interval"),
+        ({"version": 1, "pods": [{**GOOD_POD, "arrival": {"rate": 1, "interval": 2}}]}, "give one of at, times"),
+        (
+            {"version": 1, "pods": [{**GOOD_POD, "count": 3, "arrival": {"times": [0, 1]}}]},
+            "lists 2 times but count is 3",
+        ),
+        ({"version": 1, "pods": [{**GOOD_POD, "arrival": {"times": [0, "x"]}}]}, "pods[0].arrival.times[1]"),
+        ({"version": 1, "pods": [{**GOOD_POD, "annotations": {"a": {"b": 1}}}]}, "pods[0].annotations.a"),
+        ({"version": 1, "pods": [GOOD_POD, GOOD_POD]}, "pods[1].name: 'default/web' is already used by pods[0]"),
+        (
+            {"version": 1, "pods": [GOOD_POD], "caches": [{"name": "c", "images": ["nginx"], "id": "imc-x"}]},
+            "caches[0].id",
+        ),
+        (
+            {"version": 1, "pods": [GOOD_POD], "caches": [{"name": "c", "images": ["nginx"], "size_gib": 5}]},
+            "caches[0].size_gib",
+        ),
+        ({"version": 1, "pods": [GOOD_POD], "caches": [{"name": "c", "images": ["a"] * 21}]}, "at most 20 images"),
+        ({"version": 1, "pods": [GOOD_POD], "pull": {"jitter": 2}}, "pull: jitter must be a fraction"),
+        ({"version": 1, "pods": [GOOD_POD], "pull": {"warp": 9}}, "pull.warp: unknown field"),
+        ({"version": 1, "pods": [GOOD_POD], "pull": {"time_scale": 10}}, "pull.time_scale: not used by simulate"),
+        ({"version": 1, "pods": [GOOD_POD], "start": "noon"}, "start: must be an ISO 8601 time"),
+        ({"version": 1, "pods": [GOOD_POD], "seed": "x"}, "seed: must be a whole number"),
+    ],
+)
+def test_workload_errors_name_the_file_and_the_field(document: object, needle: str) -> None:
+    with pytest.raises(WorkloadError) as caught:
+        parse_workload(document, source="w.yaml")
+    assert str(caught.value).startswith("w.yaml: ")
+    assert needle in str(caught.value)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(WorkloadError) as caught:
+        parse_workload({"version": 1, "pods": [{"name": "Bad", "images": []}], "seed": "x"}, source="w.yaml")
+    message = str(caught.value)
+    assert "pods[0].name" in message
+    assert "pods[0].images" in message
+    assert "seed" in message
+
+
+def test_files_that_cannot_be_read_or_parsed(tmp_path: Path) -> None:
+    with pytest.raises(WorkloadError, match="cannot read workload file"):
+        load_workload(tmp_path / "absent.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pods: [\n")
+    with pytest.raises(WorkloadError, match=r"bad.yaml line \d+: invalid YAML"):
+        load_workload(bad)
+
+
+def test_annotation_values_written_unquoted_become_strings() -> None:
+    spec = workload([{**GOOD_POD, "annotations": {"k8s.aliyun.com/eci-auto-imc": True, "n": 3}}])
+    assert dict(spec.pods[0].annotations) == {"k8s.aliyun.com/eci-auto-imc": "true", "n": "3"}
+
+
+@pytest.mark.parametrize(
+    ("arrival", "expected"),
+    [
+        (Arrival(), [0.0, 0.0, 0.0]),
+        (Arrival(start=5.0), [5.0, 5.0, 5.0]),
+        (Arrival(start=10.0, interval=2.0), [10.0, 12.0, 14.0]),
+        (Arrival(times=(3.0, 1.0, 2.0)), [3.0, 1.0, 2.0]),
+    ],
+)
+def test_fixed_arrivals(arrival: Arrival, expected: list[float]) -> None:
+    assert arrival.times_for(3, random.Random(0)) == expected
+
+
+def test_poisson_arrivals_are_seeded_and_about_the_rate() -> None:
+    arrival = Arrival(start=100.0, rate=0.5)
+    first = arrival.times_for(2000, random.Random(3))
+    assert first == arrival.times_for(2000, random.Random(3))
+    assert first != arrival.times_for(2000, random.Random(4))
+    assert first == sorted(first)
+    assert first[0] > 100.0
+    mean_gap = (first[-1] - 100.0) / 2000
+    assert mean_gap == pytest.approx(2.0, rel=0.1)
+
+
+# ---- the simulation ----------------------------------------------------------------------------
+
+
+NGINX_CACHE = {"name": "nginx-cache", "id": "imc-nginxcache0000000000", "images": ["nginx:1.7.9"]}
+
+
+def test_the_calibration_image_starts_in_about_fifty_seconds_without_a_cache_and_five_with_one() -> None:
+    spec = workload(
+        [
+            {"name": "cold", "images": ["python:3.12"]},
+            {"name": "warm", "images": ["python:3.12"], "annotations": AUTO, "arrival": {"at": 100}},
+        ],
+        caches=[{"name": "py", "images": ["python:3.12"]}],
+        pull=NO_JITTER,
+    )
+    result = run(spec)
+    seconds = {record.name: record.startup_seconds for record in result.records}
+    assert outcomes(result) == {"cold": CacheOutcome.NONE, "warm": CacheOutcome.AUTO_HIT}
+    assert seconds["cold"] == pytest.approx(50.0, rel=0.2)
+    assert seconds["warm"] == pytest.approx(5.0, rel=0.2)
+    cold = next(record for record in result.records if record.name == "cold")
+    assert cold.bytes_pulled == pytest.approx(386_000_000, rel=0.05)
+    assert cold.container_start_seconds == 1.5
+    warm = next(record for record in result.records if record.name == "warm")
+    assert warm.bytes_pulled == 0
+    assert warm.images[0].from_cache
+    assert warm.snapshot_attach_seconds > 0
+
+
+def test_explicit_hit_none_and_the_failures() -> None:
+    spec = workload(
+        [
+            {"name": "named", "images": ["nginx:1.7.9"], "annotations": EXPLICIT},
+            {"name": "plain", "images": ["nginx:1.7.9"]},
+            {
+                "name": "ghost",
+                "images": ["nginx:1.7.9"],
+                "annotations": {"k8s.aliyun.com/eci-imc-id": "imc-nosuchcache000000000"},
+            },
+            {
+                "name": "early",
+                "images": ["redis:7.2"],
+                "annotations": {"k8s.aliyun.com/eci-imc-id": "imc-rediscache0000000000"},
+            },
+        ],
+        caches=[
+            NGINX_CACHE,
+            {"name": "redis-cache", "id": "imc-rediscache0000000000", "images": ["redis:7.2"], "build": True},
+        ],
+    )
+    result = run(spec)
+    assert outcomes(result) == {"named": CacheOutcome.EXPLICIT_HIT, "plain": CacheOutcome.NONE}
+    assert {failure.name: failure.reason for failure in result.failures} == {
+        "ghost": "ImageCacheNotFound",
+        "early": "ImageCacheNotComplete",
+    }
+    named = next(record for record in result.records if record.name == "named")
+    assert named.imc_id == "imc-nginxcache0000000000"
+    assert result.hits[0][0] == "imc-nginxcache0000000000"
+    # The cache built from second 0 is Ready by the end.
+    assert {cache.name: cache.phase for cache in result.caches}["redis-cache"] is CachePhase.READY
+
+
+def test_a_miss_creates_one_shared_automatic_cache_and_later_pods_hit_it() -> None:
+    spec = workload(
+        [{"name": "api", "count": 12, "images": ["node:20"], "annotations": AUTO, "arrival": {"interval": 10}}],
+        snapshot_seconds=20,
+    )
+    result = run(spec)
+    automatic = [cache for cache in result.caches if cache.automatic]
+    assert len(automatic) == 1
+    cache = automatic[0]
+    assert cache.phase is CachePhase.READY
+    assert cache.name.startswith("auto-create-for-")
+    by_order = [record.outcome for record in sorted(result.records, key=lambda r: r.created_at)]
+    first_hit = by_order.index(CacheOutcome.AUTO_HIT)
+    assert first_hit > 0
+    assert set(by_order[:first_hit]) == {CacheOutcome.MISS}
+    assert set(by_order[first_hit:]) == {CacheOutcome.AUTO_HIT}
+    hits = [record for record in result.records if record.outcome is CacheOutcome.AUTO_HIT]
+    assert {record.imc_id for record in hits} == {cache.imc_id}
+    assert len(result.hits) == len(hits)
+    assert cache.last_matched_at == max(record.created_at for record in hits)
+
+
+def test_partial_hit_pulls_only_what_the_cache_lacks() -> None:
+    spec = workload(
+        [{"name": "both", "images": ["nginx:1.7.9", "redis:7.2"], "annotations": EXPLICIT}],
+        caches=[NGINX_CACHE],
+    )
+    (record,) = run(spec).records
+    assert record.outcome is CacheOutcome.PARTIAL
+    assert [(image.from_cache, image.bytes_pulled > 0) for image in record.images] == [(True, False), (False, True)]
+
+
+def test_concurrent_pulls_share_the_registry() -> None:
+    alone = run(workload([{"name": "one", "images": ["python:3.12"]}], pull=NO_JITTER)).records[0].startup_seconds
+    crowd = run(workload([{"name": "many", "count": 60, "images": ["python:3.12"]}], pull=NO_JITTER))
+    slowest = max(record.startup_seconds for record in crowd.records)
+    # 60 Pods at 8.5 MB/s want 510 MB/s from a 125 MB/s registry: about 4x slower.
+    assert slowest > 3 * alone
+
+
+def test_same_seed_same_numbers_and_another_seed_differs() -> None:
+    spec = workload(
+        [
+            {"name": "web", "count": 40, "images": ["nginx:1.27"], "annotations": AUTO, "arrival": {"rate": 0.2}},
+            {"name": "base", "count": 40, "images": ["redis:7.2"], "arrival": {"rate": 0.2}},
+        ]
+    )
+    first, second, other = run(spec, seed=5), run(spec, seed=5), run(spec, seed=6)
+    assert first.records == second.records
+    assert first.caches == second.caches
+    assert [r.startup_seconds for r in first.records] != [r.startup_seconds for r in other.records]
+    assert first.records[0].pod_uid != other.records[0].pod_uid
+
+
+def test_pod_records_carry_names_labels_and_times() -> None:
+    spec = workload(
+        [{"name": "web", "namespace": "shop", "count": 2, "images": ["busybox:1.36"], "labels": {"app": "web"}}],
+        start="2026-03-01T08:00:00Z",
+        node="vk-7",
+    )
+    result = run(spec)
+    assert sorted(record.name for record in result.records) == ["web-0", "web-1"]
+    record = result.records[0]
+    assert (record.namespace, record.node, record.labels) == ("shop", "vk-7", (("app", "web"),))
+    assert record.created_at == datetime(2026, 3, 1, 8, tzinfo=UTC)
+    assert (record.started_at - record.created_at).total_seconds() == pytest.approx(record.startup_seconds)
+    assert record.startup_seconds == pytest.approx(
+        record.snapshot_attach_seconds + record.pull_seconds + record.container_start_seconds
+    )
+
+
+def test_never_policy_without_the_image_fails_the_pod() -> None:
+    result = run(workload([{"name": "never", "images": ["busybox:1.36"], "pull_policy": "Never"}]))
+    assert result.records == ()
+    assert [failure.reason for failure in result.failures] == ["ErrImageNeverPull"]
+
+
+def test_a_day_of_arrivals_runs_on_virtual_time() -> None:
+    spec = workload([{"name": "cron", "count": 288, "images": ["busybox:1.36"], "arrival": {"interval": "5m"}}])
+    started = time.perf_counter()
+    result = run(spec)
+    assert time.perf_counter() - started < 10
+    assert result.simulated_seconds > 23.9 * 3600
+
+
+def test_the_thousand_pod_burst_is_fast_and_repeatable() -> None:
+    spec = load_workload(ROOT / "config" / "workload-burst.yaml")
+    started = time.perf_counter()
+    first = run(spec)
+    elapsed = time.perf_counter() - started
+    second = run(spec)
+    assert len(first.records) + len(first.failures) == 1000
+    assert elapsed < 10, f"1,000 Pods took {elapsed:.1f} s of wall time"
+    assert first.records == second.records
+    comparison = build_comparison(first.records)
+    assert comparison.speedup is not None
+    assert comparison.speedup.p50_ratio > 5
+
+
+def test_store_writes_the_run_and_a_second_store_adds_nothing(tmp_path: Path) -> None:
+    spec = workload(
+        [
+            {"name": "web", "count": 5, "images": ["nginx:1.7.9"], "annotations": AUTO, "labels": {"app": "web"}},
+            {"name": "base", "count": 3, "images": ["redis:7.2"]},
+        ],
+        caches=[NGINX_CACHE],
+    )
+    result = run(spec)  # on its own virtual loop; the database work below runs on a normal one
+    asyncio.run(_store_twice(result, str(tmp_path / "sim.db")))
+
+
+async def _store_twice(result: SimulationResult, db: str) -> None:
+    from vk_provider.registry import open_registry
+
+    summary = await store(result, db)
+    assert (summary.recorded, summary.already_recorded) == (8, 0)
+    registry = await open_registry(db)
+    try:
+        stored = await registry.list_pod_starts()
+        cache = await registry.get_cache_by_name("nginx-cache")
+        manifest = await registry.get_manifest("docker.io/library/nginx:1.7.9")
+    finally:
+        await registry.close()
+    assert sorted(stored, key=lambda r: r.pod_uid) == sorted(result.records, key=lambda r: r.pod_uid)
+    assert cache is not None
+    assert cache.last_matched_at == max(moment for _, moment in result.hits)
+    assert manifest is not None
+    again = await store(result, db)
+    assert (again.recorded, again.already_recorded) == (0, 8)
+
+
+def test_simulate_refuses_to_run_inside_an_event_loop() -> None:
+    async def inside() -> None:
+        run(workload([GOOD_POD]))
+
+    with pytest.raises(RuntimeError, match="cannot be called from a running event loop"):
+        asyncio.run(inside())
+
+
+def test_workload_catalogs_are_read_relative_to_the_file(tmp_path: Path) -> None:
+    (tmp_path / "mine.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "version": 1,
+                "images": {
+                    "registry.example.com/team/app:1": {
+                        "layers": [{"digest": "sha256:" + "a" * 64, "size": "10 MB", "uncompressed_size": "20 MB"}]
+                    }
+                },
+            }
+        )
+    )
+    file = tmp_path / "w.yaml"
+    file.write_text(
+        yaml.safe_dump(
+            {
+                "version": 1,
+                "catalogs": ["mine.yaml"],
+                "pods": [{"name": "a", "images": ["registry.example.com/team/app:1"]}],
+            }
+        )
+    )
+    spec = load_workload(file)
+    result = simulate(spec)
+    assert result.records[0].bytes_pulled == 10_000_000
+    missing = parse_workload({"version": 1, "catalogs": ["nope.yaml"], "pods": [GOOD_POD]}, "w.yaml", tmp_path)
+    with pytest.raises(WorkloadError, match=r"w\.yaml: catalogs: cannot read image catalog"):
+        load_workload_catalog(missing)
+
+
+def test_a_cache_too_small_for_its_extracted_images_fails_its_build(tmp_path: Path) -> None:
+    (tmp_path / "huge.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "version": 1,
+                "images": {
+                    "registry.example.com/huge:1": {
+                        "layers": [{"digest": "sha256:" + "b" * 64, "size": "9 GB", "uncompressed_size": "25 GB"}]
+                    }
+                },
+            }
+        )
+    )
+    spec = parse_workload(
+        {
+            "version": 1,
+            "catalogs": ["huge.yaml"],
+            "caches": [
+                {
+                    "name": "huge",
+                    "id": "imc-hugecache00000000000",
+                    "images": ["registry.example.com/huge:1"],
+                    "build": True,
+                }
+            ],
+            "pods": [
+                {
+                    "name": "p",
+                    "images": ["registry.example.com/huge:1"],
+                    "annotations": {"k8s.aliyun.com/eci-imc-id": "imc-hugecache00000000000"},
+                    "arrival": {"at": 60},
+                }
+            ],
+        },
+        "w.yaml",
+        tmp_path,
+    )
+    result = simulate(spec)
+    (cache,) = result.caches
+    assert cache.phase is CachePhase.FAILED
+    assert "more than the cache's imageCacheSize of 20 GiB" in cache.message
+    assert [failure.reason for failure in result.failures] == ["ImageCacheNotComplete"]

@@ -1,0 +1,875 @@
+"""``vk-provider simulate``: the agent's decision and pull code run on a workload file, with no cluster.
+
+Owns the workload file format (version 1, documented in docs/report.md and in the shipped
+``config/workload-*.yaml``), its parsing into frozen values with errors that name the file and the
+field, and the simulation itself:
+
+- ImageCaches from the file are Ready at their time, or built from then by the real
+  :class:`~vk_provider.controllers.puller.Puller` at the build bandwidth plus a snapshot step;
+- Pods arrive at given times, at a fixed interval, or as a Poisson process drawn from the seeded
+  generator; each is resolved with the pure :func:`~vk_provider.domain.resolver.resolve` (explicit
+  and automatic caches, sharing and creating automatic caches on a miss, which become Ready when
+  their simulated build ends), planned with :func:`~vk_provider.domain.pullmodel.plan_pod_pull` and
+  pulled by the one shared ``Puller``, so concurrent pulls and cache builds share the registry's
+  bandwidth exactly as in the agent;
+- everything runs on a :class:`~vk_provider.virtualtime.VirtualTimeLoop`, so a simulated day takes
+  seconds and one seed always gives the same numbers.
+
+Each started Pod becomes a :class:`~vk_provider.domain.records.PodStartRecord`. The database is
+written only after the virtual run (:func:`store`): a database thread the virtual loop waited on
+would let simulated time leap ahead meanwhile. Pods that fail (an explicit cache that is missing or
+not Ready, an image that cannot be pulled) never start, so, like the agent, the simulation does
+not record them as starts; they are counted in :class:`SimulationResult.failures`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import random
+import re
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vk_provider.catalogs import CatalogError, load_catalogs
+from vk_provider.controllers.puller import Puller, PullFailed
+from vk_provider.domain.annotations import base36_digest
+from vk_provider.domain.catalog import Catalog, manifest_for
+from vk_provider.domain.images import InvalidReference, parse_reference
+from vk_provider.domain.model import CachedImage, CachePhase, ImageCache, ImageManifest
+from vk_provider.domain.pullmodel import PullPolicy, PullSettings, plan_pod_pull
+from vk_provider.domain.records import CacheOutcome, ImagePullRecord, PodStartRecord
+from vk_provider.domain.resolver import Outcome, PodCacheFacts, Resolution, resolve
+from vk_provider.virtualtime import VirtualClock, run_virtual
+
+WORKLOAD_VERSION = 1
+GIB = 1024**3
+DEFAULT_START = datetime(2026, 1, 1, tzinfo=UTC)
+DEFAULT_SNAPSHOT_SECONDS = 30.0
+AUTO_UNUSED_DAYS = 7
+"""SPEC §4: an automatic cache never used is deleted 7 days after creation..."""
+AUTO_USED_DAYS = 30
+"""...and 30 days after its last use otherwise."""
+FAILED_CACHE_HOURS = 24
+"""SPEC §3: a failed creation expires 24 h later."""
+PULL_SHARE = 95
+"""Progress reached when a build's pull is done; the snapshot step does the rest (as the agent)."""
+MAX_PODS = 1_000_000
+
+_DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*)+$")
+_DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h|d)\s*$")
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_IMC_ID_RE = re.compile(r"^imc-[a-z0-9]{20}$")
+
+
+class WorkloadError(ValueError):
+    """The workload file cannot be used; the message names the file and every bad field."""
+
+
+# ---- the workload file -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSpec:
+    """An ImageCache of the workload. ``at``: seconds after the start when it appears; with
+    ``build`` it is created then and built by the puller, else it is Ready from then."""
+
+    name: str
+    imc_id: str
+    images: tuple[str, ...]
+    size_gib: int = 20
+    at: float = 0.0
+    build: bool = False
+    retention_days: int | None = None
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Arrival:
+    """When a group's Pods arrive, in seconds after the workload's start.
+
+    ``times`` given: exactly then. Else from ``start``: ``interval`` apart, or as a Poisson process
+    of ``rate`` Pods per second, or all at ``start``.
+    """
+
+    start: float = 0.0
+    times: tuple[float, ...] | None = None
+    interval: float | None = None
+    rate: float | None = None
+
+    def times_for(self, count: int, rng: random.Random) -> list[float]:
+        if self.times is not None:
+            return list(self.times)
+        if self.interval is not None:
+            return [self.start + self.interval * index for index in range(count)]
+        if self.rate is not None:
+            moments: list[float] = []
+            now = self.start
+            for _ in range(count):
+                now += rng.expovariate(self.rate)
+                moments.append(now)
+            return moments
+        return [self.start] * count
+
+
+@dataclass(frozen=True, slots=True)
+class PodGroupSpec:
+    """``count`` alike Pods (a Deployment's replicas, a Job's completions) named ``name-0`` …"""
+
+    name: str
+    images: tuple[str, ...]
+    namespace: str = "default"
+    count: int = 1
+    pull_policy: PullPolicy = PullPolicy.IF_NOT_PRESENT
+    annotations: tuple[tuple[str, str], ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    arrival: Arrival = field(default_factory=Arrival)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkloadSpec:
+    """A parsed workload file (see docs/report.md for every field)."""
+
+    source: str
+    name: str
+    pods: tuple[PodGroupSpec, ...]
+    caches: tuple[CacheSpec, ...] = ()
+    seed: int = 0
+    start: datetime = DEFAULT_START
+    node: str = "virtual-kubelet"
+    default_auto: bool = False
+    snapshot_seconds: float = DEFAULT_SNAPSHOT_SECONDS
+    catalogs: tuple[str, ...] = ()
+    pull: PullSettings = field(default_factory=PullSettings)
+
+    @property
+    def pod_count(self) -> int:
+        return sum(group.count for group in self.pods)
+
+
+class _Problems:
+    def __init__(self) -> None:
+        self.found: list[str] = []
+
+    def add(self, where: str, message: str) -> None:
+        self.found.append(f"{where}: {message}")
+
+
+def _kind(value: object) -> str:
+    return "nothing" if value is None else type(value).__name__
+
+
+def parse_duration(value: object) -> float | None:
+    """Seconds from a number or a string like ``90s``, ``1h30m``, ``250ms``, ``2d``; None if invalid
+    or negative."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and _DURATION_RE.match(value):
+        seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION_PART_RE.findall(value))
+    else:
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+def parse_rate(value: object) -> float | None:
+    """Pods per second from a number (per second) or ``N/s``, ``N/m``, ``N/h``, ``N/d``; None if
+    invalid or not positive."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        rate = float(value)
+    elif isinstance(value, str) and (found := _RATE_RE.match(value)):
+        rate = float(found[1]) / _UNIT_SECONDS[found[2]]
+    else:
+        return None
+    return rate if math.isfinite(rate) and rate > 0 else None
+
+
+def _string_map(raw: object, where: str, problems: _Problems) -> tuple[tuple[str, str], ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        problems.add(where, f"must be a mapping of strings, got {_kind(raw)}")
+        return ()
+    out: list[tuple[str, str]] = []
+    for key, value in raw.items():
+        if not isinstance(key, str) or isinstance(value, dict | list) or value is None:
+            problems.add(f"{where}.{key}", "keys and values must be strings (quote true/false and numbers)")
+            continue
+        # YAML turns unquoted true/5 into bool/int; annotations are strings in Kubernetes.
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        out.append((key, text))
+    return tuple(sorted(out))
+
+
+def _images(raw: object, where: str, problems: _Problems, maximum: int | None = None) -> tuple[str, ...]:
+    if not isinstance(raw, list) or not raw:
+        problems.add(where, f"must be a non-empty list of image references, got {_kind(raw)}")
+        return ()
+    if maximum is not None and len(raw) > maximum:
+        problems.add(where, f"at most {maximum} images, got {len(raw)}")
+    images: list[str] = []
+    for index, image in enumerate(raw):
+        if not isinstance(image, str):
+            problems.add(f"{where}[{index}]", f"must be an image reference, got {_kind(image)}")
+            continue
+        parsed = parse_reference(image)
+        if isinstance(parsed, InvalidReference):
+            problems.add(f"{where}[{index}]", f"invalid image reference {image!r}: {parsed.reason}")
+            continue
+        images.append(image)
+    return tuple(images)
+
+
+def _unknown(raw: Mapping[str, Any], allowed: Sequence[str], where: str, problems: _Problems) -> None:
+    for key in raw:
+        if key not in allowed:
+            prefix = f"{where}." if where else ""
+            problems.add(f"{prefix}{key}", f"unknown field (expected one of: {', '.join(allowed)})")
+
+
+def _duration_field(raw: Mapping[str, Any], key: str, where: str, problems: _Problems, default: float) -> float:
+    if key not in raw:
+        return default
+    seconds = parse_duration(raw[key])
+    if seconds is None:
+        problems.add(
+            f"{where}.{key}", f"must be zero or more seconds (a number, or e.g. '90s', '1h30m'), got {raw[key]!r}"
+        )
+        return default
+    return seconds
+
+
+def _int_field(
+    raw: Mapping[str, Any], key: str, where: str, problems: _Problems, default: int, low: int, high: int
+) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        problems.add(f"{where}.{key}", f"must be a whole number from {low} to {high}, got {value!r}")
+        return default
+    return value
+
+
+def _name_field(raw: Mapping[str, Any], where: str, problems: _Problems) -> str:
+    name = raw.get("name")
+    if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > 200:
+        problems.add(f"{where}.name", f"must be a lowercase DNS name (a-z, 0-9, '-', '.'), got {name!r}")
+        return ""
+    return name
+
+
+def _parse_cache(raw: object, where: str, problems: _Problems) -> CacheSpec | None:
+    if not isinstance(raw, dict):
+        problems.add(where, f"must be a mapping, got {_kind(raw)}")
+        return None
+    _unknown(raw, ("name", "id", "images", "size_gib", "at", "build", "retention_days", "labels"), where, problems)
+    name = _name_field(raw, where, problems)
+    imc_id = raw.get("id", "imc-" + base36_digest(f"workload cache {name}", 20))
+    if not isinstance(imc_id, str) or not _IMC_ID_RE.match(imc_id):
+        problems.add(f"{where}.id", f"must be 'imc-' and 20 lowercase letters or digits, got {imc_id!r}")
+    build = raw.get("build", False)
+    if not isinstance(build, bool):
+        problems.add(f"{where}.build", f"must be true or false, got {build!r}")
+    retention = raw.get("retention_days")
+    if retention is not None and (
+        isinstance(retention, bool) or not isinstance(retention, int) or not 1 <= retention <= 65536
+    ):
+        problems.add(f"{where}.retention_days", f"must be a whole number from 1 to 65536, got {retention!r}")
+    return CacheSpec(
+        name=name,
+        imc_id=str(imc_id),
+        images=_images(raw.get("images"), f"{where}.images", problems, maximum=20),
+        size_gib=_int_field(raw, "size_gib", where, problems, 20, 20, 32768),
+        at=_duration_field(raw, "at", where, problems, 0.0),
+        build=build is True,
+        retention_days=retention if isinstance(retention, int) and not isinstance(retention, bool) else None,
+        labels=_string_map(raw.get("labels"), f"{where}.labels", problems),
+    )
+
+
+def _parse_arrival(raw: object, count: int | None, where: str, problems: _Problems) -> Arrival:
+    if raw is None:
+        return Arrival()
+    if not isinstance(raw, dict):
+        problems.add(where, f"must be a mapping (at, times, interval or rate), got {_kind(raw)}")
+        return Arrival()
+    _unknown(raw, ("at", "start", "times", "interval", "rate"), where, problems)
+    chosen = [key for key in ("at", "times", "interval", "rate") if key in raw]
+    if len(chosen) > 1:
+        problems.add(where, f"give one of at, times, interval or rate, not {' and '.join(chosen)}")
+    if "at" in raw and "start" in raw:
+        problems.add(where, "'at' and 'start' mean the same; give one")
+    start = _duration_field(raw, "at" if "at" in raw else "start", where, problems, 0.0)
+    if "times" in raw:
+        listed = raw["times"]
+        if not isinstance(listed, list) or not listed:
+            problems.add(f"{where}.times", f"must be a non-empty list of seconds, got {_kind(listed)}")
+            return Arrival(start)
+        times: list[float] = []
+        for index, value in enumerate(listed):
+            seconds = parse_duration(value)
+            if seconds is None:
+                problems.add(f"{where}.times[{index}]", f"must be zero or more seconds, got {value!r}")
+            else:
+                times.append(seconds)
+        if count is not None and count != len(listed):
+            problems.add(f"{where}.times", f"lists {len(listed)} times but count is {count}")
+        return Arrival(start, times=tuple(times))
+    if "interval" in raw:
+        interval = parse_duration(raw["interval"])
+        if interval is None:
+            problems.add(f"{where}.interval", f"must be zero or more seconds, got {raw['interval']!r}")
+        return Arrival(start, interval=interval)
+    if "rate" in raw:
+        rate = parse_rate(raw["rate"])
+        if rate is None:
+            problems.add(
+                f"{where}.rate", f"must be a positive rate (Pods per second, or e.g. '30/m'), got {raw['rate']!r}"
+            )
+        return Arrival(start, rate=rate or 1.0)
+    return Arrival(start)
+
+
+def _parse_group(raw: object, where: str, problems: _Problems) -> PodGroupSpec | None:
+    if not isinstance(raw, dict):
+        problems.add(where, f"must be a mapping, got {_kind(raw)}")
+        return None
+    _unknown(
+        raw,
+        ("name", "namespace", "count", "images", "pull_policy", "annotations", "labels", "arrival"),
+        where,
+        problems,
+    )
+    name = _name_field(raw, where, problems)
+    namespace = raw.get("namespace", "default")
+    if not isinstance(namespace, str) or not _NAME_RE.match(namespace):
+        problems.add(f"{where}.namespace", f"must be a lowercase DNS name, got {namespace!r}")
+        namespace = "default"
+    arrival_raw = raw.get("arrival")
+    listed = (
+        len(arrival_raw["times"])
+        if isinstance(arrival_raw, dict) and isinstance(arrival_raw.get("times"), list)
+        else None
+    )
+    count = _int_field(raw, "count", where, problems, listed or 1, 1, MAX_PODS)
+    policy_raw = raw.get("pull_policy", PullPolicy.IF_NOT_PRESENT.value)
+    try:
+        policy = PullPolicy(policy_raw)
+    except ValueError:
+        problems.add(f"{where}.pull_policy", f"must be Always, IfNotPresent or Never, got {policy_raw!r}")
+        policy = PullPolicy.IF_NOT_PRESENT
+    return PodGroupSpec(
+        name=name,
+        images=_images(raw.get("images"), f"{where}.images", problems),
+        namespace=namespace,
+        count=count,
+        pull_policy=policy,
+        annotations=_string_map(raw.get("annotations"), f"{where}.annotations", problems),
+        labels=_string_map(raw.get("labels"), f"{where}.labels", problems),
+        arrival=_parse_arrival(arrival_raw, count if "count" in raw else None, f"{where}.arrival", problems),
+    )
+
+
+_PULL_FIELDS = tuple(f.name for f in fields(PullSettings) if f.name != "time_scale")
+
+
+def _parse_pull(raw: object, problems: _Problems) -> PullSettings:
+    if raw is None:
+        return PullSettings()
+    if not isinstance(raw, dict):
+        problems.add("pull", f"must be a mapping of pull settings, got {_kind(raw)}")
+        return PullSettings()
+    if "time_scale" in raw:
+        problems.add("pull.time_scale", "not used by simulate: it runs on virtual time, a day takes seconds")
+    _unknown({k: v for k, v in raw.items() if k != "time_scale"}, _PULL_FIELDS, "pull", problems)
+    defaults = PullSettings()
+    changes: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in _PULL_FIELDS:
+            continue
+        expected = type(getattr(defaults, key))
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or (expected is int and not isinstance(value, int))
+        ):
+            problems.add(f"pull.{key}", f"must be a {'whole number' if expected is int else 'number'}, got {value!r}")
+            continue
+        changes[key] = expected(value)
+    settings = replace(defaults, **changes)
+    for problem in settings.problems():
+        problems.add("pull", problem)
+    return settings
+
+
+_TOP_FIELDS = (
+    "version",
+    "name",
+    "seed",
+    "start",
+    "node",
+    "default_auto",
+    "snapshot_seconds",
+    "catalogs",
+    "pull",
+    "caches",
+    "pods",
+)
+
+
+def parse_workload(data: object, source: str = "workload", base_dir: Path | None = None) -> WorkloadSpec:
+    """Turn a loaded workload document into a :class:`WorkloadSpec`.
+
+    Raises :class:`WorkloadError` listing every problem as ``SOURCE: field.path: message``.
+    Relative ``catalogs`` paths are resolved against ``base_dir`` (the file's directory).
+    """
+    problems = _Problems()
+    if not isinstance(data, dict):
+        raise WorkloadError(f"{source}: must be a YAML mapping with 'version: 1' and 'pods', got {_kind(data)}")
+    _unknown(data, _TOP_FIELDS, "", problems)
+    if data.get("version") != WORKLOAD_VERSION:
+        problems.add("version", f"must be {WORKLOAD_VERSION}, got {data.get('version')!r}")
+    name = data.get("name", Path(source).stem)
+    if not isinstance(name, str) or not name:
+        problems.add("name", f"must be a non-empty string, got {name!r}")
+        name = "workload"
+    seed = data.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        problems.add("seed", f"must be a whole number, got {seed!r}")
+        seed = 0
+    start = DEFAULT_START
+    if "start" in data:
+        raw_start = data["start"]
+        try:
+            start = raw_start if isinstance(raw_start, datetime) else datetime.fromisoformat(str(raw_start))
+            start = start.replace(tzinfo=UTC) if start.tzinfo is None else start.astimezone(UTC)
+        except ValueError:
+            problems.add("start", f"must be an ISO 8601 time such as 2026-01-01T00:00:00Z, got {raw_start!r}")
+            start = DEFAULT_START
+    node = data.get("node", "virtual-kubelet")
+    if not isinstance(node, str) or not _NAME_RE.match(node):
+        problems.add("node", f"must be a lowercase DNS name, got {node!r}")
+        node = "virtual-kubelet"
+    default_auto = data.get("default_auto", False)
+    if not isinstance(default_auto, bool):
+        problems.add("default_auto", f"must be true or false, got {default_auto!r}")
+        default_auto = False
+    snapshot_seconds = _duration_field(data, "snapshot_seconds", "", problems, DEFAULT_SNAPSHOT_SECONDS)
+    catalogs_raw = data.get("catalogs", [])
+    catalogs: list[str] = []
+    if not isinstance(catalogs_raw, list) or not all(isinstance(item, str) for item in catalogs_raw):
+        problems.add("catalogs", "must be a list of image catalog file paths")
+    else:
+        base = base_dir or Path.cwd()
+        catalogs = [str(base / item) if not Path(item).is_absolute() else item for item in catalogs_raw]
+    pull = _parse_pull(data.get("pull"), problems)
+
+    caches: list[CacheSpec] = []
+    caches_raw = data.get("caches", [])
+    if not isinstance(caches_raw, list):
+        problems.add("caches", f"must be a list, got {_kind(caches_raw)}")
+        caches_raw = []
+    for index, raw in enumerate(caches_raw):
+        parsed_cache = _parse_cache(raw, f"caches[{index}]", problems)
+        if parsed_cache is not None:
+            caches.append(parsed_cache)
+    _check_unique([(c.name, i) for i, c in enumerate(caches)], "caches", "name", problems)
+    _check_unique([(c.imc_id, i) for i, c in enumerate(caches)], "caches", "id", problems)
+
+    groups: list[PodGroupSpec] = []
+    pods_raw = data.get("pods")
+    if not isinstance(pods_raw, list) or not pods_raw:
+        problems.add("pods", f"must be a non-empty list of Pod groups, got {_kind(pods_raw)}")
+        pods_raw = []
+    for index, raw in enumerate(pods_raw):
+        group = _parse_group(raw, f"pods[{index}]", problems)
+        if group is not None:
+            groups.append(group)
+    _check_unique([(f"{g.namespace}/{g.name}", i) for i, g in enumerate(groups)], "pods", "name", problems)
+    total = sum(group.count for group in groups)
+    if total > MAX_PODS:
+        problems.add("pods", f"{total} Pods in all; at most {MAX_PODS}")
+    if problems.found:
+        raise WorkloadError(f"{source}: " + "; ".join(problems.found))
+    return WorkloadSpec(
+        source=source,
+        name=name,
+        pods=tuple(groups),
+        caches=tuple(caches),
+        seed=seed,
+        start=start,
+        node=node,
+        default_auto=default_auto,
+        snapshot_seconds=snapshot_seconds,
+        catalogs=tuple(catalogs),
+        pull=pull,
+    )
+
+
+def _check_unique(values: Sequence[tuple[str, int]], where: str, key: str, problems: _Problems) -> None:
+    seen: dict[str, int] = {}
+    for value, index in values:
+        if value and value in seen:
+            problems.add(f"{where}[{index}].{key}", f"{value!r} is already used by {where}[{seen[value]}]")
+        seen.setdefault(value, index)
+
+
+def load_workload(path: str | Path) -> WorkloadSpec:
+    """Read and parse a workload file; every problem is a :class:`WorkloadError` naming the file."""
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise WorkloadError(f"cannot read workload file {path}: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise WorkloadError(f"workload file {path}{where}: invalid YAML") from None
+    return parse_workload(data, source=str(path), base_dir=file.resolve().parent)
+
+
+def load_workload_catalog(workload: WorkloadSpec) -> Catalog:
+    """The shipped image catalog plus the workload's own catalog files."""
+    try:
+        return load_catalogs("", list(workload.catalogs))
+    except CatalogError as exc:
+        raise WorkloadError(f"{workload.source}: catalogs: {exc}") from None
+
+
+# ---- the simulation ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PodFailure:
+    """A Pod of the workload that never started, with the Kubernetes reason."""
+
+    namespace: str
+    name: str
+    reason: str
+    message: str
+    at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SimulationResult:
+    """What a run produced: Pod starts (by start time), final caches, cache hits to count, Pods that
+    failed, the manifests used, and the simulated seconds until the last Pod started."""
+
+    workload: WorkloadSpec
+    seed: int
+    records: tuple[PodStartRecord, ...]
+    caches: tuple[ImageCache, ...]
+    hits: tuple[tuple[str, datetime], ...]
+    failures: tuple[PodFailure, ...]
+    manifests: tuple[ImageManifest, ...]
+    simulated_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class _PodArrival:
+    at: float
+    group: PodGroupSpec
+    index: int
+
+
+def pod_uid(workload: WorkloadSpec, seed: int, namespace: str, name: str) -> str:
+    """A stable UID: the same workload and seed give the same Pods (recorded once per database)."""
+    digest = hashlib.sha256(f"{workload.name}\0{seed}\0{namespace}\0{name}".encode()).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=4))
+
+
+def _outcome(resolution: Resolution) -> CacheOutcome:
+    if resolution.outcome.is_failure:
+        return CacheOutcome.FAILED
+    if resolution.outcome is Outcome.NO_CACHE:
+        return CacheOutcome.NONE
+    if resolution.outcome is Outcome.MISS:
+        return CacheOutcome.MISS
+    if resolution.images_to_pull:
+        return CacheOutcome.PARTIAL
+    return CacheOutcome.EXPLICIT_HIT if resolution.outcome is Outcome.EXPLICIT_HIT else CacheOutcome.AUTO_HIT
+
+
+class _Simulation:
+    """One run on the virtual loop. Resolution and cache creation happen in arrival order on one
+    task (the resolver's contract: a cache it asks for is visible to the next resolve)."""
+
+    def __init__(self, workload: WorkloadSpec, catalog: Catalog, seed: int) -> None:
+        self.workload = workload
+        self.seed = seed
+        self.catalog = catalog
+        self.clock = VirtualClock(workload.start)
+        self.settings = replace(workload.pull, time_scale=1.0)
+        self.puller = Puller(self.settings, random.Random(seed), self.clock)
+        self.caches: dict[str, ImageCache] = {}
+        self.manifests: dict[str, ImageManifest] = {}
+        self.records: list[PodStartRecord] = []
+        self.hits: list[tuple[str, datetime]] = []
+        self.failures: list[PodFailure] = []
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def manifest(self, reference: str) -> ImageManifest:
+        found = manifest_for(self.catalog, reference, self.seed)
+        if found is None:  # pragma: no cover - references are validated when the file is parsed
+            raise WorkloadError(f"{self.workload.source}: invalid image reference {reference!r}")
+        self.manifests.setdefault(found.reference, found)
+        return self.manifests[found.reference]
+
+    def cached_images(self, references: Sequence[str]) -> tuple[CachedImage, ...]:
+        images: dict[str, CachedImage] = {}
+        for reference in references:
+            manifest = self.manifest(reference)
+            images.setdefault(manifest.reference, CachedImage(manifest.reference, manifest.size, manifest.digest))
+        return tuple(images.values())
+
+    def arrivals(self) -> list[_PodArrival]:
+        rng = random.Random(f"vk-provider simulate arrivals {self.seed}")
+        arrivals: list[_PodArrival] = []
+        for group in self.workload.pods:
+            for index, moment in enumerate(group.arrival.times_for(group.count, rng)):
+                arrivals.append(_PodArrival(moment, group, index))
+        # Stable: equal times keep file order, so one seed gives one order.
+        arrivals.sort(key=lambda arrival: arrival.at)
+        return arrivals
+
+    async def run(self) -> SimulationResult:
+        loop = asyncio.get_running_loop()
+        for spec in sorted(self.workload.caches, key=lambda spec: spec.at):
+            if spec.at <= 0:
+                self.add_cache(spec)
+            else:
+                loop.call_at(spec.at, self.add_cache, spec)
+        for arrival in self.arrivals():
+            await asyncio.sleep(max(0.0, arrival.at - loop.time()))
+            self.arrive(arrival)
+        while self.tasks:
+            pending, self.tasks = self.tasks, []
+            await asyncio.gather(*pending)
+        last_start = max((record.started_at for record in self.records), default=self.workload.start)
+        records = sorted(self.records, key=lambda record: (record.started_at, record.namespace, record.name))
+        return SimulationResult(
+            workload=self.workload,
+            seed=self.seed,
+            records=tuple(records),
+            caches=tuple(sorted(self.caches.values(), key=lambda cache: cache.name)),
+            hits=tuple(self.hits),
+            failures=tuple(self.failures),
+            manifests=tuple(self.manifests[key] for key in sorted(self.manifests)),
+            simulated_seconds=(last_start - self.workload.start).total_seconds(),
+        )
+
+    def add_cache(self, spec: CacheSpec) -> None:
+        now = self.clock.now()
+        expires = now + timedelta(days=spec.retention_days) if spec.retention_days else None
+        cache = ImageCache(
+            imc_id=spec.imc_id,
+            name=spec.name,
+            phase=CachePhase.CREATING if spec.build else CachePhase.READY,
+            size_gib=spec.size_gib,
+            images=self.cached_images(spec.images),
+            automatic=False,
+            created_at=now,
+            progress=0 if spec.build else 100,
+            expires_at=expires,
+            labels=spec.labels,
+        )
+        self.caches[cache.name] = cache
+        if spec.build:
+            self.spawn(self.build(cache.name), f"build:{cache.name}")
+
+    def spawn(self, work: Any, name: str) -> None:
+        self.tasks.append(asyncio.get_running_loop().create_task(work, name=name))
+
+    def update_cache(self, name: str, **changes: Any) -> None:
+        self.caches[name] = replace(self.caches[name], **changes)
+
+    async def build(self, name: str) -> None:
+        """Pull the cache's images at the build bandwidth (sharing the registry), then snapshot."""
+        cache = self.caches[name]
+        manifests = [self.manifest(image.reference) for image in cache.images]
+        # Capacity as the agent's cache controller counts it: the snapshot holds extracted layers,
+        # so the distinct layers' uncompressed size must fit imageCacheSize.
+        layers = {layer.digest: layer for manifest in manifests for layer in manifest.layers}
+        needed = sum(layer.uncompressed_size for layer in layers.values())
+        if needed > cache.size_gib * GIB:
+            self.update_cache(
+                name,
+                phase=CachePhase.FAILED,
+                message=f"the images need {needed / GIB:.1f} GiB, more than the cache's imageCacheSize "
+                f"of {cache.size_gib} GiB",
+                expires_at=self.clock.now() + timedelta(hours=FAILED_CACHE_HOURS),
+            )
+            return
+
+        async def progressed(done: int, total: int) -> None:
+            self.update_cache(name, progress=PULL_SHARE * done // total if total else PULL_SHARE)
+
+        await self.puller.pull_for_cache(manifests, progressed)
+        await self.clock.sleep(self.workload.snapshot_seconds)
+        self.update_cache(name, phase=CachePhase.READY, progress=100)
+
+    def arrive(self, arrival: _PodArrival) -> None:
+        group = arrival.group
+        name = group.name if group.count == 1 else f"{group.name}-{arrival.index}"
+        uid = pod_uid(self.workload, self.seed, group.namespace, name)
+        now = self.clock.now()
+        manifests = [self.manifest(image) for image in group.images]
+        resolution = resolve(
+            PodCacheFacts(uid, group.namespace, name, dict(group.annotations), group.images),
+            list(self.caches.values()),
+            now,
+            default_auto=self.workload.default_auto,
+            image_sizes={manifest.reference: manifest.size for manifest in manifests},
+        )
+        if resolution.outcome.is_failure:
+            reason = resolution.failure_reason or resolution.outcome.value
+            self.failures.append(PodFailure(group.namespace, name, reason, resolution.explanation, now))
+            return
+        cache = resolution.cache
+        if cache is not None and resolution.outcome.is_hit:
+            self.hits.append((cache.imc_id, now))
+            changes: dict[str, Any] = {"last_matched_at": now}
+            if cache.automatic:
+                changes["expires_at"] = now + timedelta(days=AUTO_USED_DAYS)
+            self.update_cache(cache.name, **changes)
+        if resolution.auto_create is not None:
+            spec = resolution.auto_create
+            self.caches[spec.name] = ImageCache(
+                imc_id=spec.imc_id,
+                name=spec.name,
+                phase=CachePhase.CREATING,
+                size_gib=spec.size_gib,
+                images=self.cached_images(spec.images),
+                automatic=True,
+                created_at=now,
+                expires_at=now + timedelta(days=AUTO_UNUSED_DAYS),
+            )
+            self.spawn(self.build(spec.name), f"build:{spec.name}")
+        self.spawn(self.start_pod(arrival, name, uid, manifests, resolution), f"pod:{group.namespace}/{name}")
+
+    async def start_pod(
+        self,
+        arrival: _PodArrival,
+        name: str,
+        uid: str,
+        manifests: Sequence[ImageManifest],
+        resolution: Resolution,
+    ) -> None:
+        """Attach the cache's snapshot, then per container: make its image present, start it."""
+        group = arrival.group
+        created = self.clock.now()
+        covered = resolution.covered_images if resolution.outcome.is_hit else ()
+        plan = plan_pod_pull([(manifest, group.pull_policy) for manifest in manifests], (), covered)
+        attach = await self.puller.attach_snapshot(plan) if plan.attach_snapshot else 0.0
+        pod_group = self.puller.new_group(name)
+        images: list[ImagePullRecord] = []
+        container_seconds = 0.0
+        for step in plan.steps:
+            pulled = await self.puller.pull_step(step, pod_group)
+            if isinstance(pulled, PullFailed):
+                self.failures.append(PodFailure(group.namespace, name, pulled.reason, pulled.message, self.clock.now()))
+                return
+            images.append(ImagePullRecord(step.reference, pulled.bytes_downloaded, pulled.seconds, step.from_cache))
+            await self.clock.sleep(self.settings.container_start_seconds)
+            container_seconds += self.settings.container_start_seconds
+        started = self.clock.now()
+        cache = resolution.cache
+        self.records.append(
+            PodStartRecord(
+                pod_uid=uid,
+                namespace=group.namespace,
+                name=name,
+                node=self.workload.node,
+                outcome=_outcome(resolution),
+                imc_id=cache.imc_id if cache is not None else None,
+                reason=resolution.explanation,
+                images=tuple(images),
+                resolve_seconds=0.0,
+                snapshot_attach_seconds=attach,
+                container_start_seconds=container_seconds,
+                startup_seconds=(started - created).total_seconds(),
+                created_at=created,
+                started_at=started,
+                labels=group.labels,
+            )
+        )
+
+
+def simulate(workload: WorkloadSpec, catalog: Catalog | None = None, *, seed: int | None = None) -> SimulationResult:
+    """Run ``workload`` on virtual time; ``seed`` (default: the file's) drives jitter, failure
+    injection and Poisson arrivals. Same workload, catalog and seed: same result."""
+    chosen = workload.seed if seed is None else seed
+    simulation = _Simulation(workload, catalog if catalog is not None else load_workload_catalog(workload), chosen)
+    return run_virtual(simulation.run)
+
+
+@dataclass(frozen=True, slots=True)
+class StoreSummary:
+    recorded: int
+    already_recorded: int
+
+
+async def store(result: SimulationResult, db: str) -> StoreSummary:
+    """Write a run into the registry at ``db`` (upgraded to the newest schema first): manifests,
+    caches, Pod starts and cache hits. A Pod start already recorded (same workload and seed run
+    before on this database) is left as it was, and so are its cache hits."""
+    from vk_provider.registry import migrate, open_registry
+
+    await migrate.upgrade(db)
+    registry = await open_registry(db)
+    try:
+        for manifest in result.manifests:
+            await registry.save_manifest(manifest, resolved_at=result.workload.start)
+        end = result.workload.start + timedelta(seconds=result.simulated_seconds)
+        await registry.upsert_caches(result.caches, now=end)
+        recorded = 0
+        new_uids: set[str] = set()
+        for record in result.records:
+            if await registry.record_pod_start(record):
+                recorded += 1
+                new_uids.add(record.pod_uid)
+        if recorded == len(result.records):
+            for imc_id, moment in result.hits:
+                await registry.mark_cache_matched(imc_id, moment)
+    finally:
+        await registry.close()
+    return StoreSummary(recorded=recorded, already_recorded=len(result.records) - recorded)
+
+
+def summary_lines(result: SimulationResult, stored: StoreSummary | None = None) -> list[str]:
+    """A few human lines about the run (printed before the report in text mode)."""
+    workload = result.workload
+    lines = [
+        f"simulated {workload.pod_count} Pods of {workload.source} (seed {result.seed}) over "
+        f"{result.simulated_seconds:.0f} simulated seconds: {len(result.records)} started, "
+        f"{len(result.failures)} failed",
+    ]
+    automatic = [cache for cache in result.caches if cache.automatic]
+    if automatic:
+        ready = sum(1 for cache in automatic if cache.is_ready())
+        lines.append(f"automatic caches created: {len(automatic)} ({ready} Ready at the end)")
+    reasons: dict[str, int] = {}
+    for failure in result.failures:
+        reasons[failure.reason] = reasons.get(failure.reason, 0) + 1
+    if reasons:
+        shown = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
+        lines.append(f"failed Pods (never started, not recorded): {shown}")
+    if stored is not None and stored.already_recorded:
+        lines.append(
+            f"{stored.already_recorded} of these Pod starts were already in the database "
+            "(the same workload and seed ran before); they were left as they were"
+        )
+    return lines

@@ -1,0 +1,111 @@
+"""Virtual time for offline simulation: an asyncio loop whose clock jumps to the next timer.
+
+Owns :class:`VirtualTimeLoop` (whenever the loop would block waiting for a timer, its clock moves
+straight to that timer instead, so a simulated day of ``asyncio.sleep`` calls runs in seconds while
+every timer still fires in order), :func:`run_virtual` (run a coroutine on a fresh one and check that
+nothing was left running) and :class:`VirtualClock` (a controller ``Clock`` whose wall time is a
+fixed start plus the loop's virtual time).
+
+Must not: be used for real I/O. The loop polls sockets without blocking, so a thread or socket the
+loop waits on would see virtual time leap ahead while it works; simulations therefore keep all
+database writes outside the virtual run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timedelta
+from typing import TypeVar
+
+_T = TypeVar("_T")
+
+
+class DeadlockError(RuntimeError):
+    """The virtual loop has nothing scheduled and nothing to poll: it would wait forever."""
+
+
+class _VirtualSelector(selectors.DefaultSelector):
+    """Polls real I/O without blocking; a wait for a timer becomes a jump of the virtual clock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        ready: list[tuple[selectors.SelectorKey, int]] = super().select(0)
+        if ready:
+            return ready
+        if timeout is None:
+            raise DeadlockError("virtual-time loop would wait forever: nothing is scheduled (deadlock)")
+        self.now += timeout
+        return []
+
+
+class VirtualTimeLoop(asyncio.SelectorEventLoop):
+    """An event loop on virtual time, starting at 0.0; ``time()`` is that virtual time."""
+
+    def __init__(self) -> None:
+        self._virtual = _VirtualSelector()
+        super().__init__(self._virtual)
+
+    def time(self) -> float:
+        return self._virtual.now
+
+
+def run_virtual(main: Callable[[], Awaitable[_T]]) -> _T:
+    """Run ``main()`` on a fresh :class:`VirtualTimeLoop`; fail if it leaves a task running.
+
+    Synchronous, like ``asyncio.run``: it cannot be called from a running event loop.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError("run_virtual() cannot be called from a running event loop")
+    loop = VirtualTimeLoop()
+    try:
+
+        async def wrapper() -> _T:
+            return await main()
+
+        result = loop.run_until_complete(wrapper())
+        # Cancelled timers finish on the next iteration; anything still pending after that leaked.
+        loop.run_until_complete(asyncio.sleep(0))
+        leaked = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        if leaked:
+            for task in leaked:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*leaked, return_exceptions=True))
+            raise RuntimeError(f"tasks left running after the virtual run: {[t.get_name() for t in leaked]}")
+        return result
+    finally:
+        loop.close()
+
+
+class VirtualClock:
+    """A :class:`~vk_provider.controllers.clock.Clock` on the running loop's (virtual) time.
+
+    ``now()`` is ``start`` plus the loop's time, so timestamps follow simulated time rather than the
+    machine's wall clock.
+    """
+
+    def __init__(self, start: datetime) -> None:
+        if start.tzinfo is None:
+            raise ValueError("VirtualClock needs a timezone-aware start")
+        self._start = start
+
+    @property
+    def start(self) -> datetime:
+        return self._start
+
+    def now(self) -> datetime:
+        return self._start + timedelta(seconds=self.monotonic())
+
+    def monotonic(self) -> float:
+        return asyncio.get_running_loop().time()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(max(0.0, seconds))
