@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _agent_flags(demo)
     demo.add_argument("--keep-cluster", action="store_true", help="leave the local control plane running")
+    demo.add_argument(
+        "--time-scale",
+        type=float,
+        default=10.0,
+        metavar="X",
+        help="simulated seconds per wall second (default 10; reported times stay simulated)",
+    )
     demo.add_argument("--workdir", metavar="DIR", help="where the demo keeps its database and certificates")
 
     report = sub.add_parser("report", help="compare Pod start-up per cache outcome (table, JSON, CSV, HTML chart)")
@@ -163,7 +170,15 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     from vk_provider.demo import DemoOptions
     from vk_provider.demo import main as demo_main
 
-    options = DemoOptions(kubeconfig=args.kubeconfig or "", keep_cluster=args.keep_cluster, workdir=args.workdir or "")
+    if not args.time_scale > 0:
+        _error("--time-scale must be a positive number")
+        return EXIT_USAGE
+    options = DemoOptions(
+        kubeconfig=args.kubeconfig or "",
+        keep_cluster=args.keep_cluster,
+        workdir=args.workdir or "",
+        time_scale=args.time_scale,
+    )
     try:
         demo_main(settings, options)
     except StartupError as exc:
