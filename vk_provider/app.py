@@ -16,6 +16,7 @@ import signal
 from vk_provider import __version__
 from vk_provider.catalogs import CatalogError, load_catalogs
 from vk_provider.config import Settings
+from vk_provider.controllers.caches import CacheManager, CacheOptions, ImageCacheController
 from vk_provider.controllers.clock import SystemClock
 from vk_provider.controllers.images import CatalogImages
 from vk_provider.controllers.node import NodeController, NodeTiming
@@ -26,10 +27,14 @@ from vk_provider.domain.node import NodeFacts
 from vk_provider.http.certs import CertificateError, serving_certificate
 from vk_provider.http.server import KubeletServer
 from vk_provider.kube.auth import ClusterAuth
+from vk_provider.kube.imagecaches import LIST_PATH as IMAGECACHES_PATH
+from vk_provider.kube.imagecaches import CrdError, ImageCacheClient, ensure_crd, load_crd_manifest
 from vk_provider.kube.nodes import NodeClient
 from vk_provider.kube.pods import EventRecorder, PodClient
+from vk_provider.kube.secrets import PullSecrets
 from vk_provider.kube.session import KubeConfigError, KubeError, KubeSession
 from vk_provider.kube.watching import list_watch
+from vk_provider.oci import Platform, RegistryClient
 from vk_provider.registry.engine import database_url, open_registry
 from vk_provider.registry.migrate import upgrade
 from vk_provider.registry.repository import Registry
@@ -54,6 +59,7 @@ class Agent:
         self.node: NodeController | None = None
         self.pods: PodController | None = None
         self.registry: Registry | None = None
+        self.images: CatalogImages | None = None
 
     @classmethod
     async def create(cls, settings: Settings) -> Agent:
@@ -107,7 +113,58 @@ class Agent:
 
         # Pods: able to take Pods before the Node is advertised (virtual-kubelet's start order).
         puller = Puller(s.pull, random.Random(s.simulation.seed), self.clock)
-        images = CatalogImages(catalog, puller, unknown=s.images.unknown_images, seed=s.simulation.seed)
+        # Images in no catalog may be read from their registry (images.unknown_images: registry).
+        self.images = images = CatalogImages(
+            catalog,
+            puller,
+            unknown=s.images.unknown_images,
+            seed=s.simulation.seed,
+            resolver=RegistryClient(
+                platform=Platform(s.node.operating_system, s.node.architecture),
+                insecure_registries=s.images.insecure_registries,
+                timeout=s.images.registry_timeout_seconds,
+            )
+            if s.images.unknown_images == "registry"
+            else None,
+            store=self.registry,
+            credentials=PullSecrets(self.session),
+        )
+        # ImageCache objects: the CRD (installed when missing), their controller and watch. Pods are
+        # resolved against the caches only once those are listed.
+        assert self.registry is not None
+        if s.caches.install_crd:
+            try:
+                await ensure_crd(self.session, load_crd_manifest())
+            except CrdError as exc:
+                raise StartupError(str(exc)) from None
+        controller = ImageCacheController(
+            api=ImageCacheClient(self.session),
+            store=self.registry,
+            manifests=images,
+            builder=puller,
+            clock=self.clock,
+            rng=random.Random(),
+            options=CacheOptions(
+                manual_quota=s.caches.manual_quota,
+                automatic_quota=s.caches.automatic_quota,
+                lru_for_manual=s.caches.lru_for_manual,
+                sweep_interval_seconds=s.caches.sweep_interval_seconds,
+                snapshot_seconds=s.caches.snapshot_seconds,
+                time_scale=s.pull.time_scale,
+            ),
+        )
+        self.supervisor.start("imagecaches", controller.run())
+        self.supervisor.start(
+            "imagecache-watch",
+            list_watch(
+                self.session, IMAGECACHES_PATH, controller, what="imagecaches", max_backoff=s.kube.max_backoff_seconds
+            ),
+        )
+        try:
+            await asyncio.wait_for(controller.synced.wait(), timeout=30)
+        except TimeoutError:
+            log.warning("image caches not listed within 30 s; Pods are resolved against what is known")
+        cache_manager = CacheManager(controller, images, self.clock, default_auto=s.caches.default_auto_match)
         pod_client = PodClient(self.session)
         reporter = StatusReporter(pod_client, workers=s.pods.status_writers, max_backoff=s.kube.max_backoff_seconds)
         events = EventRecorder(self.session, host=s.node.name)
@@ -124,6 +181,7 @@ class Agent:
             timing=PodTiming(
                 time_scale=s.pull.time_scale, create_seconds=0.0, start_seconds=s.pull.container_start_seconds
             ),
+            caches=cache_manager,
         )
         self.server.pods = self.pods
         self.supervisor.start("status-reporter", reporter.run())
@@ -207,6 +265,8 @@ class Agent:
         """Reverse start order: tasks stop, the Node is left NotReady (or deleted), then HTTP and the session."""
         log.info("shutting down")
         await self.supervisor.stop()
+        if self.images is not None:
+            await self.images.close()
         if self.node is not None:
             try:
                 await asyncio.wait_for(self.node.shutdown(), timeout=3.0)

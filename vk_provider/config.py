@@ -125,8 +125,32 @@ class ImageSettings:
     catalog: str = ""
     # Your own catalog files (same format), read after the shipped one; later entries win.
     extra_catalogs: list[str] = field(default_factory=list)
-    # An image in no catalog: "synthetic" (a deterministic made-up size) or "fail" (ErrImagePull).
-    unknown_images: Literal["synthetic", "fail"] = "synthetic"
+    # An image in no catalog: "synthetic" (a deterministic made-up size), "fail" (ErrImagePull), or
+    # "registry" (its real manifest read from its OCI registry, stored in the registry database).
+    unknown_images: Literal["synthetic", "fail", "registry"] = "synthetic"
+    # Registries reached over plain http (host or host:port); localhost and 127.0.0.1 always are.
+    insecure_registries: list[str] = field(default_factory=list)
+    # Timeout of one request to an image registry.
+    registry_timeout_seconds: float = 30.0
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """ImageCache objects (the CRD), their builds, quotas and Pod-side matching."""
+
+    # Install config/crd-imagecache.yaml on start when the cluster lacks the CRD.
+    install_crd: bool = True
+    # Automatic matching for Pods that set neither k8s.aliyun.com/eci-auto-imc nor eci-image-cache.
+    default_auto_match: bool = False
+    # Most manual caches; one more fails with QuotaFull, unless lru_for_manual evicts the least recently used.
+    manual_quota: int = 100
+    lru_for_manual: bool = False
+    # Most automatic caches; at the quota the least recently used automatic cache is evicted.
+    automatic_quota: int = 100
+    # How often expired caches are looked for and deleted (seconds).
+    sweep_interval_seconds: float = 60.0
+    # Simulated seconds of a build's snapshot step, after its images are pulled (pull.time_scale applies).
+    snapshot_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -147,6 +171,7 @@ class Settings:
     images: ImageSettings = field(default_factory=ImageSettings)
     # The pull model: every number documented in docs/pull-model.md (time_scale included).
     pull: PullSettings = field(default_factory=PullSettings)
+    caches: CacheSettings = field(default_factory=CacheSettings)
     simulation: SimulationSettings = field(default_factory=SimulationSettings)
     # Python logging level name.
     log_level: str = "INFO"
@@ -386,6 +411,12 @@ def _validate(s: Settings) -> None:
         raise bad("pods.pod_cidr", f"must be a CIDR such as 10.234.0.0/16, got {s.pods.pod_cidr!r}") from None
     if s.pods.status_writers < 1:
         raise bad("pods.status_writers", "must be at least 1")
+    if s.images.registry_timeout_seconds <= 0:
+        raise bad("images.registry_timeout_seconds", "must be positive")
+    if s.caches.manual_quota < 0 or s.caches.automatic_quota < 0:
+        raise bad("caches.manual_quota", "and caches.automatic_quota must be zero or more")
+    if s.caches.sweep_interval_seconds <= 0 or s.caches.snapshot_seconds < 0:
+        raise bad("caches.sweep_interval_seconds", "must be positive and caches.snapshot_seconds not negative")
     problems = s.pull.problems()
     if problems:
         raise ConfigError(f"setting pull.{problems[0]}")

@@ -1,0 +1,491 @@
+"""The ImageCache controller and the CacheManager, with fakes and a fake clock."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Iterable, Sequence
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+from vk_provider.controllers.caches import CacheManager, CacheOptions, ImageCacheController
+from vk_provider.controllers.clock import FakeClock
+from vk_provider.controllers.pods import ImagePullError
+from vk_provider.controllers.puller import CacheBuildResult, ProgressHandler
+from vk_provider.domain import cachebuild as cb
+from vk_provider.domain.annotations import AUTO_IMAGE_CACHE_SEED, IMAGE_SNAPSHOT_ID_SEED, MATCHED_IMAGE_CACHE
+from vk_provider.domain.images import InvalidReference, parse_reference
+from vk_provider.domain.model import CachedImage, CachePhase, ImageCache, ImageManifest, Layer
+from vk_provider.domain.podspec import ContainerSpec, PodFacts
+from vk_provider.domain.records import CacheEvent, merge_cache_event
+
+MB = 10**6
+NGINX = "docker.io/library/nginx:1.7.9"
+BUSYBOX = "docker.io/library/busybox:latest"
+CATALOG = {
+    NGINX: ImageManifest(
+        NGINX, "sha256:" + "1" * 64, (Layer("base", 30 * MB, 80 * MB), Layer("app", 10 * MB, 20 * MB))
+    ),
+    BUSYBOX: ImageManifest(BUSYBOX, "sha256:" + "2" * 64, (Layer("bb", 2 * MB, 4 * MB),)),
+    "docker.io/library/huge:1": ImageManifest(
+        "docker.io/library/huge:1", "sha256:" + "3" * 64, (Layer("h", 10 * 2**30, 25 * 2**30),)
+    ),
+}
+
+
+class FakeError(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.is_not_found = status == 404
+        self.is_already_exists = status == 409
+        self.is_transient = status >= 500
+
+
+class FakeStore:
+    """The registry, in memory (CacheStore)."""
+
+    def __init__(self, caches: Iterable[ImageCache] = ()) -> None:
+        self.rows: dict[str, ImageCache] = {c.name: c for c in caches}
+        self.events: dict[str, tuple[CacheEvent, ...]] = {}
+        self.matched: list[tuple[str, datetime, Any]] = []
+
+    async def list_caches(self) -> tuple[ImageCache, ...]:
+        return tuple(self.rows.values())
+
+    async def upsert_cache(self, cache: ImageCache, *, now: datetime) -> ImageCache:
+        if any(c.imc_id == cache.imc_id and c.name != cache.name for c in self.rows.values()):
+            raise ValueError("id taken")
+        self.rows[cache.name] = cache
+        return cache
+
+    async def set_cache_status(self, name: str, *, now: datetime, **changes: Any) -> ImageCache | None:
+        row = self.rows.get(name)
+        if row is None:
+            return None
+        fields = {k: v for k, v in changes.items() if v is not None or k == "expires_at"}
+        row = replace(row, **fields)
+        self.rows[name] = row
+        return row
+
+    async def append_cache_event(
+        self, name: str, *, type: str, message: str, now: datetime
+    ) -> tuple[CacheEvent, ...] | None:
+        if name not in self.rows:
+            return None
+        self.events[name] = merge_cache_event(self.events.get(name, ()), type=type, message=message, now=now)
+        return self.events[name]
+
+    async def list_cache_events(self, name: str) -> tuple[CacheEvent, ...] | None:
+        return self.events.get(name, ()) if name in self.rows else None
+
+    async def mark_cache_matched(self, imc_id: str, now: datetime, **extra: Any) -> bool:
+        self.matched.append((imc_id, now, extra.get("expires_at", "unchanged")))
+        return True
+
+    async def delete_cache(self, name: str) -> bool:
+        self.events.pop(name, None)
+        return self.rows.pop(name, None) is not None
+
+
+class FakeApi:
+    """ImageCache objects on a pretend API server; records every status written."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, dict[str, Any]] = {}
+        self.statuses: list[tuple[str, dict[str, Any]]] = []
+        self.deleted: list[str] = []
+        self.created: list[dict[str, Any]] = []
+
+    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = body["metadata"]["name"]
+        if name in self.objects:
+            raise FakeError(409)
+        self.created.append(body)
+        self.objects[name] = {**body, "status": {}}
+        return self.objects[name]
+
+    async def patch_status(self, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        if name not in self.objects:
+            raise FakeError(404)
+        merged = {k: v for k, v in {**self.objects[name].get("status", {}), **status}.items() if v is not None}
+        self.objects[name]["status"] = merged
+        self.statuses.append((name, dict(merged)))
+        return self.objects[name]
+
+    async def delete(self, name: str) -> None:
+        self.deleted.append(name)
+        self.objects.pop(name, None)
+
+
+class FakeManifests:
+    def __init__(self) -> None:
+        self.asked: list[tuple[str, str, tuple[str, ...]]] = []
+
+    def manifest(self, image: str) -> ImageManifest | InvalidReference | None:
+        ref = parse_reference(image)
+        if isinstance(ref, InvalidReference):
+            return ref
+        return CATALOG.get(ref.normalized)
+
+    async def resolve(
+        self, image: str, *, namespace: str = "", pull_secrets: Sequence[str] = ()
+    ) -> ImageManifest | InvalidReference | ImagePullError:
+        self.asked.append((image, namespace, tuple(pull_secrets)))
+        found = self.manifest(image)
+        return ImagePullError("ErrImagePull", f"{image} is nowhere") if found is None else found
+
+
+class FakeBuilder:
+    """Pulls a layer per simulated second per 10 MB, reporting progress after each layer."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.pulled: list[str] = []
+
+    async def pull_for_cache(
+        self,
+        manifests: Sequence[ImageManifest],
+        on_progress: ProgressHandler | None = None,
+        *,
+        skip_layers: Iterable[str] = (),
+    ) -> CacheBuildResult:
+        skip = set(skip_layers)
+        layers = [layer for m in manifests for layer in m.layers if layer.digest not in skip]
+        total = sum(layer.size for layer in layers)
+        done = 0
+        if on_progress is not None:
+            await on_progress(0, total)
+        for layer in layers:
+            await self.clock.sleep(layer.size / (10 * MB))
+            done += layer.size
+            self.pulled.append(layer.digest)
+            if on_progress is not None:
+                await on_progress(done, total)
+        return CacheBuildResult(seconds=total / (10 * MB), bytes_downloaded=done, total_bytes=total)
+
+
+def obj(name: str, images: list[str], *, status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    return {
+        "metadata": {"name": name, "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"images": images, **spec},
+        "status": status or {},
+    }
+
+
+class World:
+    def __init__(self, store: FakeStore | None = None, options: CacheOptions | None = None) -> None:
+        self.clock = FakeClock()
+        self.store = store or FakeStore()
+        self.api = FakeApi()
+        self.builder = FakeBuilder(self.clock)
+        self.manifests = FakeManifests()
+        self.controller = ImageCacheController(
+            api=self.api,
+            store=self.store,
+            manifests=self.manifests,
+            builder=self.builder,
+            clock=self.clock,
+            rng=random.Random(1),
+            options=options or CacheOptions(snapshot_seconds=5),
+        )
+        self.manager = CacheManager(self.controller, FakeManifests(), self.clock)
+
+    async def add(self, body: dict[str, Any]) -> None:
+        """kubectl apply: the object is on the server, then the watch delivers it."""
+        self.api.objects[body["metadata"]["name"]] = body
+        await self.controller.upsert(body)
+
+    async def deliver_created(self) -> None:
+        """The watch delivers objects the controller created."""
+        for body in list(self.api.created):
+            await self.controller.upsert(self.api.objects.get(body["metadata"]["name"], body))
+        self.api.created.clear()
+
+    def status(self, name: str) -> dict[str, Any]:
+        status: dict[str, Any] = self.api.objects[name]["status"]
+        return status
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    w = World()
+    await w.controller.resync([])
+    yield w
+    for task in list(w.controller._builds.values()):
+        task.cancel()
+    await asyncio.gather(*w.controller._builds.values(), return_exceptions=True)
+
+
+def pod(name: str, images: Sequence[str], annotations: dict[str, str] | None = None) -> PodFacts:
+    return PodFacts(
+        uid=f"uid-{name}",
+        namespace="default",
+        name=name,
+        node_name="vk",
+        created=None,
+        restart_policy="Always",
+        grace_seconds=30,
+        containers=tuple(ContainerSpec(f"c{i}", image, "IfNotPresent") for i, image in enumerate(images)),
+        annotations=tuple(sorted((annotations or {}).items())),
+    )
+
+
+# ------------------------------------------------------------------ builds
+
+
+async def test_a_new_cache_is_built_to_ready_with_progress_and_events(world: World) -> None:
+    await world.add(obj("web", ["nginx:1.7.9", "busybox"], retentionDays=2))
+    await world.clock.advance(100)
+    status = world.status("web")
+    assert cb.is_imc_id(status["imageCacheId"])
+    assert status["phase"] == "Ready"
+    assert status["progress"] == "100%"
+    phases = [s["phase"] for n, s in world.api.statuses if n == "web"]
+    assert phases.index("Preparing") < phases.index("Creating") < phases.index("Ready")
+    progresses = {s["progress"] for _, s in world.api.statuses}
+    assert any(0 < cb.parse_progress(p) < 100 for p in progresses), progresses
+    messages = [e["message"] for e in status["events"]]
+    assert f"Successfully pulled image {NGINX} in 4.0s" in messages
+    assert f"Successfully pulled image {BUSYBOX} in 0.2s" in messages
+    assert messages[-1] == f"Successfully created image cache {status['imageCacheId']}"
+    row = world.store.rows["web"]
+    assert row.phase is CachePhase.READY
+    assert row.imc_id == status["imageCacheId"]
+    assert [i.reference for i in row.images] == [NGINX, BUSYBOX]
+    assert row.expires_at == row.created_at + timedelta(days=2)
+    assert world.controller.caches["web"] == row
+
+
+async def test_too_big_or_unknown_images_fail_with_a_message_and_24_hours(world: World) -> None:
+    await world.add(obj("big", ["huge:1"]))
+    await world.add(obj("unknown", ["nowhere/nothing:1"]))
+    await world.clock.advance(1)
+    for name, words in (
+        ("big", "imageCacheSize of 20 GiB"),
+        ("unknown", "cannot be resolved: nowhere/nothing:1 is nowhere"),
+    ):
+        status = world.status(name)
+        assert status["phase"] == "Failed"
+        assert words in status["message"]
+        assert world.store.rows[name].expires_at == world.clock.now() - timedelta(seconds=1) + timedelta(hours=24)
+        assert status["events"][-1]["type"] == "Warning"
+
+
+async def test_a_build_left_by_a_killed_agent_is_resumed_under_its_id() -> None:
+    left = ImageCache(
+        imc_id="imc-aaaaaaaaaaaaaaaaaaaa",
+        name="web",
+        phase=CachePhase.CREATING,
+        size_gib=20,
+        images=(CachedImage(NGINX, 40 * MB),),
+        automatic=False,
+        created_at=datetime(2026, 1, 1, tzinfo=FakeClock().now().tzinfo),
+        progress=40,
+    )
+    w = World(FakeStore([left]))
+    body = obj("web", ["nginx:1.7.9"], status={"imageCacheId": left.imc_id, "phase": "Creating", "progress": "40%"})
+    w.api.objects["web"] = body
+    await w.controller.resync([body])
+    await w.clock.advance(100)
+    assert w.status("web")["phase"] == "Ready"
+    assert w.status("web")["imageCacheId"] == left.imc_id
+    assert list(w.store.rows) == ["web"]
+    created = [e for e in w.status("web")["events"] if e["message"].startswith("Successfully created")]
+    assert len(created) == 1
+
+
+async def test_image_changes_are_refused_while_building_and_applied_when_ready(world: World) -> None:
+    await world.add(obj("web", ["nginx:1.7.9"]))
+    await world.clock.advance(1)
+    assert world.status("web")["phase"] == "Creating"
+    await world.add(obj("web", ["nginx:1.7.9", "busybox"], status=world.status("web")))
+    await world.clock.advance(100)
+    assert world.status("web")["phase"] == "Ready"
+    assert world.status("web")["message"].startswith(cb.REFUSAL_PREFIX)
+    assert [i.reference for i in world.store.rows["web"].images] == [NGINX]
+    # The same refused spec delivered again (e.g. our own status write) stays refused.
+    await world.add(obj("web", ["nginx:1.7.9", "busybox"], status=world.status("web")))
+    await world.clock.advance(100)
+    assert [i.reference for i in world.store.rows["web"].images] == [NGINX]
+    # A new change, in Ready, is applied.
+    await world.add(obj("web", ["busybox", "nginx:1.7.9"], status=world.status("web")))
+    await world.clock.advance(100)
+    phases = [s["phase"] for _, s in world.api.statuses]
+    assert "Updating" in phases
+    assert world.status("web")["phase"] == "Ready"
+    assert "message" not in world.status("web")
+    assert [i.reference for i in world.store.rows["web"].images] == [BUSYBOX, NGINX]
+
+
+async def test_a_failed_update_keeps_the_old_images(world: World) -> None:
+    await world.add(obj("web", ["busybox"]))
+    await world.clock.advance(100)
+    await world.add(obj("web", ["huge:1"], status=world.status("web")))
+    await world.clock.advance(100)
+    assert world.status("web")["phase"] == "UpdateFailed"
+    assert [i.reference for i in world.store.rows["web"].images] == [BUSYBOX]
+
+
+async def test_deleting_the_object_cancels_the_build_and_deletes_the_row(world: World) -> None:
+    await world.add(obj("web", ["nginx:1.7.9"]))
+    await world.clock.advance(1)
+    await world.controller.delete(world.api.objects["web"])
+    assert "web" not in world.store.rows
+    assert "web" not in world.controller.caches
+    assert not world.controller.building("web")
+
+
+async def test_a_relist_forgets_caches_whose_object_is_gone(world: World) -> None:
+    await world.add(obj("web", ["busybox"]))
+    await world.clock.advance(100)
+    await world.controller.resync([])
+    assert world.store.rows == {}
+
+
+async def test_the_sweep_deletes_expired_caches_object_and_row(world: World) -> None:
+    await world.add(obj("short", ["busybox"], retentionDays=1))
+    await world.add(obj("forever", ["busybox"]))
+    await world.clock.advance(100)
+    runner = asyncio.create_task(world.controller.run())
+    await world.clock.advance(timedelta(days=1).total_seconds() + 60)
+    assert world.api.deleted == ["short"]
+    assert set(world.store.rows) == {"forever"}
+    runner.cancel()
+    await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_manual_quota_is_quota_full_or_evicts_with_lru() -> None:
+    w = World(options=CacheOptions(manual_quota=1, snapshot_seconds=0))
+    await w.controller.resync([])
+    await w.add(obj("first", ["busybox"]))
+    await w.add(obj("second", ["busybox"]))
+    await w.clock.advance(100)
+    assert w.status("second")["phase"] == "Failed"
+    assert w.status("second")["message"].startswith("QuotaFull")
+
+    lru = World(options=CacheOptions(manual_quota=1, lru_for_manual=True, snapshot_seconds=0))
+    await lru.controller.resync([])
+    await lru.add(obj("first", ["busybox"]))
+    await lru.clock.advance(100)
+    await lru.add(obj("second", ["busybox"]))
+    await lru.clock.advance(100)
+    assert lru.api.deleted == ["first"]
+    assert set(lru.store.rows) == {"second"}
+    assert lru.status("second")["phase"] == "Ready"
+
+
+async def test_a_ready_object_from_another_registry_is_adopted_without_a_build(world: World) -> None:
+    status = {"imageCacheId": "imc-bbbbbbbbbbbbbbbbbbbb", "phase": "Ready", "progress": "100%"}
+    await world.add(obj("old", ["busybox"], status=status))
+    await world.clock.advance(100)
+    assert world.store.rows["old"].phase is CachePhase.READY
+    assert world.store.rows["old"].imc_id == "imc-bbbbbbbbbbbbbbbbbbbb"
+    assert world.builder.pulled == []
+
+
+# ------------------------------------------------------------------ the Pod side
+
+
+async def test_a_miss_creates_one_automatic_cache_shared_by_a_burst(world: World) -> None:
+    auto = {AUTO_IMAGE_CACHE_SEED: "true"}
+    decisions = await asyncio.gather(*(world.manager.resolve(pod(f"p{i}", ["nginx:1.7.9"], auto)) for i in range(50)))
+    assert len(world.api.created) == 1
+    body = world.api.created[0]
+    assert body["spec"] == {"images": [NGINX], "imageCacheSize": 30}
+    assert body["metadata"]["name"] == "auto-create-for-" + decisions[0].annotations["k8s.aliyun.com/eci-instance-id"]
+    imc_id = body["metadata"]["annotations"][cb.ID_ANNOTATION]
+    assert {d.outcome for d in decisions} == {"miss"}
+    for decision in decisions:
+        assert [e.reason for e in decision.events] == ["ImageCacheMissed", "ImageCacheAutoCreated"]
+        assert imc_id in decision.events[1].message
+        assert decision.events[0].component == "EciService"
+        assert decision.present_images == frozenset()
+        assert decision.failure is None
+    assert world.store.rows[body["metadata"]["name"]].automatic
+    # The watch delivers the object: the build starts under the reserved id.
+    await world.deliver_created()
+    await world.clock.advance(100)
+    assert world.status(body["metadata"]["name"])["imageCacheId"] == imc_id
+    assert world.status(body["metadata"]["name"])["phase"] == "Ready"
+
+    hit = await world.manager.resolve(pod("later", ["nginx:1.7.9", "busybox"], auto))
+    assert hit.outcome == "partial"
+    assert hit.imc_id == imc_id
+    assert hit.present_images == frozenset({NGINX})
+    assert hit.annotations[MATCHED_IMAGE_CACHE] == imc_id
+    assert [e.reason for e in hit.events] == ["SuccessfulHitImageCache"]
+    now = world.clock.now()
+    assert world.store.matched == [(imc_id, now, now + timedelta(days=30))]
+    assert world.controller.by_id(imc_id).last_matched_at == now  # type: ignore[union-attr]
+
+
+async def test_explicit_ids_hit_or_fail(world: World) -> None:
+    await world.add(obj("web", ["nginx:1.7.9"]))
+    await world.add(obj("slow", ["huge:1"], imageCacheSize=30))
+    await world.clock.advance(1)
+    slow_id = world.status("slow")["imageCacheId"]
+    assert world.status("slow")["phase"] == "Creating"
+    await world.clock.advance(30)
+    ready_id = world.status("web")["imageCacheId"]
+
+    hit = await world.manager.resolve(pod("a", ["nginx:1.7.9"], {IMAGE_SNAPSHOT_ID_SEED: ready_id}))
+    assert hit.outcome == "explicit_hit"
+    assert hit.present_images == frozenset({NGINX})
+    assert world.store.matched[-1][2] == "unchanged"  # a manual cache keeps its expiry
+
+    missing = await world.manager.resolve(pod("b", ["nginx:1.7.9"], {IMAGE_SNAPSHOT_ID_SEED: "imc-nothere"}))
+    assert missing.outcome == "failed"
+    assert missing.failure == ("ImageCacheNotFound", "The specified image cache imc-nothere does not exist.")
+    assert missing.imc_id == "imc-nothere"
+
+    creating = await world.manager.resolve(pod("c", ["nginx:1.7.9"], {IMAGE_SNAPSHOT_ID_SEED: slow_id}))
+    assert creating.failure == (
+        "ImageCacheNotComplete",
+        f"The production for specified image cache {slow_id} is not yet complete.",
+    )
+    assert [e.type for e in creating.events] == ["Normal"]
+
+
+async def test_no_annotation_means_no_cache(world: World) -> None:
+    decision = await world.manager.resolve(pod("plain", ["nginx:1.7.9"]))
+    assert decision.outcome == "none"
+    assert decision.events == ()
+    assert world.api.created == []
+
+
+async def test_automatic_caches_at_quota_evict_the_least_recently_used() -> None:
+    w = World(options=CacheOptions(automatic_quota=1, snapshot_seconds=0))
+    await w.controller.resync([])
+    auto = {AUTO_IMAGE_CACHE_SEED: "true"}
+    await w.manager.resolve(pod("a", ["nginx:1.7.9"], auto))
+    await w.deliver_created()
+    await w.clock.advance(10)
+    first = next(iter(w.store.rows))
+    await w.manager.resolve(pod("b", ["busybox"], auto))
+    assert w.api.deleted == [first]
+    assert len(w.store.rows) == 1
+    assert first not in w.store.rows
+
+
+async def test_an_automatic_cache_that_cannot_be_created_is_forgotten(world: World) -> None:
+    auto = {AUTO_IMAGE_CACHE_SEED: "true"}
+
+    async def refuse(body: dict[str, Any]) -> dict[str, Any]:
+        raise FakeError(403)
+
+    world.api.create = refuse  # type: ignore[method-assign]
+    await world.manager.resolve(pod("a", ["nginx:1.7.9"], auto))
+    assert world.store.rows == {}
+    assert world.controller.caches == {}
+
+
+async def test_builds_resolve_images_with_the_caches_pull_secrets(world: World) -> None:
+    await world.add(obj("private", ["busybox"], imagePullSecrets=["team-a:reg", "team-a:reg2", "team-b:other"]))
+    await world.add(obj("public", ["nginx:1.7.9"]))
+    await world.clock.advance(100)
+    assert ("busybox", "team-a", ("reg", "reg2")) in world.manifests.asked
+    assert ("nginx:1.7.9", "", ()) in world.manifests.asked
+    assert world.status("private")["phase"] == "Ready"

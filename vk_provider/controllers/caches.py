@@ -1,0 +1,749 @@
+"""The ImageCache controller and the Pod side of image caches.
+
+:class:`ImageCacheController` is the list+watch handler of ImageCache objects. It keeps the
+registry in step with them (one row per object, same name), builds caches in simulation
+(Preparing → Creating, progress with the bytes pulled, a snapshot step → Ready; or Failed),
+applies image changes (Ready/UpdateFailed → Updating → Ready/UpdateFailed), enforces quotas and
+deletes expired caches on a periodic sweep. It is the only writer of ImageCache ``status``, and
+it holds every cache in memory (``caches``), in step with the registry, so that resolving a
+Pod's cache never queries the database.
+
+:class:`CacheManager` implements the pod controller's ``CacheResolver``: one pure
+``domain.resolver.resolve`` per Pod over the in-memory caches, serialised with a lock so that a
+cache it creates is seen by the next Pod (a burst of misses shares one automatic cache); then
+it records hits and creates automatic caches as ImageCache objects.
+
+Decisions live in ``domain.cachebuild`` and ``domain.resolver``; this module gathers facts and
+applies what they decide. Time comes from the injected clock and ids from the injected random
+generator. A restarted agent resumes: caches left in Preparing/Creating/Updating are built
+again under the id they already have.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any, Protocol
+
+from vk_provider.controllers.clock import Clock
+from vk_provider.controllers.pods import CacheDecision, ImagePullError
+from vk_provider.controllers.puller import CacheBuildResult, ProgressHandler
+from vk_provider.domain import cachebuild as cb
+from vk_provider.domain.cachebuild import CacheSpec, ChangeKind
+from vk_provider.domain.events import EventSpec
+from vk_provider.domain.images import InvalidReference
+from vk_provider.domain.lifecycle import parse_time
+from vk_provider.domain.model import CachedImage, CachePhase, ImageCache, ImageManifest
+from vk_provider.domain.podspec import PodFacts
+from vk_provider.domain.records import CacheEvent
+from vk_provider.domain.resolver import AutoCreateSpec, Outcome, PodCacheFacts, Resolution, resolve
+
+log = logging.getLogger(__name__)
+JSON = dict[str, Any]
+
+# A cache this controller created is protected from a relist that does not show it yet.
+_PENDING_SECONDS = 60.0
+_STATUS_RETRIES = 5
+
+
+# ------------------------------------------------------------------ seams
+
+
+class CacheStore(Protocol):
+    """The registry's cache methods (``registry.repository.Registry``)."""
+
+    async def list_caches(self) -> tuple[ImageCache, ...]: ...
+
+    async def upsert_cache(self, cache: ImageCache, *, now: datetime) -> ImageCache:
+        """Create or update the row named ``cache.name``; raises ValueError on an id used by another."""
+        ...
+
+    async def set_cache_status(
+        self,
+        name: str,
+        *,
+        now: datetime,
+        phase: CachePhase | None = ...,
+        progress: int | None = ...,
+        message: str | None = ...,
+        expires_at: datetime | None = ...,
+        images: tuple[CachedImage, ...] | None = ...,
+    ) -> ImageCache | None:
+        """Change the given fields (an omitted ``expires_at`` is unchanged); None: no such row."""
+        ...
+
+    async def append_cache_event(
+        self, name: str, *, type: str, message: str, now: datetime
+    ) -> tuple[CacheEvent, ...] | None: ...
+
+    async def list_cache_events(self, name: str) -> tuple[CacheEvent, ...] | None: ...
+
+    async def mark_cache_matched(self, imc_id: str, now: datetime, *, expires_at: datetime | None = ...) -> bool: ...
+
+    async def delete_cache(self, name: str) -> bool: ...
+
+
+class ImageCacheApi(Protocol):
+    """ImageCache objects on the API server (``kube.imagecaches.ImageCacheClient``)."""
+
+    async def create(self, body: JSON) -> JSON:
+        """Raises ``KubeError`` (409 AlreadyExists when the name is taken)."""
+        ...
+
+    async def patch_status(self, name: str, status: JSON) -> JSON:
+        """Merge patch on the status subresource; raises ``KubeError`` (404: the object is gone)."""
+        ...
+
+    async def delete(self, name: str) -> None:
+        """An object already gone is not an error."""
+        ...
+
+
+class ManifestSource(Protocol):
+    """Image manifests (``controllers.images.CatalogImages``)."""
+
+    def manifest(self, image: str) -> ImageManifest | InvalidReference | None:
+        """The image's manifest if known now (catalog, synthetic, or already read); must not block."""
+        ...
+
+    async def resolve(
+        self, image: str, *, namespace: str = "", pull_secrets: Sequence[str] = ()
+    ) -> ImageManifest | InvalidReference | ImagePullError:
+        """The image's manifest, reading it from its registry (with the given pull secrets of
+        ``namespace``) where the settings say so."""
+        ...
+
+
+class CacheBuilder(Protocol):
+    async def pull_for_cache(
+        self,
+        manifests: Sequence[ImageManifest],
+        on_progress: ProgressHandler | None = None,
+        *,
+        skip_layers: Iterable[str] = (),
+    ) -> CacheBuildResult: ...
+
+
+@dataclass(frozen=True, slots=True)
+class CacheOptions:
+    """Knobs of the controller (from the ``caches`` settings group)."""
+
+    manual_quota: int = 100
+    automatic_quota: int = 100
+    lru_for_manual: bool = False
+    sweep_interval_seconds: float = 60.0
+    snapshot_seconds: float = 5.0  # simulated seconds of the snapshot step of a build
+    time_scale: float = 1.0
+
+
+class _Gone(Exception):
+    """The cache's object or row disappeared while it was being worked on."""
+
+
+# ------------------------------------------------------------------ the controller
+
+
+class ImageCacheController:
+    """Implements ``kube.watching.WatchHandler`` for ImageCache objects; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        api: ImageCacheApi,
+        store: CacheStore,
+        manifests: ManifestSource,
+        builder: CacheBuilder,
+        clock: Clock,
+        rng: random.Random,
+        options: CacheOptions = CacheOptions(),
+    ) -> None:
+        self.api = api
+        self.store = store
+        self.manifests = manifests
+        self.builder = builder
+        self.clock = clock
+        self.rng = rng
+        self.options = options
+        self.caches: dict[str, ImageCache] = {}
+        self.synced = asyncio.Event()
+        self._loaded = False
+        self._builds: dict[str, asyncio.Task[None]] = {}
+        self._specs: dict[str, CacheSpec] = {}
+        self._statuses: dict[str, JSON] = {}
+        self._events: dict[str, tuple[CacheEvent, ...]] = {}
+        self._start_times: dict[str, datetime] = {}
+        self._refused: dict[str, tuple[tuple[str, ...], str]] = {}
+        self._pending: dict[str, float] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self.builds_finished = 0
+
+    # -- queries
+
+    def by_id(self, imc_id: str) -> ImageCache | None:
+        """The cache with this id (a scan: for tests and tools, not for per-Pod work)."""
+        return next((c for c in self.caches.values() if c.imc_id == imc_id), None)
+
+    def building(self, name: str) -> bool:
+        task = self._builds.get(name)
+        return task is not None and not task.done()
+
+    # -- watch handler
+
+    async def resync(self, objects: list[JSON]) -> None:
+        if not self._loaded:
+            self.caches = {cache.name: cache for cache in await self.store.list_caches()}
+            self._loaded = True
+            log.info("image caches: %d in the registry", len(self.caches))
+        seen: set[str] = set()
+        for obj in objects:
+            name = (obj.get("metadata") or {}).get("name")
+            if name:
+                seen.add(name)
+                await self.upsert(obj)
+        now = self.clock.monotonic()
+        for name in [n for n in self.caches if n not in seen]:
+            if now - self._pending.get(name, -_PENDING_SECONDS) < _PENDING_SECONDS:
+                continue
+            log.info("image cache %s: its object is gone; forgetting it", name)
+            await self._forget(name)
+        self.synced.set()
+
+    async def upsert(self, obj: JSON) -> None:
+        meta = obj.get("metadata") or {}
+        name = meta.get("name")
+        if not name or meta.get("deletionTimestamp"):
+            return
+        try:
+            await self._apply(name, meta, obj)
+        except _Gone:
+            pass
+        except Exception:  # e.g. the database is locked: the next event or relist tries again
+            log.exception("image cache %s: could not apply the object", name)
+
+    async def _apply(self, name: str, meta: JSON, obj: JSON) -> None:
+        spec = cb.parse_spec(obj.get("spec"), meta.get("labels"), meta.get("annotations"))
+        status = obj.get("status") or {}
+        self._pending.pop(name, None)
+        self._specs[name] = spec
+        self._statuses[name] = status
+        started = parse_time(status.get("startTime"))
+        if started is not None:
+            self._start_times.setdefault(name, started)
+        current = self.caches.get(name)
+        if current is None:
+            await self._create(name, spec, status, parse_time(meta.get("creationTimestamp")))
+            return
+        if name not in self._refused and str(status.get("message") or "").startswith(cb.REFUSAL_PREFIX):
+            # Restarted agent: a refusal written before is still in force.
+            self._refused[name] = (spec.references, str(status["message"]))
+        refused = self._refused.get(name)
+        change = cb.plan_change(current, spec, building=self.building(name), refused=refused[0] if refused else None)
+        if change.refused:
+            if refused is None or refused[0] != spec.references:
+                self._refused[name] = (spec.references, cb.refusal_message(current.phase))
+                log.info("image cache %s: %s", name, self._refused[name][1])
+        else:
+            self._refused.pop(name, None)
+        if change.kind is ChangeKind.RESUME:
+            images = tuple(image.reference for image in current.images)
+            build_spec = spec if not change.refused else replace(spec, images=images, problems=())
+            self._start_build(name, build_spec, update=current.phase is CachePhase.UPDATING)
+        elif change.kind is ChangeKind.UPDATE:
+            self._start_build(name, spec, update=True)
+        elif not self.building(name) and cb.status_differs(status, current, self._message(name)):
+            await self._write_status(name, with_events=True)
+
+    async def delete(self, obj: JSON) -> None:
+        name = (obj.get("metadata") or {}).get("name")
+        if name and name in self.caches:
+            log.info("image cache %s: deleted", name)
+            await self._forget(name)
+
+    # -- running
+
+    async def run(self) -> None:
+        """Delete expired caches every ``sweep_interval_seconds``; on cancellation stop every build."""
+        try:
+            while True:
+                await self.synced.wait()
+                try:
+                    await self.sweep()
+                except Exception:  # the next sweep tries again; the agent must not stop for it
+                    log.exception("image caches: the expiry sweep failed")
+                await self.clock.sleep(self.options.sweep_interval_seconds)
+        finally:
+            tasks = [*self._builds.values(), *self._background]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def sweep(self) -> int:
+        """Delete the caches expired now (object and row); returns how many."""
+        doomed = cb.expired(self.caches.values(), self.clock.now())
+        for cache in doomed:
+            log.info("image cache %s (%s): expired at %s; deleting it", cache.name, cache.imc_id, cache.expires_at)
+            await self.remove(cache.name)
+        return len(doomed)
+
+    async def remove(self, name: str) -> None:
+        """Delete a cache for good: its build, its object and its row."""
+        await self._forget(name)
+        try:
+            await self.api.delete(name)
+        except Exception as exc:
+            log.warning("image cache %s: could not delete the object: %s", name, exc)
+
+    # -- for the CacheManager (synchronous: called under its lock)
+
+    def reserve_automatic(
+        self, auto: AutoCreateSpec, images: tuple[CachedImage, ...], now: datetime
+    ) -> tuple[ImageCache | None, tuple[ImageCache, ...], str]:
+        """Put a new automatic cache in the index (Preparing) and take its LRU victims out.
+
+        Returns (the cache, or None when the quota refuses it; the evicted caches; the refusal).
+        The caller then calls :meth:`create_automatic`.
+        """
+        if auto.name in self.caches:
+            return self.caches[auto.name], (), ""
+        quota = cb.quota_decision(self.caches.values(), automatic=True, quota=self.options.automatic_quota, lru=True)
+        if quota.refusal:
+            return None, (), quota.refusal
+        for victim in quota.evict:
+            self.caches.pop(victim.name, None)
+        cache = ImageCache(
+            imc_id=auto.imc_id,
+            name=auto.name,
+            phase=CachePhase.PREPARING,
+            size_gib=auto.size_gib,
+            images=images,
+            automatic=True,
+            created_at=now,
+            expires_at=now + cb.AUTO_UNUSED_RETENTION,
+        )
+        self.caches[auto.name] = cache
+        self._pending[auto.name] = self.clock.monotonic()
+        return cache, quota.evict, ""
+
+    async def create_automatic(
+        self, cache: ImageCache, evicted: Sequence[ImageCache], created_for: str, now: datetime
+    ) -> None:
+        """Evict, then store the reserved cache and create its object (its build starts when
+        the watch delivers it)."""
+        for victim in evicted:
+            log.info("image cache %s: evicted (least recently used automatic cache)", victim.name)
+            self.caches[victim.name] = victim  # so that remove() forgets it completely
+            await self.remove(victim.name)
+        try:
+            await self.store.upsert_cache(cache, now=now)
+            await self.api.create(
+                cb.auto_cache_body(
+                    cache.name, cache.imc_id, [i.reference for i in cache.images], cache.size_gib, created_for
+                )
+            )
+        except Exception as exc:
+            if getattr(exc, "is_already_exists", False):
+                return
+            log.warning("image cache %s: could not create the automatic cache: %s", cache.name, exc)
+            await self._forget(cache.name)
+
+    def note_matched(self, cache: ImageCache, now: datetime) -> datetime | None:
+        """Record a hit in the index; returns the cache's new expiry."""
+        expires = cb.expiry_when_matched(cache, now)
+        current = self.caches.get(cache.name, cache)
+        self.caches[cache.name] = replace(current, last_matched_at=now, expires_at=expires)
+        return expires
+
+    # -- internals: object → cache
+
+    async def _create(self, name: str, spec: CacheSpec, status: JSON, created: datetime | None) -> None:
+        now = self.clock.now()
+        imc_id = str(status.get("imageCacheId") or "")
+        if not cb.is_imc_id(imc_id):
+            imc_id = spec.requested_id or cb.new_imc_id(self.rng)
+        # An id already used by another cache is caught by the registry (ValueError) below.
+        phase_text = str(status.get("phase") or "")
+        adopted = phase_text in (CachePhase.READY, CachePhase.FAILED, CachePhase.UPDATE_FAILED)
+        cache = ImageCache(
+            imc_id=imc_id,
+            name=name,
+            phase=CachePhase(phase_text) if adopted else CachePhase.PREPARING,
+            size_gib=spec.size_gib,
+            images=self._cached_images(spec),
+            automatic=spec.automatic,
+            created_at=created or now,
+            progress=cb.parse_progress(status.get("progress")) if adopted else 0,
+            expires_at=(
+                parse_time(status.get("expireDateTime")) if adopted else cb.expiry_when_created(created or now, spec)
+            ),
+            message=str(status.get("message") or "") if adopted else "",
+        )
+        refusal = ""
+        if not adopted:
+            quota = cb.quota_decision(
+                self.caches.values(),
+                automatic=spec.automatic,
+                quota=self.options.automatic_quota if spec.automatic else self.options.manual_quota,
+                lru=spec.automatic or self.options.lru_for_manual,
+            )
+            for victim in quota.evict:
+                log.info("image cache %s: evicted to make room for %s (quota, LRU)", victim.name, name)
+                await self.remove(victim.name)
+            refusal = quota.refusal
+            if refusal:
+                cache = replace(cache, phase=CachePhase.FAILED, message=refusal, expires_at=cb.expiry_when_failed(now))
+        self.caches[name] = cache
+        try:
+            self.caches[name] = await self.store.upsert_cache(cache, now=now)
+        except ValueError:  # the id belongs to another row (a copied object): take a new one
+            cache = replace(cache, imc_id=cb.new_imc_id(self.rng))
+            self.caches[name] = await self.store.upsert_cache(cache, now=now)
+        if adopted:
+            log.info("image cache %s: adopted as %s (%s)", name, cache.imc_id, cache.phase)
+            if cb.status_differs(status, self.caches[name], self._message(name)):
+                await self._write_status(name, with_events=True)
+        elif refusal:
+            log.warning("image cache %s: %s", name, refusal)
+            await self._update(name, event=("Warning", refusal))
+        else:
+            self._start_build(name, spec, update=False)
+
+    def _cached_images(self, spec: CacheSpec) -> tuple[CachedImage, ...]:
+        out: list[CachedImage] = []
+        for image, reference in zip(spec.images, spec.references, strict=True):
+            found = self.manifests.manifest(image)
+            if isinstance(found, ImageManifest):
+                out.append(CachedImage(found.reference, found.size, found.digest))
+            else:
+                out.append(CachedImage(reference, 0))
+        return tuple(out)
+
+    async def _forget(self, name: str) -> None:
+        task = self._builds.pop(name, None)
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        self.caches.pop(name, None)
+        for table in (self._specs, self._statuses, self._events, self._start_times, self._refused, self._pending):
+            table.pop(name, None)
+        try:
+            await self.store.delete_cache(name)
+        except Exception as exc:
+            log.warning("image cache %s: could not delete its registry row: %s", name, exc)
+
+    # -- internals: building
+
+    def _start_build(self, name: str, spec: CacheSpec, *, update: bool) -> None:
+        if self.building(name):
+            return
+        task = asyncio.create_task(self._build(name, spec, update), name=f"imagecache-build:{name}")
+        self._builds[name] = task
+
+    async def _build(self, name: str, spec: CacheSpec, update: bool) -> None:
+        try:
+            await self._build_steps(name, spec, update)
+        except _Gone:
+            log.info("image cache %s: gone during its build", name)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("image cache %s: build failed unexpectedly", name)
+        finally:
+            self.builds_finished += 1
+
+    async def _build_steps(self, name: str, spec: CacheSpec, update: bool) -> None:
+        before = self.caches[name]
+        verb = "update" if update else "create"
+        self._start_times.setdefault(name, self.clock.now())
+        await self._update(
+            name,
+            phase=CachePhase.UPDATING if update else CachePhase.PREPARING,
+            progress=0,
+            message="",
+            event=("Normal", f"Start to {verb} image cache {before.imc_id}"),
+        )
+        resolved = {image: await self._resolve(image, spec.pull_secrets) for image in spec.images}
+        check = cb.check_build(spec, resolved, spec.size_gib)
+        if check.failure:
+            await self._fail(name, check.failure, before if update else None)
+            return
+        await self._update(
+            name,
+            phase=CachePhase.UPDATING if update else CachePhase.CREATING,
+            images=tuple(CachedImage(m.reference, m.size, m.digest) for m in check.manifests),
+            event=("Normal", "Successfully check image cache resource."),
+        )
+        fetched: set[str] = set()
+        done_before = 0
+        shown = 0
+        for manifest in check.manifests:
+            # One image at a time, so that each image pulled is one event, as in ECI's example.
+            async def progressed(done: int, total: int, base: int = done_before) -> None:
+                nonlocal shown
+                percent = cb.build_progress(base + done, check.total_bytes)
+                if percent != shown:
+                    shown = percent
+                    await self._update(name, progress=percent)
+
+            result = await self.builder.pull_for_cache([manifest], progressed, skip_layers=frozenset(fetched))
+            fetched.update(layer.digest for layer in manifest.layers)
+            done_before += result.total_bytes
+            await self._update(
+                name, event=("Normal", f"Successfully pulled image {manifest.reference} in {result.seconds:.1f}s")
+            )
+        await self._update(
+            name, progress=cb.PULL_SHARE, event=("Normal", "Start to create the snapshot of the image cache")
+        )
+        await self.clock.sleep(self.options.snapshot_seconds / self.options.time_scale)
+        cache = self.caches[name]
+        expires = cache.expires_at
+        if not update:
+            expires = cb.expiry_when_created(cache.created_at, spec)
+            if cache.automatic and cache.last_matched_at is not None:
+                expires = cb.expiry_when_matched(cache, cache.last_matched_at)
+        await self._update(
+            name,
+            phase=CachePhase.READY,
+            progress=100,
+            message="",
+            expires_at=expires,
+            event=("Normal", f"Successfully {verb}d image cache {cache.imc_id}"),
+        )
+        log.info("image cache %s (%s): Ready", name, cache.imc_id)
+
+    async def _resolve(self, image: str, pull_secrets: Sequence[str]) -> ImageManifest | InvalidReference | str:
+        """The image's manifest, or why it cannot be had; ``pull_secrets`` are ``namespace:name``."""
+        by_namespace: dict[str, list[str]] = {}
+        for secret in pull_secrets:
+            namespace, _, secret_name = secret.partition(":")
+            by_namespace.setdefault(namespace, []).append(secret_name)
+        why = "no such image"
+        for namespace, names in by_namespace.items() or [("", [])]:
+            found = await self.manifests.resolve(image, namespace=namespace, pull_secrets=names)
+            if not isinstance(found, ImagePullError):
+                return found
+            why = found.message
+        return why
+
+    async def _fail(self, name: str, why: str, before: ImageCache | None) -> None:
+        log.warning("image cache %s: %s", name, why)
+        if before is None:
+            await self._update(
+                name,
+                phase=CachePhase.FAILED,
+                message=why,
+                expires_at=cb.expiry_when_failed(self.clock.now()),
+                event=("Warning", f"Failed to create image cache: {why}"),
+            )
+        else:  # the cache still holds its previous images
+            await self._update(
+                name,
+                phase=CachePhase.UPDATE_FAILED,
+                progress=before.progress,
+                message=why,
+                images=before.images,
+                event=("Warning", f"Failed to update image cache: {why}"),
+            )
+
+    # -- internals: writing
+
+    def _message(self, name: str) -> str:
+        refused = self._refused.get(name)
+        if refused is not None:
+            return refused[1]
+        cache = self.caches.get(name)
+        return cache.message if cache is not None else ""
+
+    async def _update(
+        self,
+        name: str,
+        *,
+        phase: CachePhase | None = None,
+        progress: int | None = None,
+        message: str | None = None,
+        expires_at: datetime | cb.Keep | None = cb.KEEP,
+        images: tuple[CachedImage, ...] | None = None,
+        event: tuple[str, str] | None = None,
+    ) -> None:
+        """Write a change to the registry, then the object's status (its only writer)."""
+        if name not in self.caches:
+            raise _Gone
+        now = self.clock.now()
+        if event is not None:
+            events = await self.store.append_cache_event(name, type=event[0], message=event[1], now=now)
+            if events is None:
+                raise _Gone
+            self._events[name] = events
+        extra: dict[str, Any] = {} if isinstance(expires_at, cb.Keep) else {"expires_at": expires_at}
+        stored = await self.store.set_cache_status(
+            name, now=now, phase=phase, progress=progress, message=message, images=images, **extra
+        )
+        if stored is None or name not in self.caches:
+            raise _Gone
+        known = self.caches[name]
+        if known.last_matched_at is not None and (
+            stored.last_matched_at is None or stored.last_matched_at < known.last_matched_at
+        ):
+            # A hit noted in memory whose registry write has not landed yet.
+            stored = replace(stored, last_matched_at=known.last_matched_at, expires_at=known.expires_at)
+        self.caches[name] = stored
+        await self._write_status(name, with_events=event is not None)
+
+    async def _write_status(self, name: str, *, with_events: bool) -> None:
+        cache = self.caches.get(name)
+        if cache is None:
+            return
+        now = self.clock.now()
+        events: tuple[CacheEvent, ...] | None = None
+        if with_events:
+            events = self._events.get(name)
+            if events is None:
+                events = await self.store.list_cache_events(name) or ()
+                self._events[name] = events
+        body = cb.render_status(
+            cache,
+            start_time=self._start_times.get(name, cache.created_at),
+            now=now,
+            events=events,
+            message=self._message(name),
+        )
+        delay = 0.5
+        for attempt in range(_STATUS_RETRIES):
+            try:
+                written = await self.api.patch_status(name, body)
+                self._statuses[name] = written.get("status") or body
+                return
+            except Exception as exc:
+                if getattr(exc, "is_not_found", False):
+                    raise _Gone from None
+                if attempt + 1 == _STATUS_RETRIES or not getattr(exc, "is_transient", False):
+                    log.warning("image cache %s: could not write its status: %s", name, exc)
+                    return
+            await self.clock.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+# ------------------------------------------------------------------ the Pod side
+
+
+_OUTCOMES = {
+    Outcome.EXPLICIT_HIT: "explicit_hit",
+    Outcome.AUTO_HIT: "auto_hit",
+    Outcome.MISS: "miss",
+    Outcome.NO_CACHE: "none",
+    Outcome.FAILED_NOT_FOUND: "failed",
+    Outcome.FAILED_NOT_COMPLETE: "failed",
+}
+
+
+class CacheManager:
+    """Implements the pod controller's ``CacheResolver`` over the controller's in-memory caches."""
+
+    def __init__(
+        self,
+        controller: ImageCacheController,
+        manifests: ManifestSource,
+        clock: Clock,
+        *,
+        default_auto: bool = False,
+    ) -> None:
+        self.controller = controller
+        self.manifests = manifests
+        self.clock = clock
+        self.default_auto = default_auto
+        self._lock = asyncio.Lock()
+        self.on_resolution: Callable[[PodFacts, Resolution], None] | None = None
+
+    async def resolve(self, pod: PodFacts) -> CacheDecision:
+        images = tuple(c.image for c in pod.containers)
+        sizes = self._sizes(images)
+        async with self._lock:
+            now = self.clock.now()
+            facts = PodCacheFacts(pod.uid, pod.namespace, pod.name, pod.annotation_map(), images)
+            resolution = resolve(
+                facts, list(self.controller.caches.values()), now, default_auto=self.default_auto, image_sizes=sizes
+            )
+            matched_expiry: datetime | None = None
+            if resolution.outcome.is_hit and resolution.cache is not None:
+                matched_expiry = self.controller.note_matched(resolution.cache, now)
+            reserved: ImageCache | None = None
+            evicted: tuple[ImageCache, ...] = ()
+            refusal = ""
+            if resolution.auto_create is not None:
+                reserved, evicted, refusal = self.controller.reserve_automatic(
+                    resolution.auto_create, self._cached(resolution.auto_create.images), now
+                )
+        if self.on_resolution is not None:
+            self.on_resolution(pod, resolution)
+        if resolution.outcome.is_hit and resolution.cache is not None:
+            cache = resolution.cache
+            extra: dict[str, Any] = {"expires_at": matched_expiry} if cache.automatic else {}
+            try:
+                await self.controller.store.mark_cache_matched(cache.imc_id, now, **extra)
+            except Exception as exc:
+                log.warning("image cache %s: could not record the match: %s", cache.imc_id, exc)
+        if reserved is not None:
+            await self.controller.create_automatic(reserved, evicted, f"{pod.namespace}/{pod.name}", now)
+        return self._decision(pod, resolution, refusal)
+
+    def _sizes(self, images: Sequence[str]) -> dict[str, int]:
+        sizes: dict[str, int] = {}
+        for image in images:
+            found = self.manifests.manifest(image)
+            if isinstance(found, ImageManifest):
+                sizes[found.reference] = found.size
+        return sizes
+
+    def _cached(self, references: Sequence[str]) -> tuple[CachedImage, ...]:
+        out: list[CachedImage] = []
+        for reference in references:
+            found = self.manifests.manifest(reference)
+            if isinstance(found, ImageManifest):
+                out.append(CachedImage(found.reference, found.size, found.digest))
+            else:
+                out.append(CachedImage(reference, 0))
+        return tuple(out)
+
+    def _decision(self, pod: PodFacts, resolution: Resolution, refusal: str) -> CacheDecision:
+        events = resolution.events
+        explanation = resolution.explanation
+        if refusal:
+            # The automatic cache was decided but the quota refused it: no AutoCreated Event.
+            events = tuple(e for e in events if e.reason != "ImageCacheAutoCreated")
+            explanation = f"{explanation}; not created: {refusal}"
+        outcome = _OUTCOMES[resolution.outcome]
+        if resolution.outcome.is_hit and resolution.images_to_pull:
+            outcome = "partial"
+        imc_id = ""
+        if resolution.cache is not None:
+            imc_id = resolution.cache.imc_id
+        elif resolution.outcome.is_failure:
+            imc_id = resolution.request.explicit_id or ""
+        failure: tuple[str, str] | None = None
+        if resolution.outcome.is_failure:
+            reason = resolution.outcome.value
+            message = next((e.message for e in events if e.reason == reason), resolution.explanation)
+            failure = (reason, message)
+        return CacheDecision(
+            present_images=frozenset(resolution.covered_images) if resolution.outcome.is_hit else frozenset(),
+            failure=failure,
+            events=tuple(
+                EventSpec(
+                    pod.namespace,
+                    pod.name,
+                    pod.uid,
+                    e.reason,
+                    e.message,
+                    e.type.value,
+                    component=e.source_component,
+                )
+                for e in events
+            ),
+            annotations=dict(resolution.annotations),
+            outcome=outcome,
+            imc_id=imc_id,
+            explanation=explanation,
+        )
