@@ -22,6 +22,7 @@ from vk_provider.controllers.images import CatalogImages
 from vk_provider.controllers.node import NodeController, NodeTiming
 from vk_provider.controllers.pods import PodController, PodTiming, node_allocatable
 from vk_provider.controllers.puller import Puller
+from vk_provider.controllers.records import RegistryStartRecorder
 from vk_provider.controllers.reporter import StatusReporter
 from vk_provider.domain.node import NodeFacts
 from vk_provider.http.certs import CertificateError, serving_certificate
@@ -34,6 +35,7 @@ from vk_provider.kube.pods import EventRecorder, PodClient
 from vk_provider.kube.secrets import PullSecrets
 from vk_provider.kube.session import KubeConfigError, KubeError, KubeSession
 from vk_provider.kube.watching import list_watch
+from vk_provider.metrics import NodeMetrics
 from vk_provider.oci import Platform, RegistryClient
 from vk_provider.registry.engine import database_url, open_registry
 from vk_provider.registry.migrate import upgrade
@@ -60,6 +62,7 @@ class Agent:
         self.pods: PodController | None = None
         self.registry: Registry | None = None
         self.images: CatalogImages | None = None
+        self.metrics = NodeMetrics()
 
     @classmethod
     async def create(cls, settings: Settings) -> Agent:
@@ -103,6 +106,7 @@ class Agent:
             key_file=key,
             client_ca_file=client_ca,
             authorizer=ClusterAuth(self.session),
+            metrics=self.metrics,
         )
         try:
             port = await self.server.start()
@@ -182,6 +186,7 @@ class Agent:
                 time_scale=s.pull.time_scale, create_seconds=0.0, start_seconds=s.pull.container_start_seconds
             ),
             caches=cache_manager,
+            records=RegistryStartRecorder(self.registry, self.metrics),
         )
         self.server.pods = self.pods
         self.supervisor.start("status-reporter", reporter.run())

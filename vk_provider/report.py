@@ -398,7 +398,10 @@ def render_text(comparison: Comparison) -> str:
             f"{_ratio(speedup.mean_ratio)} by mean "
             f"({_seconds(speedup.hit_mean)} s vs {_seconds(speedup.no_cache_mean)} s)"
         )
-    lines.append("times are simulated seconds, creation to all containers started; percentiles: nearest-rank")
+    lines.append(
+        "times are simulated seconds, from the Pod taken (or arrived) to all containers started; "
+        "percentiles: nearest-rank"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -666,8 +669,8 @@ def render_html(comparison: Comparison, title: str = "vk-provider: Pod start-up 
 </head>
 <body>
 <h1>{html.escape(title)}</h1>
-<p class="note">Filters: {html.escape(filters)}. Times are simulated seconds from Pod creation to all containers
-started; percentiles are nearest-rank.</p>
+<p class="note">Filters: {html.escape(filters)}. Times are simulated seconds from the Pod taken (or arrived)
+to all containers started; percentiles are nearest-rank.</p>
 {render_svg(comparison)}
 <p>{html.escape(speed)}</p>
 <table><thead><tr>{header}</tr></thead><tbody>{body_rows}</tbody></table>
