@@ -29,6 +29,7 @@ from typing import Any
 
 from vk_provider.app import Agent, StartupError
 from vk_provider.config import Settings
+from vk_provider.kube.session import KubeError
 
 log = logging.getLogger(__name__)
 SCRIPT = Path(__file__).resolve().parents[1] / "hack" / "controlplane.sh"
@@ -190,6 +191,19 @@ class Scenario:
             ],
         }
 
+    async def _post(self, path: str, body: dict[str, Any]) -> None:
+        """Create an object; retry while a new namespace is not ready for it yet (its ServiceAccount token)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while True:
+            try:
+                await self.s.request("POST", path, body=body)
+                return
+            except KubeError as exc:
+                if exc.status not in (500, 503, 0) or loop.time() > deadline:
+                    raise DemoError(f"cannot create {body['kind']} {body['metadata']['name']}: {exc.message}") from None
+            await asyncio.sleep(0.5)
+
     async def _create_pod(self, name: str, annotations: dict[str, str]) -> None:
         body = {
             "apiVersion": "v1",
@@ -197,7 +211,7 @@ class Scenario:
             "metadata": {"name": name, "labels": {"demo": name}, "annotations": annotations},
             "spec": self._pod_spec(),
         }
-        await self.s.request("POST", f"/api/v1/namespaces/{NAMESPACE}/pods", body=body)
+        await self._post(f"/api/v1/namespaces/{NAMESPACE}/pods", body)
 
     async def _create_deployment(self) -> None:
         body = {
@@ -213,7 +227,7 @@ class Scenario:
                 },
             },
         }
-        await self.s.request("POST", f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments", body=body)
+        await self._post(f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments", body)
 
     async def _running(self, names: list[str]) -> bool:
         for name in names:
@@ -263,5 +277,5 @@ async def _print_report(db: Path) -> None:
 def main(settings: Settings, options: DemoOptions) -> None:
     try:
         asyncio.run(run_demo(settings, options))
-    except DemoError as exc:
+    except (DemoError, KubeError) as exc:
         raise StartupError(str(exc)) from None
