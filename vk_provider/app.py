@@ -15,7 +15,7 @@ import signal
 
 from vk_provider import __version__
 from vk_provider.catalogs import CatalogError, load_catalogs
-from vk_provider.config import Settings
+from vk_provider.config import Settings, node_names
 from vk_provider.controllers.caches import CacheManager, CacheOptions, ImageCacheController
 from vk_provider.controllers.clock import SystemClock
 from vk_provider.controllers.images import CatalogImages
@@ -24,6 +24,8 @@ from vk_provider.controllers.pods import PodController, PodTiming, node_allocata
 from vk_provider.controllers.puller import Puller
 from vk_provider.controllers.records import RegistryStartRecorder
 from vk_provider.controllers.reporter import StatusReporter
+from vk_provider.controllers.router import PodRouter
+from vk_provider.domain.ipam import IpPool
 from vk_provider.domain.node import NodeFacts
 from vk_provider.http.certs import CertificateError, serving_certificate
 from vk_provider.http.server import KubeletServer
@@ -59,7 +61,9 @@ class Agent:
         self.clock = SystemClock()
         self.server: KubeletServer | None = None
         self.node: NodeController | None = None
-        self.pods: PodController | None = None
+        self.pods: PodController | None = None  # the first node's (all of them: pod_controllers)
+        self.pod_controllers: list[PodController] = []
+        self.nodes: list[NodeController] = []
         self.registry: Registry | None = None
         self.images: CatalogImages | None = None
         self.metrics = NodeMetrics()
@@ -171,45 +175,66 @@ class Agent:
         cache_manager = CacheManager(controller, images, self.clock, default_auto=s.caches.default_auto_match)
         pod_client = PodClient(self.session)
         reporter = StatusReporter(pod_client, workers=s.pods.status_writers, max_backoff=s.kube.max_backoff_seconds)
-        events = EventRecorder(self.session, host=s.node.name)
-        self.pods = PodController(
-            node_name=s.node.name,
-            host_ip=s.node.internal_ip,
-            pod_cidr=s.pods.pod_cidr,
-            allocatable=node_allocatable(s.node.cpu, s.node.memory, s.node.pods),
-            api=pod_client,
-            reporter=reporter,
-            events=events,
-            images=images,
-            clock=self.clock,
-            timing=PodTiming(
-                time_scale=s.pull.time_scale, create_seconds=0.0, start_seconds=s.pull.container_start_seconds
-            ),
-            caches=cache_manager,
-            records=RegistryStartRecorder(self.registry, self.metrics),
+        names = node_names(s.node)
+        events = EventRecorder(self.session, host=names[0])
+        records = RegistryStartRecorder(self.registry, self.metrics)
+        allocatable = node_allocatable(s.node.cpu, s.node.memory, s.node.pods)
+        ips = IpPool(s.pods.pod_cidr)
+        timing = PodTiming(
+            time_scale=s.pull.time_scale, create_seconds=0.0, start_seconds=s.pull.container_start_seconds
         )
-        self.server.pods = self.pods
+        controllers = [
+            PodController(
+                node_name=name,
+                host_ip=s.node.internal_ip,
+                pod_cidr=s.pods.pod_cidr,
+                allocatable=allocatable,
+                api=pod_client,
+                reporter=reporter,
+                events=events,
+                images=images,
+                clock=self.clock,
+                timing=timing,
+                caches=cache_manager,
+                records=records,
+                ips=ips,
+            )
+            for name in names
+        ]
+        self.pod_controllers = controllers
+        self.pods = controllers[0]
+        router = PodRouter(controllers)
+        self.server.pods = router
         self.supervisor.start("status-reporter", reporter.run())
         self.supervisor.start("event-recorder", events.run())
-        self.supervisor.start("pods", self.pods.run())
+        for pod_controller in controllers:
+            self.supervisor.start(f"pods:{pod_controller.node_name}", pod_controller.run())
+        # One watch for every node: by field selector for one node; for several, every bound Pod
+        # (a field selector cannot name several nodes), routed by spec.nodeName.
+        selector = f"spec.nodeName={names[0]}" if len(names) == 1 else "spec.nodeName!="
         self.supervisor.start(
             "pod-watch",
             list_watch(
                 self.session,
                 "/api/v1/pods",
-                self.pods,
-                query={"fieldSelector": f"spec.nodeName={s.node.name}"},
+                router,
+                query={"fieldSelector": selector},
                 what="pods",
                 max_backoff=s.kube.max_backoff_seconds,
             ),
         )
         try:
-            await asyncio.wait_for(self.pods.synced.wait(), timeout=30)
+            await asyncio.wait_for(router.synced.wait(), timeout=30)
         except TimeoutError:
-            log.warning("pods not listed within 30 s; registering the node anyway")
+            log.warning("pods not listed within 30 s; registering the nodes anyway")
 
-        self.node = NodeController(NodeClient(self.session), self._node_facts(port), self._node_timing(), self.clock)
-        self.supervisor.start("node-heartbeat", self.node.run())
+        for name in names:
+            node = NodeController(
+                NodeClient(self.session), self._node_facts(name, port), self._node_timing(), self.clock
+            )
+            self.nodes.append(node)
+            self.supervisor.start(f"node-heartbeat:{name}", node.run())
+        self.node = self.nodes[0]
 
     async def _open_registry(self) -> None:
         db = self.settings.registry.db
@@ -221,10 +246,10 @@ class Agent:
             raise StartupError(f"registry database {db}: {first}") from None
         log.info("registry database %s is at the newest schema", db)
 
-    def _node_facts(self, port: int) -> NodeFacts:
+    def _node_facts(self, name: str, port: int) -> NodeFacts:
         n = self.settings.node
         return NodeFacts(
-            name=n.name,
+            name=name,
             provider=n.provider,
             cpu=n.cpu,
             memory=n.memory,
@@ -272,11 +297,13 @@ class Agent:
         await self.supervisor.stop()
         if self.images is not None:
             await self.images.close()
-        if self.node is not None:
-            try:
-                await asyncio.wait_for(self.node.shutdown(), timeout=3.0)
-            except TimeoutError:
-                log.warning("node %s: shutdown update timed out", self.node.name)
+        if self.nodes:
+            results = await asyncio.gather(
+                *(asyncio.wait_for(node.shutdown(), timeout=3.0) for node in self.nodes), return_exceptions=True
+            )
+            for node, result in zip(self.nodes, results, strict=True):
+                if isinstance(result, TimeoutError):
+                    log.warning("node %s: shutdown update timed out", node.name)
         if self.server is not None:
             await self.server.stop()
         if self.registry is not None:

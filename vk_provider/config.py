@@ -57,6 +57,10 @@ class NodeSettings:
     """The virtual Node this agent registers and keeps Ready."""
 
     name: str = "virtual-kubelet"
+    # How many virtual nodes this agent runs. 1: one node called `name`; N > 1: nodes
+    # `<name>-0` ... `<name>-<N-1>`, each with its own Node, Lease and Pods, sharing one registry,
+    # one pull simulator (so one registry-wide bandwidth) and one Pod watch.
+    count: int = 1
     # Provider in the taint virtual-kubelet.io/provider=<provider>:NoSchedule.
     provider: str = "alibabacloud"
     # Capacity (= allocatable) advertised by the Node.
@@ -80,6 +84,13 @@ class NodeSettings:
     operating_system: str = "linux"
     architecture: str = "amd64"
     kubelet_version: str = "v1.20.2-vk-provider"
+
+
+def node_names(node: NodeSettings) -> list[str]:
+    """The names of the agent's nodes (see ``NodeSettings.count``)."""
+    if node.count == 1:
+        return [node.name]
+    return [f"{node.name}-{i}" for i in range(node.count)]
 
 
 @dataclass(frozen=True)
@@ -381,6 +392,10 @@ def _validate(s: Settings) -> None:
     ):
         if not _QUANTITY.match(quantity):
             raise bad(name, f"must be a Kubernetes quantity such as 4, 500m or 16Gi, got {quantity!r}")
+    if not 1 <= s.node.count <= 10000:
+        raise bad("node.count", f"must be between 1 and 10000, got {s.node.count}")
+    if s.node.count > 1 and len(f"{s.node.name}-{s.node.count - 1}") > 253:
+        raise bad("node.name", "is too long for numbered node names")
     if s.node.pods < 1:
         raise bad("node.pods", "must be at least 1")
     try:

@@ -186,6 +186,7 @@ class PodController:
         timing: PodTiming = PodTiming(),
         caches: CacheResolver | None = None,
         records: StartRecorder | None = None,
+        ips: IpPool | None = None,
     ) -> None:
         self.node_name = node_name
         self.host_ip = host_ip
@@ -198,7 +199,7 @@ class PodController:
         self.timing = timing
         self.caches: CacheResolver = caches or NoCaches()
         self.records: StartRecorder = records or NoRecords()
-        self.ips = IpPool(pod_cidr)
+        self.ips = ips if ips is not None else IpPool(pod_cidr)  # shared by the nodes of one agent: Pod IPs unique among them
         self.workers: dict[str, PodWorker] = {}
         self.synced = asyncio.Event()
         self.started_total = 0
@@ -240,6 +241,12 @@ class PodController:
 
     def pod_list(self) -> list[JSON]:
         return [w.as_api_object() for w in self.workers.values()]
+
+    def node_of(self, namespace: str, pod: str) -> str | None:
+        for w in self.workers.values():
+            if w.facts.namespace == namespace and w.facts.name == pod:
+                return self.node_name
+        return None
 
     def container_log(self, namespace: str, pod: str, container: str) -> SimLog | None:
         for w in self.workers.values():
@@ -330,7 +337,8 @@ class PodController:
 
     def emit(self, facts: PodFacts, reason: str, message: str, *, type: str = "Normal", field_path: str = "") -> None:
         self.events.record(
-            EventSpec(facts.namespace, facts.name, facts.uid, reason, message, type, field_path), self.clock.now()
+            EventSpec(facts.namespace, facts.name, facts.uid, reason, message, type, field_path, host=self.node_name),
+            self.clock.now(),
         )
 
 

@@ -18,6 +18,7 @@ class EventSpec:
     type: str = "Normal"
     field_path: str = ""
     component: str = "kubelet"
+    host: str = ""  # the node that reports it (empty: the agent's first node)
 
 
 def container_field_path(name: str, init: bool = False) -> str:

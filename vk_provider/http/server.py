@@ -50,6 +50,10 @@ class ContainerLog(Protocol):
 
 class PodView(Protocol):
     def pod_list(self) -> list[dict[str, Any]]: ...
+    def node_of(self, namespace: str, pod: str) -> str | None:
+        """Which of the agent's nodes runs this Pod (``None``: none of them)."""
+        ...
+
     def container_log(self, namespace: str, pod: str, container: str) -> ContainerLog | None: ...
 
 
@@ -60,6 +64,9 @@ class MetricsView(Protocol):
 class NoPods:
     def pod_list(self) -> list[dict[str, Any]]:
         return []
+
+    def node_of(self, namespace: str, pod: str) -> str | None:
+        return None
 
     def container_log(self, namespace: str, pod: str, container: str) -> ContainerLog | None:
         return None
@@ -130,13 +137,21 @@ class KubeletServer:
         if caller is None:
             return web.Response(status=401, text="Unauthorized\n")
         subresource = node_subresource(request.path)
-        if not await self._auth.authorize(caller, verb_for(request.method), self._node, subresource):
+        node = self._node_for(request)
+        if not await self._auth.authorize(caller, verb_for(request.method), node, subresource):
             return web.Response(
                 status=403,
                 text=f"Forbidden (user={caller.user}, verb={verb_for(request.method)}, resource=nodes, "
                 f'subresource="{subresource}")\n',
             )
         return await handler(request)  # type: ignore[no-any-return]
+
+    def _node_for(self, request: web.Request) -> str:
+        """The node a request is about: the one running the Pod it names, else the agent's first."""
+        info = request.match_info
+        if "namespace" in info and "pod" in info:
+            return self.pods.node_of(info["namespace"], info["pod"]) or self._node
+        return self._node
 
     async def _caller(self, request: web.Request) -> Caller | None:
         header = request.headers.get("Authorization", "")

@@ -121,11 +121,11 @@ class EventRecorder:
             "reason": spec.reason,
             "message": spec.message[:1024],
             "type": spec.type,
-            "source": {"component": spec.component, "host": self._host},
+            "source": {"component": spec.component, "host": spec.host or self._host},
             "firstTimestamp": when,
             "lastTimestamp": when,
             "count": 1,
             "reportingComponent": spec.component,
-            "reportingInstance": self._host,
+            "reportingInstance": spec.host or self._host,
         }
         await self._s.request("POST", f"/api/v1/namespaces/{spec.namespace}/events", body=body)
