@@ -159,12 +159,13 @@ async def test_pod_runs_through_pull_create_start(harness: Harness, clock: FakeC
 async def test_admission_out_of_cpu_and_pods(clock: FakeClock) -> None:
     h = Harness(clock, Images(clock), pods=2)
     tasks = [asyncio.create_task(h.reporter.run()), asyncio.create_task(h.ctl.run())]
-    await h.ctl.resync([pod("a", cpu="600m"), pod("b", cpu="600m"), pod("c", cpu="1m"), pod("d", cpu="1m")])
+    await h.ctl.resync([pod("a", cpu="600m"), pod("b", cpu="600m"), pod("c", cpu="400m"), pod("d", cpu="1m")])
     await clock.advance(1)
     assert h.api.last("b")["phase"] == "Failed"
     assert h.api.last("b")["reason"] == "OutOfcpu"
     assert h.api.last("d")["reason"] == "OutOfpods"
-    assert h.api.last("c")["phase"] == "Pending"
+    assert h.api.last("c")["phase"] == "Pending"  # exactly fills the node: 600m + 400m = 1 core, 2 Pods
+    assert h.api.last("a")["phase"] == "Pending"
     assert "OutOfcpu" in h.events.reasons("b")
     for t in tasks:
         t.cancel()

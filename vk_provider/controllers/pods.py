@@ -199,7 +199,8 @@ class PodController:
         self.timing = timing
         self.caches: CacheResolver = caches or NoCaches()
         self.records: StartRecorder = records or NoRecords()
-        self.ips = ips if ips is not None else IpPool(pod_cidr)  # shared by the nodes of one agent: Pod IPs unique among them
+        # Shared by the nodes of one agent, so Pod IPs are unique among them.
+        self.ips = ips if ips is not None else IpPool(pod_cidr)
         self.workers: dict[str, PodWorker] = {}
         self.synced = asyncio.Event()
         self.started_total = 0
@@ -270,6 +271,7 @@ class PodController:
         now = self.clock.now()
         adopted = lc.adopt(status, facts.restart_policy, now)
         worker = PodWorker(self, facts)
+        rejection = None if adopted is not None else self._admit(facts)  # before it counts as used
         self.workers[facts.uid] = worker
         if adopted is not None:
             worker.state = adopted
@@ -277,7 +279,6 @@ class PodController:
             self.reporter.seen(facts.uid, facts.namespace, facts.name, lc.render_status(adopted))
             worker.adopted = True
         else:
-            rejection = self._admit(facts)
             if rejection is not None:
                 worker.rejection = rejection
             else:

@@ -67,6 +67,10 @@ class StatusReporter:
         if entry is not None:
             self._wake(entry)
 
+    def busy(self) -> int:
+        """How many Pods have a status waiting to be written or being written."""
+        return sum(1 for e in self._entries.values() if e.pending is not None or e.in_flight)
+
     async def flushed(self, uid: str) -> None:
         """Wait until nothing is pending or in flight for this Pod."""
         entry = self._entries.get(uid)

@@ -1,0 +1,91 @@
+"""Run the agent in-process for a benchmark, with settings tuned for measuring, and bulk-create Pods."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from vk_provider.app import Agent
+from vk_provider.config import Settings, load_settings
+from vk_provider.kube.session import KubeError, KubeSession
+
+
+def settings_for(kubeconfig: str, node: str, **pull: Any) -> Settings:
+    work = Path(tempfile.mkdtemp(prefix="vkp-bench-"))
+    s = load_settings(env={})
+    return replace(
+        s,
+        kube=replace(s.kube, kubeconfig=kubeconfig, qps=0),
+        node=replace(s.node, name=node),
+        kubelet=replace(s.kubelet, port=0, cert_dir=str(work / "certs")),
+        registry=replace(s.registry, db=str(work / "registry.db")),
+        pull=replace(s.pull, **pull),
+        log_level="WARNING",
+    )
+
+
+@contextlib.asynccontextmanager
+async def running_agent(settings: Settings) -> AsyncIterator[Agent]:
+    agent = await Agent.create(settings)
+    stop = asyncio.Event()
+    runner = asyncio.create_task(agent.run(stop))
+    try:
+        while not agent.nodes or not all(n.heartbeats for n in agent.nodes):
+            if runner.done():
+                runner.result()
+            await asyncio.sleep(0.05)
+        yield agent
+    finally:
+        stop.set()
+        await runner
+
+
+async def namespace(s: KubeSession, name: str) -> None:
+    await s.request(
+        "POST", "/api/v1/namespaces", body={"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}
+    )
+    while True:
+        try:
+            sa = await s.request("GET", f"/api/v1/namespaces/{name}/serviceaccounts/default")
+            if sa.get("secrets"):
+                return
+        except KubeError:
+            pass
+        await asyncio.sleep(0.1)
+
+
+def pod(name: str, node: str, annotations: dict[str, str] | None = None, image: str = "nginx:1.7.9") -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "annotations": annotations or {}},
+        "spec": {"nodeName": node, "containers": [{"name": "c", "image": image, "imagePullPolicy": "IfNotPresent"}]},
+    }
+
+
+async def create_pods(s: KubeSession, ns: str, pods: list[dict[str, Any]], concurrency: int = 16) -> float:
+    """Create the Pods; returns the wall seconds it took."""
+    queue = list(pods)
+    started = time.perf_counter()
+
+    async def worker() -> None:
+        while queue:
+            body = queue.pop()
+            await s.request("POST", f"/api/v1/namespaces/{ns}/pods", body=body)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return time.perf_counter() - started
+
+
+async def wait_running(s: KubeSession, ns: str, count: int, interval: float = 0.25) -> None:
+    while True:
+        items = (await s.request("GET", f"/api/v1/namespaces/{ns}/pods"))["items"]
+        if sum(1 for p in items if p.get("status", {}).get("phase") == "Running") >= count:
+            return
+        await asyncio.sleep(interval)
