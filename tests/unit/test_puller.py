@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import selectors
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -35,54 +33,11 @@ from vk_provider.domain.pullmodel import (
     fetch_seconds,
     plan_pod_pull,
 )
+from vk_provider.virtualtime import run_virtual
 
 T = TypeVar("T")
 
 NO_JITTER = PullSettings(jitter=0.0)
-
-
-class _VirtualSelector(selectors.DefaultSelector):
-    """Polls real I/O without blocking; a wait for a timer becomes a jump of the virtual clock."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.now = 0.0
-
-    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        ready: list[tuple[selectors.SelectorKey, int]] = super().select(0)
-        if ready:
-            return ready
-        if timeout is None:
-            raise RuntimeError("virtual-time loop would wait forever: nothing is scheduled (deadlock)")
-        self.now += timeout
-        return []
-
-
-class VirtualTimeLoop(asyncio.SelectorEventLoop):
-    def __init__(self) -> None:
-        self._virtual = _VirtualSelector()
-        super().__init__(self._virtual)
-
-    def time(self) -> float:
-        return self._virtual.now
-
-
-def run_virtual(main: Callable[[], Awaitable[T]]) -> T:
-    """Run ``main`` on a fresh virtual-time loop and fail if it leaves any task behind."""
-    loop = VirtualTimeLoop()
-    try:
-
-        async def wrapper() -> T:
-            return await main()
-
-        result = loop.run_until_complete(wrapper())
-        # Cancelled timers finish on the next iteration; anything still pending after that leaked.
-        loop.run_until_complete(asyncio.sleep(0))
-        leaked = [task for task in asyncio.all_tasks(loop) if not task.done()]
-        assert not leaked, f"tasks left running: {leaked}"
-        return result
-    finally:
-        loop.close()
 
 
 def layer(name: str, size_mb: float, ratio: float = 2.5) -> Layer:
