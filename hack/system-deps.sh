@@ -2,7 +2,7 @@
 # Debian packages vk-provider's tests and demo need at run time. As root, installs the missing
 # ones; otherwise names them. (The control plane build installs its own: see hack/controlplane.sh.)
 set -euo pipefail
-pkgs=(openssl curl ca-certificates sqlite3 etcd-server docker-registry)
+pkgs=(openssl curl ca-certificates sqlite3 etcd-server docker-registry postgresql)
 python3 -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -39,7 +39,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
                 counts[outcome] = counts.get(outcome, 0) + 1
     if counts:
         summary = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-        terminalreporter.write_line(f"integration tests (real kube-apiserver, real SQLite): {summary}")
+        terminalreporter.write_line(f"integration tests (real kube-apiserver, SQLite, PostgreSQL, registry): {summary}")
 
 
 @pytest.fixture(scope="session")

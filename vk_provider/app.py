@@ -19,6 +19,7 @@ from vk_provider.config import Settings, node_names
 from vk_provider.controllers.caches import CacheManager, CacheOptions, ImageCacheController
 from vk_provider.controllers.clock import SystemClock
 from vk_provider.controllers.images import CatalogImages
+from vk_provider.controllers.leader import LeaderElector, LeaderTiming, election_wanted, leader_identity
 from vk_provider.controllers.node import NodeController, NodeTiming
 from vk_provider.controllers.pods import PodController, PodTiming, node_allocatable
 from vk_provider.controllers.puller import Puller
@@ -32,6 +33,7 @@ from vk_provider.http.server import KubeletServer
 from vk_provider.kube.auth import ClusterAuth
 from vk_provider.kube.imagecaches import LIST_PATH as IMAGECACHES_PATH
 from vk_provider.kube.imagecaches import CrdError, ImageCacheClient, ensure_crd, load_crd_manifest
+from vk_provider.kube.leases import LeaseClient
 from vk_provider.kube.nodes import NodeClient
 from vk_provider.kube.pods import EventRecorder, PodClient
 from vk_provider.kube.secrets import PullSecrets
@@ -67,6 +69,7 @@ class Agent:
         self.registry: Registry | None = None
         self.images: CatalogImages | None = None
         self.metrics = NodeMetrics()
+        self.records: RegistryStartRecorder | None = None
 
     @classmethod
     async def create(cls, settings: Settings) -> Agent:
@@ -145,7 +148,21 @@ class Agent:
                 await ensure_crd(self.session, load_crd_manifest())
             except CrdError as exc:
                 raise StartupError(str(exc)) from None
+        # Agents sharing a registry elect one cache builder (caches.leader_election).
+        elector: LeaderElector | None = None
+        if election_wanted(s.caches.leader_election, s.registry.db):
+            elector = LeaderElector(
+                LeaseClient(self.session),
+                identity=leader_identity(s.node.name, random.Random()),
+                clock=self.clock,
+                namespace=s.caches.leader_namespace,
+                name=s.caches.leader_lease,
+                timing=LeaderTiming.for_lease(
+                    s.caches.leader_lease_duration_seconds, s.caches.leader_renew_interval_seconds
+                ),
+            )
         controller = ImageCacheController(
+            leadership=elector,
             api=ImageCacheClient(self.session),
             store=self.registry,
             manifests=images,
@@ -172,12 +189,15 @@ class Agent:
             await asyncio.wait_for(controller.synced.wait(), timeout=30)
         except TimeoutError:
             log.warning("image caches not listed within 30 s; Pods are resolved against what is known")
+        if elector is not None:
+            self.supervisor.start("imagecache-leader", elector.run())
         cache_manager = CacheManager(controller, images, self.clock, default_auto=s.caches.default_auto_match)
         pod_client = PodClient(self.session)
         reporter = StatusReporter(pod_client, workers=s.pods.status_writers, max_backoff=s.kube.max_backoff_seconds)
         names = node_names(s.node)
         events = EventRecorder(self.session, host=names[0])
-        records = RegistryStartRecorder(self.registry, self.metrics)
+        self.records = records = RegistryStartRecorder(self.registry, self.metrics)
+        self.supervisor.start("start-records", records.run())
         allocatable = node_allocatable(s.node.cpu, s.node.memory, s.node.pods)
         ips = IpPool(s.pods.pod_cidr)
         timing = PodTiming(
@@ -294,6 +314,8 @@ class Agent:
     async def shutdown(self) -> None:
         """Reverse start order: tasks stop, the Node is left NotReady (or deleted), then HTTP and the session."""
         log.info("shutting down")
+        if self.records is not None:
+            await self.records.flush(timeout=3.0)
         await self.supervisor.stop()
         if self.images is not None:
             await self.images.close()

@@ -162,6 +162,17 @@ class CacheSettings:
     sweep_interval_seconds: float = 60.0
     # Simulated seconds of a build's snapshot step, after its images are pulled (pull.time_scale applies).
     snapshot_seconds: float = 5.0
+    # Agents sharing one registry elect a leader (holder of a Lease), which alone builds caches, writes
+    # their status, deletes expired ones and enforces quotas; every agent matches Pods against every
+    # cache. auto: elect when registry.db is a shared database (a URL other than SQLite); always; never.
+    leader_election: Literal["auto", "always", "never"] = "auto"
+    # The election's Lease. kube-system: a namespace every cluster has (RBAC: get, create, update leases).
+    leader_lease: str = "vk-provider-imagecaches"
+    leader_namespace: str = "kube-system"
+    # A leader renews every leader_renew_interval_seconds and steps down when it could not for 2/3 of
+    # the duration; another agent takes over once the Lease went unrenewed for the duration.
+    leader_lease_duration_seconds: int = 15
+    leader_renew_interval_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -432,6 +443,14 @@ def _validate(s: Settings) -> None:
         raise bad("caches.manual_quota", "and caches.automatic_quota must be zero or more")
     if s.caches.sweep_interval_seconds <= 0 or s.caches.snapshot_seconds < 0:
         raise bad("caches.sweep_interval_seconds", "must be positive and caches.snapshot_seconds not negative")
+    if not _DNS_NAME.match(s.caches.leader_lease) or len(s.caches.leader_lease) > 253:
+        raise bad("caches.leader_lease", f"must be a lowercase DNS name, got {s.caches.leader_lease!r}")
+    if not _DNS_NAME.match(s.caches.leader_namespace) or "." in s.caches.leader_namespace:
+        raise bad("caches.leader_namespace", f"must be a namespace name, got {s.caches.leader_namespace!r}")
+    if s.caches.leader_lease_duration_seconds < 3:
+        raise bad("caches.leader_lease_duration_seconds", "must be at least 3")
+    if not 0 < s.caches.leader_renew_interval_seconds < s.caches.leader_lease_duration_seconds * 2 / 3:
+        raise bad("caches.leader_renew_interval_seconds", "must be positive and shorter than 2/3 of the lease duration")
     problems = s.pull.problems()
     if problems:
         raise ConfigError(f"setting pull.{problems[0]}")

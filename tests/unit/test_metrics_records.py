@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 from vk_provider.controllers.pods import CacheDecision, ImageResult, PodStart
@@ -64,8 +65,12 @@ def start(outcome: str = "miss") -> PodStart:
 async def test_recorded_once_with_metrics() -> None:
     store, metrics = Store(), NodeMetrics()
     recorder = RegistryStartRecorder(store, metrics)
+    writer = asyncio.create_task(recorder.run())
     await recorder.record(start())
     await recorder.record(start())  # a restarted agent finishing the same start
+    await recorder.flush()
+    writer.cancel()
+    await asyncio.gather(writer, return_exceptions=True)
     assert len(store.rows) == 1
     row = store.rows["u1"]
     assert row.outcome is CacheOutcome.MISS
@@ -81,3 +86,27 @@ async def test_recorded_once_with_metrics() -> None:
 
 def test_unknown_outcome_is_none() -> None:
     assert to_record(start("weird")).outcome is CacheOutcome.NONE
+
+
+class FlakyStore(Store):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail = 2
+
+    async def record_pod_start(self, record: PodStartRecord) -> bool:
+        if self.fail:
+            self.fail -= 1
+            raise RuntimeError("database is locked")
+        return await super().record_pod_start(record)
+
+
+async def test_a_failed_write_is_retried_not_lost() -> None:
+    store = FlakyStore()
+    recorder = RegistryStartRecorder(store, NodeMetrics(), max_backoff=0.01)
+    writer = asyncio.create_task(recorder.run())
+    await recorder.record(start())
+    await recorder.flush()
+    writer.cancel()
+    await asyncio.gather(writer, return_exceptions=True)
+    assert list(store.rows) == ["u1"]
+    assert recorder.failures == 2

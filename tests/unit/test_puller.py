@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import replace
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
@@ -34,8 +34,6 @@ from vk_provider.domain.pullmodel import (
     plan_pod_pull,
 )
 from vk_provider.virtualtime import run_virtual
-
-T = TypeVar("T")
 
 NO_JITTER = PullSettings(jitter=0.0)
 

@@ -13,6 +13,17 @@ Pod's cache never queries the database.
 cache it creates is seen by the next Pod (a burst of misses shares one automatic cache); then
 it records hits and creates automatic caches as ImageCache objects.
 
+Several agents may share one registry (PostgreSQL) and the cluster's ImageCache objects. Then
+one of them leads (``controllers.leader``: it holds a Lease) and only the leader acts on caches:
+it builds them, writes their status and their registry rows, deletes expired ones and enforces
+quotas. Every agent, leader or follower, watches the objects and keeps the in-memory index, so
+Pods on every agent resolve against every cache; a follower takes each cache from the shared
+registry row (the leader writes the row before the status, so a status change seen on the watch
+is already in the registry), records its own hits there, and may create an automatic cache's
+object on a miss (the leader builds it). When leadership moves, the new leader reloads the index
+from the registry and replays every object as a resync does, which resumes unfinished builds.
+Without ``leadership`` the controller always leads (one agent, its own registry).
+
 Decisions live in ``domain.cachebuild`` and ``domain.resolver``; this module gathers facts and
 applies what they decide. Time comes from the injected clock and ids from the injected random
 generator. A restarted agent resumes: caches left in Preparing/Creating/Updating are built
@@ -24,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Protocol
@@ -57,6 +68,8 @@ class CacheStore(Protocol):
     """The registry's cache methods (``registry.repository.Registry``)."""
 
     async def list_caches(self) -> tuple[ImageCache, ...]: ...
+
+    async def get_cache_by_name(self, name: str) -> ImageCache | None: ...
 
     async def upsert_cache(self, cache: ImageCache, *, now: datetime) -> ImageCache:
         """Create or update the row named ``cache.name``; raises ValueError on an id used by another."""
@@ -140,8 +153,25 @@ class CacheOptions:
     time_scale: float = 1.0
 
 
+class Leadership(Protocol):
+    """Who acts on caches (``controllers.leader.LeaderElector``).
+
+    The controller reads ``is_leader`` once, when it is made, and then follows ``on_change``,
+    which it sets to its own :meth:`ImageCacheController.leadership_changed`.
+    """
+
+    @property
+    def is_leader(self) -> bool: ...
+
+    on_change: Callable[[bool], Awaitable[None]] | None
+
+
 class _Gone(Exception):
     """The cache's object or row disappeared while it was being worked on."""
+
+
+class _NotLeader(_Gone):
+    """Leadership was lost while a cache was being worked on; the next leader carries on."""
 
 
 # ------------------------------------------------------------------ the controller
@@ -160,6 +190,7 @@ class ImageCacheController:
         clock: Clock,
         rng: random.Random,
         options: CacheOptions = CacheOptions(),
+        leadership: Leadership | None = None,
     ) -> None:
         self.api = api
         self.store = store
@@ -179,7 +210,20 @@ class ImageCacheController:
         self._refused: dict[str, tuple[tuple[str, ...], str]] = {}
         self._pending: dict[str, float] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._objects: dict[str, JSON] = {}
+        # Object events and leadership changes are applied one at a time, so that a takeover's
+        # replay never interleaves with an event's handling.
+        self._lock = asyncio.Lock()
+        self._elected = leadership is not None
+        self._leading = leadership is None or leadership.is_leader
+        if leadership is not None:
+            leadership.on_change = self.leadership_changed
         self.builds_finished = 0
+
+    @property
+    def leading(self) -> bool:
+        """Whether this agent acts on caches now (always, without an election)."""
+        return self._leading
 
     # -- queries
 
@@ -194,6 +238,10 @@ class ImageCacheController:
     # -- watch handler
 
     async def resync(self, objects: list[JSON]) -> None:
+        async with self._lock:
+            await self._resync(objects)
+
+    async def _resync(self, objects: list[JSON]) -> None:
         if not self._loaded:
             self.caches = {cache.name: cache for cache in await self.store.list_caches()}
             self._loaded = True
@@ -203,7 +251,7 @@ class ImageCacheController:
             name = (obj.get("metadata") or {}).get("name")
             if name:
                 seen.add(name)
-                await self.upsert(obj)
+                await self._upsert(obj)
         now = self.clock.monotonic()
         for name in [n for n in self.caches if n not in seen]:
             if now - self._pending.get(name, -_PENDING_SECONDS) < _PENDING_SECONDS:
@@ -213,10 +261,15 @@ class ImageCacheController:
         self.synced.set()
 
     async def upsert(self, obj: JSON) -> None:
+        async with self._lock:
+            await self._upsert(obj)
+
+    async def _upsert(self, obj: JSON) -> None:
         meta = obj.get("metadata") or {}
         name = meta.get("name")
         if not name or meta.get("deletionTimestamp"):
             return
+        self._objects[name] = obj
         try:
             await self._apply(name, meta, obj)
         except _Gone:
@@ -233,6 +286,9 @@ class ImageCacheController:
         started = parse_time(status.get("startTime"))
         if started is not None:
             self._start_times.setdefault(name, started)
+        if not self._leading:
+            await self._follow(name, meta, spec, status)
+            return
         current = self.caches.get(name)
         if current is None:
             await self._create(name, spec, status, parse_time(meta.get("creationTimestamp")))
@@ -259,9 +315,105 @@ class ImageCacheController:
 
     async def delete(self, obj: JSON) -> None:
         name = (obj.get("metadata") or {}).get("name")
-        if name and name in self.caches:
-            log.info("image cache %s: deleted", name)
-            await self._forget(name)
+        if not name:
+            return
+        async with self._lock:
+            self._objects.pop(name, None)
+            if name in self.caches:
+                log.info("image cache %s: deleted", name)
+                await self._forget(name)
+
+    # -- leadership
+
+    async def leadership_changed(self, leading: bool) -> None:
+        """Start or stop acting on caches (the elector's ``on_change``).
+
+        Stepping down stops every build at once (the next leader resumes them). Taking over
+        reloads the index from the shared registry, where the previous leader wrote, and replays
+        every object known as a resync would: unfinished builds resume, objects created while
+        there was no leader are built.
+        """
+        async with self._lock:
+            if leading == self._leading:
+                return
+            self._leading = leading
+            if not leading:
+                log.info("image caches: no longer the leader; builds stop, another agent carries them on")
+                builds = [task for task in self._builds.values() if not task.done()]
+                self._builds.clear()
+                for task in builds:
+                    task.cancel()
+                await asyncio.gather(*builds, return_exceptions=True)
+                return
+            log.info("image caches: now the leader; resuming what is unfinished")
+            if not self._loaded:
+                return  # the first resync acts as the leader
+            stored = {cache.name: cache for cache in await self.store.list_caches()}
+            pending = {n: c for n, c in self.caches.items() if n in self._pending and n not in stored}
+            self.caches = {name: self._with_known_match(cache) for name, cache in stored.items()} | pending
+            for obj in list(self._objects.values()):
+                await self._upsert(obj)
+
+    def _with_known_match(self, stored: ImageCache) -> ImageCache:
+        """``stored``, with a hit noted in memory whose registry write has not landed yet."""
+        known = self.caches.get(stored.name)
+        if (
+            known is not None
+            and known.last_matched_at is not None
+            and (stored.last_matched_at is None or stored.last_matched_at < known.last_matched_at)
+        ):
+            return replace(stored, last_matched_at=known.last_matched_at, expires_at=known.expires_at)
+        return stored
+
+    async def _follow(self, name: str, meta: JSON, spec: CacheSpec, status: JSON) -> None:
+        """A follower's index entry: the shared registry's row (the leader wrote it), else the
+        object's status (a registry of its own), else what this agent reserved on a miss."""
+        current = self.caches.get(name)
+        if current is not None and not cb.status_differs(status, current, current.message):
+            return
+        row = await self.store.get_cache_by_name(name)
+        status_id = str(status.get("imageCacheId") or "")
+        if row is not None and status_id in ("", row.imc_id):
+            self._follow_to(row, current)
+            return
+        phase_text = str(status.get("phase") or "")
+        if cb.is_imc_id(status_id) and phase_text in {phase.value for phase in CachePhase}:
+            created = parse_time(meta.get("creationTimestamp")) or self.clock.now()
+            self._follow_to(
+                ImageCache(
+                    imc_id=status_id,
+                    name=name,
+                    phase=CachePhase(phase_text),
+                    size_gib=spec.size_gib,
+                    images=self._cached_images(spec),
+                    automatic=spec.automatic,
+                    created_at=created,
+                    progress=cb.parse_progress(status.get("progress")),
+                    expires_at=parse_time(status.get("expireDateTime")),
+                    message=str(status.get("message") or ""),
+                ),
+                current,
+            )
+
+    def _follow_to(self, cache: ImageCache, before: ImageCache | None) -> None:
+        cache = self._with_known_match(cache)
+        self.caches[cache.name] = cache
+        if before is None or before.phase is not cache.phase:
+            log.info("image cache %s (%s): %s, as the leader reports", cache.name, cache.imc_id, cache.phase.value)
+
+    async def _refresh_matches(self) -> None:
+        """Take hits that other agents recorded in the shared registry into the index (their
+        expiry and LRU order), before the leader deletes or evicts anything."""
+        for stored in await self.store.list_caches():
+            known = self.caches.get(stored.name)
+            if (
+                known is not None
+                and stored.last_matched_at is not None
+                and (known.last_matched_at is None or known.last_matched_at < stored.last_matched_at)
+            ):
+                self.caches[stored.name] = replace(
+                    known, last_matched_at=stored.last_matched_at, expires_at=stored.expires_at
+                )
 
     # -- running
 
@@ -271,7 +423,10 @@ class ImageCacheController:
             while True:
                 await self.synced.wait()
                 try:
-                    await self.sweep()
+                    if self._leading:
+                        if self._elected:
+                            await self._refresh_matches()
+                        await self.sweep()
                 except Exception:  # the next sweep tries again; the agent must not stop for it
                     log.exception("image caches: the expiry sweep failed")
                 await self.clock.sleep(self.options.sweep_interval_seconds)
@@ -309,7 +464,12 @@ class ImageCacheController:
         """
         if auto.name in self.caches:
             return self.caches[auto.name], (), ""
-        quota = cb.quota_decision(self.caches.values(), automatic=True, quota=self.options.automatic_quota, lru=True)
+        # A follower only creates the object: the leader applies the quota when it sees it.
+        quota = (
+            cb.quota_decision(self.caches.values(), automatic=True, quota=self.options.automatic_quota, lru=True)
+            if self._leading
+            else cb.QuotaDecision()
+        )
         if quota.refusal:
             return None, (), quota.refusal
         for victim in quota.evict:
@@ -338,7 +498,8 @@ class ImageCacheController:
             self.caches[victim.name] = victim  # so that remove() forgets it completely
             await self.remove(victim.name)
         try:
-            await self.store.upsert_cache(cache, now=now)
+            if self._leading:  # a follower's row is written by the leader, from the object
+                await self.store.upsert_cache(cache, now=now)
             await self.api.create(
                 cb.auto_cache_body(
                     cache.name, cache.imc_id, [i.reference for i in cache.images], cache.size_gib, created_for
@@ -427,8 +588,19 @@ class ImageCacheController:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         self.caches.pop(name, None)
-        for table in (self._specs, self._statuses, self._events, self._start_times, self._refused, self._pending):
+        tables: tuple[dict[str, Any], ...] = (
+            self._specs,
+            self._statuses,
+            self._events,
+            self._start_times,
+            self._refused,
+            self._pending,
+            self._objects,
+        )
+        for table in tables:
             table.pop(name, None)
+        if not self._leading:
+            return  # the shared row is the leader's to delete
         try:
             await self.store.delete_cache(name)
         except Exception as exc:
@@ -437,7 +609,7 @@ class ImageCacheController:
     # -- internals: building
 
     def _start_build(self, name: str, spec: CacheSpec, *, update: bool) -> None:
-        if self.building(name):
+        if self.building(name) or not self._leading:
             return
         task = asyncio.create_task(self._build(name, spec, update), name=f"imagecache-build:{name}")
         self._builds[name] = task
@@ -445,6 +617,8 @@ class ImageCacheController:
     async def _build(self, name: str, spec: CacheSpec, update: bool) -> None:
         try:
             await self._build_steps(name, spec, update)
+        except _NotLeader:
+            log.info("image cache %s: no longer the leader; the build is left to the next one", name)
         except _Gone:
             log.info("image cache %s: gone during its build", name)
         except asyncio.CancelledError:
@@ -569,6 +743,8 @@ class ImageCacheController:
         event: tuple[str, str] | None = None,
     ) -> None:
         """Write a change to the registry, then the object's status (its only writer)."""
+        if not self._leading:
+            raise _NotLeader
         if name not in self.caches:
             raise _Gone
         now = self.clock.now()
@@ -594,7 +770,7 @@ class ImageCacheController:
 
     async def _write_status(self, name: str, *, with_events: bool) -> None:
         cache = self.caches.get(name)
-        if cache is None:
+        if cache is None or not self._leading:
             return
         now = self.clock.now()
         events: tuple[CacheEvent, ...] | None = None

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -478,11 +478,11 @@ class PodWorker:
         for spec in f.init_containers:
             if not await self._run_init(spec, images, start):
                 return
-        lives: list[Awaitable[None]] = []
+        started: list[ContainerSpec] = []
         for spec in f.main_containers:
             if not await self._pull_create_start(spec, images, start):
                 return  # an image that can never be pulled: the Pod stays Pending with the reason
-            lives.append(self._live(spec, images))
+            started.append(spec)
         started_at = clock.now()
         start.started_at = started_at
         # Simulated seconds from the node taking the Pod to all containers started. (The Pod's
@@ -494,7 +494,7 @@ class PodWorker:
             await self.ctl.records.record(start)
         except Exception as exc:
             log.warning("pod %s: could not record its start: %s", f.key, exc)
-        await asyncio.gather(*lives)
+        await asyncio.gather(*(self._live(spec, images) for spec in started))
 
     @property
     def _state(self) -> PodState:

@@ -7,11 +7,15 @@ twice); metrics are observed only for starts this process stored.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Protocol
 
 from vk_provider.controllers.pods import PodStart
 from vk_provider.domain.records import CacheOutcome, ImagePullRecord, PodStartRecord
 from vk_provider.metrics import NodeMetrics, image_size_bucket
+
+log = logging.getLogger(__name__)
 
 
 class PodStartStore(Protocol):
@@ -58,11 +62,52 @@ def to_record(start: PodStart) -> PodStartRecord:
 
 
 class RegistryStartRecorder:
-    def __init__(self, store: PodStartStore, metrics: NodeMetrics) -> None:
+    """Queues Pod starts and stores them one at a time, so a Pod never waits for the database.
+
+    Many Pods starting at once would otherwise contend for the SQLite write lock. A failed write
+    is retried with back-off (nothing recorded is dropped while the agent runs); :meth:`flush`
+    drains the queue on shutdown.
+    """
+
+    def __init__(self, store: PodStartStore, metrics: NodeMetrics, *, max_backoff: float = 5.0) -> None:
         self._store = store
         self._metrics = metrics
+        self._queue: asyncio.Queue[PodStart] = asyncio.Queue()
+        self._max_backoff = max_backoff
+        self.failures = 0
 
     async def record(self, start: PodStart) -> None:
+        self._queue.put_nowait(start)
+
+    async def run(self) -> None:
+        while True:
+            start = await self._queue.get()
+            try:
+                await self._store_with_retries(start)
+            finally:
+                self._queue.task_done()
+
+    async def flush(self, timeout: float = 5.0) -> None:
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout)
+        except TimeoutError:
+            log.warning("%d Pod starts were not recorded before shutdown", self._queue.qsize())
+
+    async def _store_with_retries(self, start: PodStart) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                await self._write(start)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.failures += 1
+                log.warning("could not record the start of %s (%s); retrying", start.pod.key, exc)
+                await asyncio.sleep(backoff)
+                backoff = min(self._max_backoff, backoff * 2)
+
+    async def _write(self, start: PodStart) -> None:
         record = to_record(start)
         if not await self._store.record_pod_start(record):
             return

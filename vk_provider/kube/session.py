@@ -240,7 +240,9 @@ class KubeSession:
                 body=body,
                 auth_settings=["BearerToken"],
                 _preload_content=False,
-                _request_timeout=aiohttp.ClientTimeout(total=timeout, connect=min(timeout, 5.0)),
+                # sock_connect, not connect: under load a request may wait for a pooled
+                # connection, which is not an unreachable server.
+                _request_timeout=aiohttp.ClientTimeout(total=timeout, sock_connect=min(timeout, 5.0)),
             )
         except k8s_client.ApiException as exc:  # raised for request-building problems only
             raise KubeError(exc.status or 0, str(exc.reason), str(exc)) from None

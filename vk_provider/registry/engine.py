@@ -11,6 +11,10 @@ busy timeout (a writer waits for the lock instead of failing), enforced foreign 
 taking the write lock up front is what lets the busy timeout work; a deferred transaction that
 read first and then tries to write fails at once with "database is locked" when another
 connection wrote in between, whatever the timeout.
+
+PostgreSQL (``postgresql://…``, through asyncpg: ``pip install vk-provider[postgres]``) lets
+several agents share one registry. Its connections need no tuning; the pool checks a connection
+before handing it out, so a restarted database server costs a reconnect rather than an error.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    if parsed.get_backend_name() != "sqlite":
+        kwargs.setdefault("pool_pre_ping", True)
     engine = create_async_engine(url, **kwargs)
     if is_sqlite(engine):
         _configure_sqlite(engine)

@@ -22,7 +22,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection
+from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from vk_provider.registry.engine import MIGRATION_OPTION, create_engine, database_url, is_sqlite
@@ -65,6 +65,9 @@ def _pragma(connection: Connection, sql: str) -> list[tuple[object, ...]]:
         cursor.close()
 
 
+_MIGRATION_LOCK = 0x766B7072  # "vkpr": the advisory lock key that serialises migrations
+
+
 async def on_migration_connection(target: AsyncEngine | str, work: Callable[[Connection], _T]) -> _T:
     """Run ``work`` (sync, given a sync connection) on a connection meant for migrations.
 
@@ -74,6 +77,16 @@ async def on_migration_connection(target: AsyncEngine | str, work: Callable[[Con
     engine = create_engine(target) if isinstance(target, str) else target
     try:
         async with engine.connect() as connection:
+            if engine.dialect.name == "postgresql":
+                # Agents sharing one database may start together: one migrates, the others wait
+                # (a session-level advisory lock outlives the transactions alembic commits).
+                await connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
+                await connection.commit()
+                try:
+                    return await connection.run_sync(work)
+                finally:
+                    await connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK})
+                    await connection.commit()
             if not is_sqlite(engine):
                 return await connection.run_sync(work)
             await connection.execution_options(**{MIGRATION_OPTION: True})

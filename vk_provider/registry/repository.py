@@ -6,6 +6,11 @@ own ``AsyncSession``: short transactions keep the SQLite write lock brief for ot
 for people reading the file with ``sqlite3``. Writes begin with ``BEGIN IMMEDIATE`` on SQLite
 (see ``engine``). It does not create the schema (``migrate``) and holds no state between calls.
 
+On PostgreSQL (a registry shared by several agents) the same statements run; where SQLite's
+``BEGIN IMMEDIATE`` serialised writers for free, rows are locked explicitly (``FOR UPDATE``) or
+written with one ``INSERT … ON CONFLICT`` statement, so concurrent agents neither lose updates
+nor fail on an insert race.
+
 Reads of many caches take two queries (caches, then all their images), and of many Pod starts
 one joined query, whatever their number: never a query per cache.
 """
@@ -194,7 +199,7 @@ class Registry:
             yield session
 
     def _insert(self, session: AsyncSession, entity: Any) -> Any:
-        """A dialect INSERT, for ON CONFLICT DO NOTHING (SQLite and PostgreSQL spell it alike)."""
+        """A dialect INSERT, for ON CONFLICT clauses (SQLite and PostgreSQL spell them alike)."""
         dialect = session.get_bind().dialect.name
         if dialect == "postgresql":
             return postgresql.insert(entity)
@@ -443,7 +448,12 @@ class Registry:
         None if there is no such cache. See ``records.merge_cache_event`` for counting.
         """
         async with self._writing() as session:
-            cache_id = (await session.execute(select(CacheRow.id).where(CacheRow.name == name))).scalar_one_or_none()
+            # FOR UPDATE: on PostgreSQL concurrent appends (several tasks, several agents) would
+            # otherwise read the same events and lose counts; SQLite's BEGIN IMMEDIATE already
+            # serialises writers (and SQLAlchemy leaves the clause out there).
+            cache_id = (
+                await session.execute(select(CacheRow.id).where(CacheRow.name == name).with_for_update())
+            ).scalar_one_or_none()
             if cache_id is None:
                 return None
             events = merge_cache_event(
@@ -523,26 +533,22 @@ class Registry:
                             "size_bytes": layer.size,
                             "uncompressed_size_bytes": layer.uncompressed_size,
                         }
-                        for layer in layers.values()
+                        # Digest order: two agents storing overlapping layers lock them in the
+                        # same order, so PostgreSQL never sees a deadlock between them.
+                        for layer in sorted(layers.values(), key=lambda layer: layer.digest)
                     ],
                 )
+            # One statement, not "update, else insert": agents sharing a PostgreSQL registry may
+            # resolve the same image at once, and the loser of an insert race would fail.
             image_id = (
                 await session.execute(
-                    update(ImageRow)
-                    .where(ImageRow.reference == manifest.reference)
-                    .values(**image_values)
+                    self._insert(session, ImageRow)
+                    .values(reference=manifest.reference, **image_values)
+                    .on_conflict_do_update(index_elements=["reference"], set_=image_values)
                     .returning(ImageRow.id)
-                    .execution_options(synchronize_session=False)
                 )
-            ).scalar_one_or_none()
-            if image_id is None:
-                image_id = (
-                    await session.execute(
-                        insert(ImageRow).values(reference=manifest.reference, **image_values).returning(ImageRow.id)
-                    )
-                ).scalar_one()
-            else:
-                await session.execute(delete(ImageLayerRow).where(ImageLayerRow.image_id == image_id))
+            ).scalar_one()
+            await session.execute(delete(ImageLayerRow).where(ImageLayerRow.image_id == image_id))
             if manifest.layers:
                 await session.execute(
                     insert(ImageLayerRow),

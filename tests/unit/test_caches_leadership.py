@@ -1,0 +1,267 @@
+"""Two agents, one registry, one cluster: only the leader acts on caches; every agent matches Pods.
+
+Two ImageCacheControllers share a fake registry (the PostgreSQL database) and a fake API server
+(the cluster's ImageCache objects); a tiny watch delivers every object to both after each change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+
+from tests.unit.test_caches_controller import FakeApi, FakeBuilder, FakeManifests, FakeStore, obj, pod
+from vk_provider.controllers.caches import CacheManager, CacheOptions, ImageCacheController
+from vk_provider.controllers.clock import FakeClock
+from vk_provider.domain import cachebuild as cb
+from vk_provider.domain.annotations import AUTO_IMAGE_CACHE_SEED, IMAGE_SNAPSHOT_ID_SEED
+from vk_provider.domain.model import CachePhase, ImageCache
+
+AUTO = {AUTO_IMAGE_CACHE_SEED: "true"}
+
+
+class SharedStore(FakeStore):
+    """The shared registry: also answers by name and applies hits to the row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writers: list[tuple[str, str]] = []  # (agent, method)
+
+    async def get_cache_by_name(self, name: str) -> ImageCache | None:
+        return self.rows.get(name)
+
+    async def mark_cache_matched(self, imc_id: str, now: datetime, **extra: Any) -> bool:
+        await super().mark_cache_matched(imc_id, now, **extra)
+        for name, row in self.rows.items():
+            if row.imc_id == imc_id:
+                self.rows[name] = replace(row, last_matched_at=now, expires_at=extra.get("expires_at", row.expires_at))
+                return True
+        return False
+
+
+class AgentStore:
+    """One agent's handle on the shared registry, recording which agent wrote what."""
+
+    def __init__(self, shared: SharedStore, agent: str) -> None:
+        self._shared = shared
+        self._agent = agent
+
+    def __getattr__(self, method: str) -> Any:
+        target = getattr(self._shared, method)
+        if method.startswith(("upsert", "set_", "append", "delete", "mark")):
+
+            async def recorded(*args: Any, **kwargs: Any) -> Any:
+                self._shared.writers.append((self._agent, method))
+                return await target(*args, **kwargs)
+
+            return recorded
+        return target
+
+
+class AgentApi:
+    """One agent's view of the cluster's objects, recording what it wrote."""
+
+    def __init__(self, cluster: FakeApi) -> None:
+        self.cluster = cluster
+        self.status_writes = 0
+        self.created: list[str] = []
+
+    async def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.created.append(body["metadata"]["name"])
+        return await self.cluster.create(body)
+
+    async def patch_status(self, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        self.status_writes += 1
+        return await self.cluster.patch_status(name, status)
+
+    async def delete(self, name: str) -> None:
+        await self.cluster.delete(name)
+
+
+class Leadership:
+    def __init__(self, leading: bool) -> None:
+        self.is_leader = leading
+        self.on_change: Callable[[bool], Awaitable[None]] | None = None
+
+    async def change(self, leading: bool) -> None:
+        self.is_leader = leading
+        assert self.on_change is not None
+        await self.on_change(leading)
+
+
+class Agent:
+    def __init__(self, name: str, world: World, leading: bool) -> None:
+        self.name = name
+        self.api = AgentApi(world.cluster)
+        self.builder = FakeBuilder(world.clock)
+        self.leadership = Leadership(leading)
+        self.controller = ImageCacheController(
+            api=self.api,
+            store=AgentStore(world.store, name),  # type: ignore[arg-type]
+            manifests=FakeManifests(),
+            builder=self.builder,
+            clock=world.clock,
+            rng=random.Random(name),
+            options=CacheOptions(snapshot_seconds=5, sweep_interval_seconds=3600),
+            leadership=self.leadership,
+        )
+        self.manager = CacheManager(self.controller, FakeManifests(), world.clock)
+
+
+class World:
+    def __init__(self) -> None:
+        self.clock = FakeClock()
+        self.store = SharedStore()
+        self.cluster = FakeApi()
+        self.a = Agent("a", self, leading=True)
+        self.b = Agent("b", self, leading=False)
+
+    async def watch(self) -> None:
+        """Both agents' watches deliver every object as it is now."""
+        for agent in (self.a, self.b):
+            for body in list(self.cluster.objects.values()):
+                await agent.controller.upsert(body)
+
+    async def run(self, seconds: float, step: float = 1.0) -> None:
+        """Let simulated time pass, the watches delivering changes as they happen."""
+        for _ in range(int(seconds / step)):
+            await self.clock.advance(step)
+            await self.watch()
+
+    def writers(self) -> set[str]:
+        return {agent for agent, _ in self.store.writers}
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    made = World()
+    await made.a.controller.resync([])
+    await made.b.controller.resync([])
+    yield made
+    for agent in (made.a, made.b):
+        builds = list(agent.controller._builds.values())
+        for task in builds:
+            task.cancel()
+        await asyncio.gather(*builds, return_exceptions=True)
+
+
+async def test_only_the_leader_builds_and_both_index_the_cache(world: World) -> None:
+    world.cluster.objects["web"] = obj("web", ["nginx:1.7.9", "busybox"])
+    await world.watch()
+    await world.run(60)
+    row = world.store.rows["web"]
+    assert row.phase is CachePhase.READY
+    assert world.cluster.objects["web"]["status"]["imageCacheId"] == row.imc_id
+    assert world.writers() == {"a"}
+    assert (world.b.api.status_writes, world.b.builder.pulled) == (0, [])
+    assert world.a.controller.caches["web"] == row
+    assert world.b.controller.caches["web"] == row
+    assert not world.b.controller.leading
+
+
+async def test_a_follower_miss_creates_the_object_and_the_leader_builds_it(world: World) -> None:
+    miss = await world.b.manager.resolve(pod("first", ["nginx:1.7.9"], AUTO))
+    assert miss.outcome == "miss"
+    assert len(world.b.api.created) == 1
+    name = world.b.api.created[0]
+    reserved_id = world.cluster.objects[name]["metadata"]["annotations"][cb.ID_ANNOTATION]
+    assert world.store.rows == {}  # the follower wrote no row: the leader does, from the object
+    # A second miss on the follower shares the reserved cache rather than making another.
+    again = await world.b.manager.resolve(pod("second", ["nginx:1.7.9"], AUTO))
+    assert (again.outcome, len(world.cluster.created)) == ("miss", 1)
+    assert reserved_id in again.events[-1].message
+
+    await world.watch()
+    await world.run(60)
+    assert world.store.rows[name].phase is CachePhase.READY
+    assert world.store.rows[name].imc_id == reserved_id
+    assert world.writers() == {"a"}
+    auto_hit = await world.b.manager.resolve(pod("third", ["nginx:1.7.9"], AUTO))
+    explicit = await world.b.manager.resolve(pod("fourth", ["nginx:1.7.9"], {IMAGE_SNAPSHOT_ID_SEED: reserved_id}))
+    assert (auto_hit.outcome, auto_hit.imc_id) == ("auto_hit", reserved_id)
+    assert (explicit.outcome, explicit.imc_id) == ("explicit_hit", reserved_id)
+    assert ("b", "mark_cache_matched") in world.store.writers  # hits are the follower's own to record
+
+
+async def test_the_new_leader_finishes_a_build_the_old_one_left(world: World) -> None:
+    world.cluster.objects["big"] = obj("big", ["nginx:1.7.9"])
+    await world.watch()
+    await world.run(2)
+    assert world.store.rows["big"].phase is CachePhase.CREATING
+    imc_id = world.store.rows["big"].imc_id
+
+    await world.a.leadership.change(False)
+    assert not world.a.controller.building("big")
+    writes_before = len(world.store.writers)
+    await world.run(10)
+    assert len(world.store.writers) == writes_before  # nobody leads: nothing is written
+    assert world.store.rows["big"].phase is CachePhase.CREATING
+
+    await world.b.leadership.change(True)
+    await world.run(60)
+    row = world.store.rows["big"]
+    assert (row.phase, row.imc_id) == (CachePhase.READY, imc_id)
+    assert world.cluster.objects["big"]["status"]["phase"] == "Ready"
+    assert world.b.builder.pulled
+    assert world.b.api.status_writes > 0
+    assert world.a.controller.caches["big"].phase is CachePhase.READY  # the old leader follows the new one
+
+
+async def test_an_object_made_while_nobody_led_is_built_by_the_next_leader(world: World) -> None:
+    await world.a.leadership.change(False)
+    await world.b.manager.resolve(pod("lonely", ["busybox"], AUTO))
+    await world.watch()
+    await world.run(5)
+    name = world.b.api.created[0]
+    assert name not in world.store.rows
+    await world.a.leadership.change(True)
+    await world.run(30)
+    assert world.store.rows[name].phase is CachePhase.READY
+
+
+async def test_the_leader_sees_follower_hits_before_it_deletes_an_expired_cache(world: World) -> None:
+    runner = asyncio.create_task(world.a.controller.run())
+    try:
+        await world.b.manager.resolve(pod("p", ["busybox"], AUTO))
+        await world.watch()
+        await world.run(30)
+        name = world.b.api.created[0]
+        assert world.store.rows[name].phase is CachePhase.READY
+        # Days later the follower keeps using it; the leader's own index knows nothing of those hits.
+        for day in range(1, 40):
+            await world.clock.advance(24 * 3600)
+            hit = await world.b.manager.resolve(pod(f"day{day}", ["busybox"], AUTO))
+            assert hit.outcome == "auto_hit", day
+        assert name in world.store.rows
+        last_hit = world.clock.now()
+        await world.clock.advance(3600)  # the leader's next sweep reads the hits from the registry
+        assert world.a.controller.caches[name].last_matched_at == last_hit
+        # Unused until the expiry its last (follower) hit set, it goes.
+        expires = world.store.rows[name].expires_at
+        assert expires is not None
+        assert expires - last_hit > timedelta(days=7)
+        await world.clock.advance((expires - world.clock.now()).total_seconds() - 3600)
+        assert name in world.store.rows
+        await world.clock.advance(7200)
+        assert name not in world.store.rows
+        assert name not in world.cluster.objects
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_a_follower_without_the_row_indexes_the_status(world: World) -> None:
+    """A follower whose registry lacks the row (not shared) still matches against the cache."""
+    ready_id = "imc-" + "a" * 20
+    status = {"imageCacheId": ready_id, "phase": "Ready", "progress": "100%"}
+    await world.b.controller.upsert(obj("elsewhere", ["busybox:1.36"], status=status))
+    assert world.b.controller.caches["elsewhere"].phase is CachePhase.READY
+    hit = await world.b.manager.resolve(pod("p", ["busybox:1.36"], {IMAGE_SNAPSHOT_ID_SEED: ready_id}))
+    assert (hit.outcome, hit.imc_id) == ("explicit_hit", ready_id)
+    assert world.b.api.status_writes == 0
+    assert "elsewhere" not in world.store.rows
