@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, inspect
+from sqlalchemy import Connection
 
 from tests.integration import test_registry as sqlite_suite
 from tests.integration.test_registry import (
@@ -27,7 +27,6 @@ from tests.integration.test_registry import (
     REDIS,
     ROOT,
     T0,
-    TABLES,
     at,
     cache,
     layer,
@@ -38,7 +37,7 @@ from tests.support.postgres import PostgresServer, fresh_database, shared_postgr
 from vk_provider.domain.model import ImageManifest
 from vk_provider.domain.records import CacheOutcome, ImagePullRecord
 from vk_provider.registry import Registry, open_registry
-from vk_provider.registry.migrate import current, downgrade, head_revision, upgrade
+from vk_provider.registry.migrate import upgrade
 from vk_provider.registry.schema import VIEW_NAMES, Base
 
 # test_registry.py's repository checks that hold on any backend (the others are about SQLite:
@@ -94,27 +93,7 @@ def test_the_url_selects_asyncpg(pg_registry: Registry) -> None:
 
 
 async def test_migrations_round_trip_on_a_populated_database(pg_registry: Registry) -> None:
-    await pg_registry.upsert_cache(cache("a"), now=T0)
-    await pg_registry.save_manifest(ImageManifest(NGINX.reference, "sha256:n", (layer(1),)))
-    await pg_registry.record_pod_start(pod_start("u1"))
-    assert await current(pg_registry.engine) == head_revision() == "0001"
-
-    await downgrade(pg_registry.engine, "base")
-    async with pg_registry.engine.connect() as connection:
-        names = await connection.run_sync(lambda c: (set(inspect(c).get_table_names()), inspect(c).get_view_names()))
-    assert names == ({"alembic_version"}, [])
-    assert await current(pg_registry.engine) is None
-
-    await upgrade(pg_registry.engine)
-    assert await current(pg_registry.engine) == "0001"
-    async with pg_registry.engine.connect() as connection:
-        tables, views = await connection.run_sync(
-            lambda c: (set(inspect(c).get_table_names()), set(inspect(c).get_view_names()))
-        )
-    assert tables == TABLES | {"alembic_version"}
-    assert views == VIEW_NAMES
-    await pg_registry.upsert_cache(cache("b"), now=T0)
-    assert [c.name for c in await pg_registry.list_caches()] == ["b"]
+    await sqlite_suite.assert_migrations_round_trip(pg_registry)
 
 
 async def test_models_and_migrations_agree(pg_registry: Registry) -> None:
