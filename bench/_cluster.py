@@ -5,20 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "hack" / "controlplane.sh"
+from vk_provider import controlplane
 
 
 def _script(*args: str, env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, check=False,
-                          env={**os.environ, **(env or {})})  # fmt: skip
-    if proc.returncode != 0:
-        raise SystemExit(f"hack/controlplane.sh {args[0]} failed: {proc.stderr.strip()[-500:]}")
-    return proc.stdout.strip()
+    try:
+        return controlplane.run(*args, env=env)
+    except controlplane.ControlPlaneError as exc:
+        raise SystemExit(f"{exc}\n{exc.stderr[-500:]}") from None
 
 
 @contextlib.contextmanager

@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import shutil
-import subprocess
 import sys
 import tempfile
 from collections.abc import AsyncIterator, Callable
@@ -27,12 +26,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from vk_provider import controlplane
 from vk_provider.app import Agent, StartupError
 from vk_provider.config import Settings
+from vk_provider.controlplane import SCRIPT, ControlPlaneError
 from vk_provider.kube.session import KubeError
 
 log = logging.getLogger(__name__)
-SCRIPT = Path(__file__).resolve().parents[1] / "hack" / "controlplane.sh"
 NAMESPACE = "vk-provider-demo"
 IMAGE = "nginx:1.7.9"
 CACHES = "/apis/eci.alibabacloud.com/v1/imagecaches"
@@ -51,13 +51,10 @@ class DemoOptions:
 
 
 def _script(*args: str) -> str:
-    if not SCRIPT.is_file():
-        raise DemoError(f"{SCRIPT} not found: run the demo from a checkout of vk-provider, or name a cluster")
-    proc = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
-        raise DemoError(f"hack/controlplane.sh {args[0]} failed: {tail[0]}")
-    return proc.stdout.strip()
+    try:
+        return controlplane.run(*args)
+    except ControlPlaneError as exc:
+        raise DemoError(f"{exc}; or name a cluster with --kubeconfig") from None
 
 
 def say(text: str) -> None:

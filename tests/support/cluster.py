@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vk_provider import controlplane
+
 ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "hack" / "controlplane.sh"
 
 
 @dataclass
@@ -77,17 +78,10 @@ class Cluster:
 
 
 def _script(*args: str, extra_env: dict[str, str] | None = None) -> str:
-    proc = subprocess.run(
-        ["bash", str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(extra_env or {})},
-        timeout=900,
-        check=False,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"hack/controlplane.sh {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-    return proc.stdout.strip()
+    try:
+        return controlplane.run(*args, env=extra_env)
+    except controlplane.ControlPlaneError as exc:
+        raise RuntimeError(f"{exc}\n{exc.stderr[-3000:]}") from None
 
 
 def start_control_plane(directory: Path, kcm_args: str = "") -> Cluster:
