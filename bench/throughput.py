@@ -27,7 +27,7 @@ from kubernetes_asyncio import config as k8s_config
 from bench._agent import create_pods, namespace, pod, running_agent, settings_for
 from bench._cluster import control_plane
 from vk_provider.domain.lifecycle import Phase
-from vk_provider.kube.session import KubeSession
+from vk_provider.kube.session import KubeError, KubeSession
 
 RUNNING = {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
 
@@ -37,8 +37,12 @@ async def baseline(kubeconfig: str, count: int) -> float:
     ns = f"bench-base-{int(time.time())}"
     await namespace(session, ns)
     # The Pods' node must exist, or the Pod garbage collector deletes them.
-    await session.request("POST", "/api/v1/nodes", body={"apiVersion": "v1", "kind": "Node",
-                                                          "metadata": {"name": "vk-bench-nobody"}})  # fmt: skip
+    try:
+        await session.request("POST", "/api/v1/nodes", body={"apiVersion": "v1", "kind": "Node",
+                                                              "metadata": {"name": "vk-bench-nobody"}})  # fmt: skip
+    except KubeError as exc:
+        if not exc.is_conflict:  # already there from an earlier run against the same cluster
+            raise
     await create_pods(session, ns, [pod(f"p{i}", "vk-bench-nobody") for i in range(count)])
     await session.close()
     cfg = k8s_client.Configuration()
@@ -63,7 +67,7 @@ async def baseline(kubeconfig: str, count: int) -> float:
 
 
 async def agent_run(kubeconfig: str, count: int) -> float:
-    node = "vk-bench-tp"
+    node = f"vk-bench-tp-{int(time.time())}"  # a fresh node: no Pods left from an earlier run count against it
     settings = settings_for(
         kubeconfig, node, time_scale=1e9, jitter=0.0, container_start_seconds=0.0, snapshot_attach_seconds=0.0
     )

@@ -70,6 +70,7 @@ class Agent:
         self.images: CatalogImages | None = None
         self.metrics = NodeMetrics()
         self.records: RegistryStartRecorder | None = None
+        self.cache_manager: CacheManager | None = None
 
     @classmethod
     async def create(cls, settings: Settings) -> Agent:
@@ -192,10 +193,18 @@ class Agent:
         if elector is not None:
             self.supervisor.start("imagecache-leader", elector.run())
         cache_manager = CacheManager(controller, images, self.clock, default_auto=s.caches.default_auto_match)
+        self.cache_manager = cache_manager
+        self.supervisor.start("imagecache-hits", cache_manager.run(max_backoff=s.kube.max_backoff_seconds))
         pod_client = PodClient(self.session)
-        reporter = StatusReporter(pod_client, workers=s.pods.status_writers, max_backoff=s.kube.max_backoff_seconds)
+        reporter = StatusReporter(
+            pod_client,
+            workers=s.pods.status_writers,
+            max_backoff=s.kube.max_backoff_seconds,
+            settle_seconds=s.pods.status_settle_seconds,
+        )
         names = node_names(s.node)
-        events = EventRecorder(self.session, host=names[0])
+        # Events give way to Pod status: a burst of starts gets its Pods Running first.
+        events = EventRecorder(self.session, host=names[0], give_way=reporter.wait_idle)
         self.records = records = RegistryStartRecorder(self.registry, self.metrics)
         self.supervisor.start("start-records", records.run())
         allocatable = node_allocatable(s.node.cpu, s.node.memory, s.node.pods)
@@ -316,6 +325,11 @@ class Agent:
         log.info("shutting down")
         if self.records is not None:
             await self.records.flush(timeout=3.0)
+        if self.cache_manager is not None:
+            try:
+                await asyncio.wait_for(self.cache_manager.flush_hits(), timeout=3.0)
+            except TimeoutError:
+                log.warning("image cache matches were not recorded before shutdown")
         await self.supervisor.stop()
         if self.images is not None:
             await self.images.close()

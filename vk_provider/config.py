@@ -126,6 +126,9 @@ class PodSettings:
     pod_cidr: str = "10.234.0.0/16"
     # Concurrent Pod status writers.
     status_writers: int = 8
+    # A status waits this long (real seconds) before it is written, so that a Pod passing through
+    # several states at once (zero simulated delays) costs one write, not one per state.
+    status_settle_seconds: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -437,6 +440,8 @@ def _validate(s: Settings) -> None:
         raise bad("pods.pod_cidr", f"must be a CIDR such as 10.234.0.0/16, got {s.pods.pod_cidr!r}") from None
     if s.pods.status_writers < 1:
         raise bad("pods.status_writers", "must be at least 1")
+    if not 0 <= s.pods.status_settle_seconds <= 10:
+        raise bad("pods.status_settle_seconds", "must be between 0 and 10")
     if s.images.registry_timeout_seconds <= 0:
         raise bad("images.registry_timeout_seconds", "must be positive")
     if s.caches.manual_quota < 0 or s.caches.automatic_quota < 0:

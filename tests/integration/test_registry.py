@@ -468,6 +468,14 @@ async def test_pod_start_is_recorded_once(registry: Registry) -> None:
     assert await sql(registry, "SELECT count(*), sum(bytes_pulled) FROM pod_starts") == [(1, 2_000_000)]
 
 
+async def test_pod_starts_batch_in_one_transaction(registry: Registry) -> None:
+    await registry.record_pod_start(pod_start("u0"))
+    batch = [pod_start("u1"), pod_start("u0"), pod_start("u2")]
+    assert await registry.record_pod_starts(batch) == [True, False, True]
+    assert [r.pod_uid for r in await registry.list_pod_starts()] == ["u0", "u1", "u2"]
+    assert await sql(registry, "SELECT count(*) FROM pod_start_images") == [(6,)]
+
+
 async def test_list_pod_starts_filters(registry: Registry) -> None:
     records = [
         pod_start("u1", started_at=at(1)),

@@ -50,7 +50,8 @@ class FakeStore:
     def __init__(self, caches: Iterable[ImageCache] = ()) -> None:
         self.rows: dict[str, ImageCache] = {c.name: c for c in caches}
         self.events: dict[str, tuple[CacheEvent, ...]] = {}
-        self.matched: list[tuple[str, datetime, Any]] = []
+        self.matched: list[tuple[str, datetime, Any, int]] = []
+        self.fail_matches = 0
 
     async def list_caches(self) -> tuple[ImageCache, ...]:
         return tuple(self.rows.values())
@@ -82,7 +83,10 @@ class FakeStore:
         return self.events.get(name, ()) if name in self.rows else None
 
     async def mark_cache_matched(self, imc_id: str, now: datetime, **extra: Any) -> bool:
-        self.matched.append((imc_id, now, extra.get("expires_at", "unchanged")))
+        if self.fail_matches:
+            self.fail_matches -= 1
+            raise RuntimeError("database is locked")
+        self.matched.append((imc_id, now, extra.get("expires_at", "unchanged"), extra.get("count", 1)))
         return True
 
     async def delete_cache(self, name: str) -> bool:
@@ -418,7 +422,9 @@ async def test_a_miss_creates_one_automatic_cache_shared_by_a_burst(world: World
     assert hit.annotations[MATCHED_IMAGE_CACHE] == imc_id
     assert [e.reason for e in hit.events] == ["SuccessfulHitImageCache"]
     now = world.clock.now()
-    assert world.store.matched == [(imc_id, now, now + timedelta(days=30))]
+    assert world.store.matched == []  # written in the background, not on the Pod's path
+    assert await world.manager.flush_hits()
+    assert world.store.matched == [(imc_id, now, now + timedelta(days=30), 1)]
     assert world.controller.by_id(imc_id).last_matched_at == now  # type: ignore[union-attr]
 
 
@@ -434,6 +440,7 @@ async def test_explicit_ids_hit_or_fail(world: World) -> None:
     hit = await world.manager.resolve(pod("a", ["nginx:1.7.9"], {IMAGE_SNAPSHOT_ID_SEED: ready_id}))
     assert hit.outcome == "explicit_hit"
     assert hit.present_images == frozenset({NGINX})
+    assert await world.manager.flush_hits()
     assert world.store.matched[-1][2] == "unchanged"  # a manual cache keeps its expiry
 
     missing = await world.manager.resolve(pod("b", ["nginx:1.7.9"], {IMAGE_SNAPSHOT_ID_SEED: "imc-nothere"}))
@@ -489,3 +496,21 @@ async def test_builds_resolve_images_with_the_caches_pull_secrets(world: World) 
     assert ("busybox", "team-a", ("reg", "reg2")) in world.manifests.asked
     assert ("nginx:1.7.9", "", ()) in world.manifests.asked
     assert world.status("private")["phase"] == "Ready"
+
+
+async def test_hits_are_coalesced_and_a_failed_write_is_kept(world: World) -> None:
+    await world.add(obj("web", ["nginx:1.7.9"]))
+    await world.clock.advance(30)
+    ready_id = world.status("web")["imageCacheId"]
+    for i in range(5):
+        await world.manager.resolve(pod(f"p{i}", ["nginx:1.7.9"], {IMAGE_SNAPSHOT_ID_SEED: ready_id}))
+    first = world.clock.now()
+    world.store.fail_matches = 1
+    assert not await world.manager.flush_hits()
+    assert world.store.matched == []
+    await world.clock.advance(5)
+    await world.manager.resolve(pod("p5", ["nginx:1.7.9"], {IMAGE_SNAPSHOT_ID_SEED: ready_id}))
+    assert await world.manager.flush_hits()
+    # One write for six hits, with the time of the last; nothing lost to the failure.
+    assert world.store.matched == [(ready_id, world.clock.now(), "unchanged", 6)]
+    assert world.clock.now() > first

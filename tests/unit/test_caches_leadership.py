@@ -185,6 +185,7 @@ async def test_a_follower_miss_creates_the_object_and_the_leader_builds_it(world
     explicit = await world.b.manager.resolve(pod("fourth", ["nginx:1.7.9"], {IMAGE_SNAPSHOT_ID_SEED: reserved_id}))
     assert (auto_hit.outcome, auto_hit.imc_id) == ("auto_hit", reserved_id)
     assert (explicit.outcome, explicit.imc_id) == ("explicit_hit", reserved_id)
+    assert await world.b.manager.flush_hits()
     assert ("b", "mark_cache_matched") in world.store.writers  # hits are the follower's own to record
 
 
@@ -226,6 +227,7 @@ async def test_an_object_made_while_nobody_led_is_built_by_the_next_leader(world
 
 async def test_the_leader_sees_follower_hits_before_it_deletes_an_expired_cache(world: World) -> None:
     runner = asyncio.create_task(world.a.controller.run())
+    hits = asyncio.create_task(world.b.manager.run())  # the follower records its hits in the background
     try:
         await world.b.manager.resolve(pod("p", ["busybox"], AUTO))
         await world.watch()
@@ -252,7 +254,8 @@ async def test_the_leader_sees_follower_hits_before_it_deletes_an_expired_cache(
         assert name not in world.cluster.objects
     finally:
         runner.cancel()
-        await asyncio.gather(runner, return_exceptions=True)
+        hits.cancel()
+        await asyncio.gather(runner, hits, return_exceptions=True)
 
 
 async def test_a_follower_without_the_row_indexes_the_status(world: World) -> None:

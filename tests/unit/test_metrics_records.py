@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 from vk_provider.controllers.pods import CacheDecision, ImageResult, PodStart
@@ -42,12 +44,17 @@ def test_image_size_buckets() -> None:
 class Store:
     def __init__(self) -> None:
         self.rows: dict[str, PodStartRecord] = {}
+        self.batches: list[int] = []
 
     async def record_pod_start(self, record: PodStartRecord) -> bool:
         if record.pod_uid in self.rows:
             return False
         self.rows[record.pod_uid] = record
         return True
+
+    async def record_pod_starts(self, records: Sequence[PodStartRecord]) -> list[bool]:
+        self.batches.append(len(records))
+        return [await self.record_pod_start(r) for r in records]
 
 
 def start(outcome: str = "miss") -> PodStart:
@@ -93,11 +100,11 @@ class FlakyStore(Store):
         super().__init__()
         self.fail = 2
 
-    async def record_pod_start(self, record: PodStartRecord) -> bool:
+    async def record_pod_starts(self, records: Sequence[PodStartRecord]) -> list[bool]:
         if self.fail:
             self.fail -= 1
             raise RuntimeError("database is locked")
-        return await super().record_pod_start(record)
+        return await super().record_pod_starts(records)
 
 
 async def test_a_failed_write_is_retried_not_lost() -> None:
@@ -110,3 +117,18 @@ async def test_a_failed_write_is_retried_not_lost() -> None:
     await asyncio.gather(writer, return_exceptions=True)
     assert list(store.rows) == ["u1"]
     assert recorder.failures == 2
+
+
+async def test_starts_queued_together_are_stored_in_one_batch() -> None:
+    store = Store()
+    recorder = RegistryStartRecorder(store, NodeMetrics(), batch=3)
+    for i in range(7):
+        s = start()
+        s.pod = replace(s.pod, uid=f"u{i}")
+        await recorder.record(s)
+    writer = asyncio.create_task(recorder.run())
+    await recorder.flush()
+    writer.cancel()
+    await asyncio.gather(writer, return_exceptions=True)
+    assert store.batches == [3, 3, 1]
+    assert sorted(store.rows) == [f"u{i}" for i in range(7)]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -27,18 +27,24 @@ class Api:
     def __init__(self) -> None:
         self.statuses: dict[str, list[dict[str, Any]]] = {}
         self.deleted: list[str] = []
+        self.annotations: dict[str, dict[str, str]] = {}
 
-    async def patch_status(self, namespace: str, name: str, uid: str, status: dict[str, Any]) -> dict[str, Any]:
-        self.statuses.setdefault(name, []).append(status)
+    async def patch_status(
+        self,
+        namespace: str,
+        name: str,
+        uid: str,
+        status: dict[str, Any] | None,
+        annotations: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
+        if status is not None:
+            self.statuses.setdefault(name, []).append(status)
+        if annotations:
+            self.annotations.setdefault(name, {}).update(annotations)
         return {}
 
     async def delete_now(self, namespace: str, name: str, uid: str) -> None:
         self.deleted.append(name)
-
-    async def patch_annotations(
-        self, namespace: str, name: str, uid: str, annotations: dict[str, str]
-    ) -> dict[str, Any]:
-        return {}
 
     def last(self, name: str) -> dict[str, Any]:
         return self.statuses[name][-1]
@@ -253,6 +259,61 @@ async def test_pull_errors(clock: FakeClock) -> None:
     assert flaky == "ImagePullBackOff"
     assert images.pulls.count("flaky") == 3  # at 0, 10 and 30 s (back-off 10 s, then 20 s)
     assert h.api.last("fine")["phase"] == "Running"
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_room_freed_by_an_ended_pod_admits_the_next(clock: FakeClock) -> None:
+    h = Harness(clock, Images(clock), pods=2)
+    tasks = [asyncio.create_task(h.reporter.run()), asyncio.create_task(h.ctl.run())]
+    done = {"vk-provider.io/run-seconds": "1", "vk-provider.io/exit-code": "0"}
+    await h.ctl.resync([pod("job", annotations=done, policy="Never", cpu="600m"), pod("web", cpu="300m")])
+    assert h.ctl.used() == (900, 0, 2)
+    await h.ctl.upsert(pod("late", cpu="100m"))
+    await clock.advance(1)
+    assert h.api.last("late")["reason"] == "OutOfpods"
+    await clock.advance(30)
+    assert h.api.last("job")["phase"] == "Succeeded"
+    assert h.ctl.used() == (300, 0, 1)  # the finished Pod no longer holds its requests
+    await h.ctl.upsert(pod("later", cpu="600m"))
+    await clock.advance(30)
+    assert h.api.last("later")["phase"] == "Running"
+    await h.ctl.delete(pod("web"))
+    await h.ctl.delete(pod("late"))  # rejected: never counted, so nothing is given back
+    assert h.ctl.used() == (600, 0, 1)
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_running_pod_keeps_no_task_until_deleted(harness: Harness, clock: FakeClock) -> None:
+    await harness.ctl.resync([pod("a")])
+    await clock.advance(30)
+    worker = harness.ctl.workers["uid-a"]
+    assert harness.api.last("a")["phase"] == "Running"
+    assert worker.task is not None
+    assert worker.task.done()
+    await harness.ctl.upsert(pod("a", deleting=True))
+    await clock.advance(30)
+    assert harness.api.deleted == ["a"]
+    assert "terminated" in harness.api.last("a")["containerStatuses"][0]["state"]
+
+
+async def test_cache_annotations_are_written_with_the_status(clock: FakeClock) -> None:
+    matched = {"k8s.aliyun.com/eci-matched-image-cache": "imc-1"}
+
+    class Caches:
+        async def resolve(self, pod: PodFacts) -> CacheDecision:
+            return CacheDecision(annotations=matched, outcome="hit", imc_id="imc-1")
+
+    h = Harness(clock, Images(clock))
+    h.ctl.caches = Caches()
+    tasks = [asyncio.create_task(h.reporter.run()), asyncio.create_task(h.ctl.run())]
+    await h.ctl.resync([pod("a")])
+    await clock.advance(30)
+    assert h.api.annotations["a"] == matched
+    assert h.api.last("a")["phase"] == "Running"
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

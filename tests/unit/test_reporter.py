@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from typing import Any
 
 from tests.unit.test_node_controller import FakeKubeError
@@ -12,20 +13,31 @@ from vk_provider.controllers.reporter import StatusReporter
 class SlowApi:
     def __init__(self) -> None:
         self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.annotated: list[tuple[str, dict[str, str]]] = []
         self.gate = asyncio.Event()
         self.gate.set()
         self.fail_next: list[int] = []
         self.in_flight = 0
         self.max_in_flight_per_pod = 0
 
-    async def patch_status(self, namespace: str, name: str, uid: str, status: dict[str, Any]) -> dict[str, Any]:
+    async def patch_status(
+        self,
+        namespace: str,
+        name: str,
+        uid: str,
+        status: dict[str, Any] | None,
+        annotations: Mapping[str, str] | None = None,
+    ) -> dict[str, Any]:
         self.in_flight += 1
         self.max_in_flight_per_pod = max(self.max_in_flight_per_pod, self.in_flight)
         try:
             await self.gate.wait()
             if self.fail_next:
                 raise FakeKubeError(self.fail_next.pop(0))
-            self.calls.append((uid, status))
+            if status is not None:
+                self.calls.append((uid, status))
+            if annotations:
+                self.annotated.append((uid, dict(annotations)))
             return {}
         finally:
             self.in_flight -= 1
@@ -90,5 +102,84 @@ async def test_seen_status_is_not_resent_and_forget_discards() -> None:
     api.gate.set()
     await settle()
     assert [s["phase"] for _, s in api.calls] == ["Pending"]
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_annotations_ride_on_the_next_status_write() -> None:
+    api = SlowApi()
+    reporter = StatusReporter(api, workers=2)
+    task = asyncio.create_task(reporter.run())
+    api.gate.clear()
+    reporter.publish("u1", "ns", "p", {"phase": "Pending"})
+    await settle()  # the Pending write is in flight
+    reporter.annotate("u1", "ns", "p", {"k8s.aliyun.com/eci-matched-image-cache": "imc-1"})
+    reporter.publish("u1", "ns", "p", {"phase": "Running"})
+    api.gate.set()
+    await asyncio.wait_for(reporter.flushed("u1"), 5)
+    assert [s["phase"] for _, s in api.calls] == ["Pending", "Running"]
+    assert api.annotated == [("u1", {"k8s.aliyun.com/eci-matched-image-cache": "imc-1"})]
+    # Annotations alone (status unchanged) are still written, once.
+    reporter.publish("u1", "ns", "p", {"phase": "Running"})
+    reporter.annotate("u1", "ns", "p", {"a": "1"})
+    reporter.annotate("u1", "ns", "p", {"b": "2"})
+    await asyncio.wait_for(reporter.flushed("u1"), 5)
+    assert len(api.calls) == 2
+    assert api.annotated[-1] == ("u1", {"a": "1", "b": "2"})
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_annotations_survive_a_retry_superseded_by_a_newer_status() -> None:
+    api = SlowApi()
+    api.fail_next = [503]
+    reporter = StatusReporter(api, workers=1, max_backoff=0.01)
+    task = asyncio.create_task(reporter.run())
+    api.gate.clear()
+    reporter.publish("u1", "ns", "p", {"phase": "Pending"})
+    reporter.annotate("u1", "ns", "p", {"a": "1"})
+    await settle()
+    reporter.publish("u1", "ns", "p", {"phase": "Running"})  # arrives while the failing write is in flight
+    api.gate.set()
+    await asyncio.wait_for(reporter.flushed("u1"), 5)
+    assert api.calls == [("u1", {"phase": "Running"})]
+    assert api.annotated == [("u1", {"a": "1"})]
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_settle_window_turns_a_burst_of_states_into_one_write() -> None:
+    api = SlowApi()
+    reporter = StatusReporter(api, workers=2, settle_seconds=0.05)
+    task = asyncio.create_task(reporter.run())
+    for phase in ("Pending", "ContainerCreating", "Running"):
+        reporter.publish("u1", "ns", "p", {"phase": phase})
+        await settle()
+    assert api.calls == []  # nothing sent inside the window
+    await asyncio.wait_for(reporter.flushed("u1"), 5)
+    assert api.calls == [("u1", {"phase": "Running"})]
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_wait_idle_returns_only_when_no_status_is_pending() -> None:
+    api = SlowApi()
+    reporter = StatusReporter(api, workers=1)
+    task = asyncio.create_task(reporter.run())
+    await asyncio.wait_for(reporter.wait_idle(), 1)  # nothing to write: at once
+    api.gate.clear()
+    reporter.publish("u1", "ns", "p", {"phase": "Pending"})
+    reporter.publish("u2", "ns", "q", {"phase": "Pending"})
+    waiter = asyncio.create_task(reporter.wait_idle())
+    await settle()
+    assert not waiter.done()
+    assert reporter.busy() == 2
+    api.gate.set()
+    await asyncio.wait_for(waiter, 5)
+    assert reporter.busy() == 0
+    assert len(api.calls) == 2
+    reporter.publish("u3", "ns", "r", {"phase": "Pending"})
+    reporter.forget("u3")  # a forgotten Pod does not keep the reporter busy
+    await asyncio.wait_for(reporter.wait_idle(), 1)
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

@@ -95,7 +95,9 @@ class CacheStore(Protocol):
 
     async def list_cache_events(self, name: str) -> tuple[CacheEvent, ...] | None: ...
 
-    async def mark_cache_matched(self, imc_id: str, now: datetime, *, expires_at: datetime | None = ...) -> bool: ...
+    async def mark_cache_matched(
+        self, imc_id: str, now: datetime, *, expires_at: datetime | None = ..., count: int = ...
+    ) -> bool: ...
 
     async def delete_cache(self, name: str) -> bool: ...
 
@@ -815,8 +817,23 @@ _OUTCOMES = {
 }
 
 
+@dataclass(slots=True)
+class _Hits:
+    """Matches of one cache not yet written to the registry."""
+
+    count: int
+    last: datetime
+    expires_at: datetime | None
+    automatic: bool
+
+
 class CacheManager:
-    """Implements the pod controller's ``CacheResolver`` over the controller's in-memory caches."""
+    """Implements the pod controller's ``CacheResolver`` over the controller's in-memory caches.
+
+    A hit updates the in-memory index at once; the registry row (hit count, last match, expiry)
+    is written by :meth:`run` in the background, hits to one cache coalesced into one write, so
+    that no Pod waits on the database and a burst of 1,000 hits is a handful of transactions.
+    """
 
     def __init__(
         self,
@@ -832,6 +849,45 @@ class CacheManager:
         self.default_auto = default_auto
         self._lock = asyncio.Lock()
         self.on_resolution: Callable[[PodFacts, Resolution], None] | None = None
+        self._hits: dict[str, _Hits] = {}
+        self._hits_waiting = asyncio.Event()
+        self._writing_hits = asyncio.Lock()
+
+    async def run(self, max_backoff: float = 5.0) -> None:
+        """Write tallied hits to the registry as they come, forever; failures are retried (cancel to stop)."""
+        backoff = 0.1
+        while True:
+            await self._hits_waiting.wait()
+            if await self.flush_hits():
+                backoff = 0.1
+            else:
+                await asyncio.sleep(backoff)
+                backoff = min(max_backoff, backoff * 2)
+
+    async def flush_hits(self) -> bool:
+        """Write every hit tallied so far; False if a write failed (those hits stay tallied for a retry)."""
+        async with self._writing_hits:
+            self._hits_waiting.clear()
+            batch, self._hits = self._hits, {}
+            ok = True
+            for imc_id, hits in batch.items():
+                extra: dict[str, Any] = {"expires_at": hits.expires_at} if hits.automatic else {}
+                try:
+                    await self.controller.store.mark_cache_matched(imc_id, hits.last, count=hits.count, **extra)
+                except Exception as exc:
+                    ok = False
+                    log.warning("image cache %s: could not record %d matches: %s", imc_id, hits.count, exc)
+                    self._tally(imc_id, hits)  # kept for the next try
+            return ok
+
+    def _tally(self, imc_id: str, hits: _Hits) -> None:
+        """Add ``hits``; the later of the two tallies gives the time and expiry."""
+        known = self._hits.get(imc_id)
+        if known is not None:
+            latest = hits if hits.last >= known.last else known
+            hits = _Hits(hits.count + known.count, latest.last, latest.expires_at, latest.automatic)
+        self._hits[imc_id] = hits
+        self._hits_waiting.set()
 
     async def resolve(self, pod: PodFacts) -> CacheDecision:
         images = tuple(c.image for c in pod.containers)
@@ -856,11 +912,7 @@ class CacheManager:
             self.on_resolution(pod, resolution)
         if resolution.outcome.is_hit and resolution.cache is not None:
             cache = resolution.cache
-            extra: dict[str, Any] = {"expires_at": matched_expiry} if cache.automatic else {}
-            try:
-                await self.controller.store.mark_cache_matched(cache.imc_id, now, **extra)
-            except Exception as exc:
-                log.warning("image cache %s: could not record the match: %s", cache.imc_id, exc)
+            self._tally(cache.imc_id, _Hits(1, now, matched_expiry, cache.automatic))
         if reserved is not None:
             await self.controller.create_automatic(reserved, evicted, f"{pod.namespace}/{pod.name}", now)
         return self._decision(pod, resolution, refusal)

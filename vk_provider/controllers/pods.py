@@ -49,8 +49,6 @@ class PodApi(Protocol):
         """Delete with grace 0 and a uid precondition; a Pod already gone is not an error."""
         ...
 
-    async def patch_annotations(self, namespace: str, name: str, uid: str, annotations: dict[str, str]) -> JSON: ...
-
 
 @dataclass(frozen=True, slots=True)
 class ImageResult:
@@ -202,6 +200,8 @@ class PodController:
         # Shared by the nodes of one agent, so Pod IPs are unique among them.
         self.ips = ips if ips is not None else IpPool(pod_cidr)
         self.workers: dict[str, PodWorker] = {}
+        # What admitted, non-terminal Pods request, kept as running sums (admission is O(1)).
+        self._used_cpu = self._used_mem = self._used_pods = 0
         self.synced = asyncio.Event()
         self.started_total = 0
 
@@ -258,12 +258,25 @@ class PodController:
     # -- internals
 
     def used(self) -> tuple[int, int, int]:
-        cpu = mem = pods = 0
-        for w in self.workers.values():
-            if w.counts_for_admission:
-                c, m = w.facts.requests()
-                cpu, mem, pods = cpu + c, mem + m, pods + 1
-        return cpu, mem, pods
+        """(cpu millicores, memory bytes, Pods) taken by admitted Pods that have not ended."""
+        return self._used_cpu, self._used_mem, self._used_pods
+
+    def _count(self, worker: PodWorker) -> None:
+        if not worker.counted and worker.counts_for_admission:
+            cpu, mem = worker.facts.requests()
+            self._used_cpu, self._used_mem, self._used_pods = (
+                self._used_cpu + cpu, self._used_mem + mem, self._used_pods + 1
+            )  # fmt: skip
+            worker.counted = True
+
+    def uncount(self, worker: PodWorker) -> None:
+        """The Pod no longer holds node resources (it ended, or is gone)."""
+        if worker.counted:
+            cpu, mem = worker.facts.requests()
+            self._used_cpu, self._used_mem, self._used_pods = (
+                self._used_cpu - cpu, self._used_mem - mem, self._used_pods - 1
+            )  # fmt: skip
+            worker.counted = False
 
     def _take(self, obj: JSON) -> PodWorker | None:
         facts = pod_facts(obj)
@@ -291,6 +304,7 @@ class PodController:
                     except PoolExhausted as exc:
                         worker.rejection = ("OutOfPodIPs", str(exc))
                 worker.pod_ip = ip
+        self._count(worker)
         worker.start()
         return worker
 
@@ -320,6 +334,7 @@ class PodController:
         if worker is None:
             return
         worker.cancel()
+        self.uncount(worker)
         self.reporter.forget(uid)
         if worker.pod_ip or (worker.state and worker.state.pod_ip):
             self.ips.release(worker.pod_ip or (worker.state.pod_ip if worker.state else ""))
@@ -360,6 +375,7 @@ class PodWorker:
         self.pod_ip = ""
         self.adopted = False
         self.rejection: tuple[str, str] | None = None
+        self.counted = False  # included in the controller's used resources
         self.task: asyncio.Task[None] | None = None
         self._main: asyncio.Task[None] | None = None
         self.stopping = False
@@ -377,6 +393,8 @@ class PodWorker:
 
     def _set(self, state: PodState) -> None:
         self.state = state
+        if state.terminal:
+            self.ctl.uncount(self)
         self.ctl.reporter.publish(self.facts.uid, self.facts.namespace, self.facts.name, lc.render_status(state))
 
     def _log(self, container: str, text: str) -> None:
@@ -462,11 +480,8 @@ class PodWorker:
         decision = await self.ctl.caches.resolve(f)
         for event in decision.events:
             self.ctl.events.record(event, clock.now())
-        if decision.annotations:
-            try:
-                await self.ctl.api.patch_annotations(f.namespace, f.name, f.uid, dict(decision.annotations))
-            except Exception as exc:
-                log.warning("pod %s: could not annotate: %s", f.key, exc)
+        # Written with the next status (one request), like ECI's matched-cache annotations.
+        self.ctl.reporter.annotate(f.uid, f.namespace, f.name, decision.annotations)
         if decision.failure is not None:
             reason, message = decision.failure
             self._set(lc.failed(self._state, reason, message, clock.now()))
@@ -619,13 +634,15 @@ class PodWorker:
         """A started main container: turns ready, maybe exits, maybe restarts; until the Pod stops."""
         behaviour = self.workload.of(spec.name)
         while True:
+            if behaviour.run_seconds is None:
+                # Runs until the Pod is deleted: once ready there is nothing left to simulate, and no
+                # task is left behind for it (10,000 Running Pods must stay cheap). request_stop()
+                # starts the termination when the Pod is deleted.
+                await self._ready_after(spec.name, max(0.0, behaviour.ready_after - ran_for))
+                return
             ready_task = asyncio.create_task(self._ready_after(spec.name, max(0.0, behaviour.ready_after - ran_for)))
             try:
-                if behaviour.run_seconds is None:
-                    await ready_task
-                    await asyncio.Event().wait()  # runs until the Pod is deleted
-                else:
-                    await self._sleep(max(0.0, behaviour.run_seconds - ran_for))
+                await self._sleep(max(0.0, behaviour.run_seconds - ran_for))
             finally:
                 ready_task.cancel()
                 await asyncio.gather(ready_task, return_exceptions=True)

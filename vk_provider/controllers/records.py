@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Protocol
 
 from vk_provider.controllers.pods import PodStart
@@ -19,8 +20,8 @@ log = logging.getLogger(__name__)
 
 
 class PodStartStore(Protocol):
-    async def record_pod_start(self, record: PodStartRecord) -> bool:
-        """Store the record; False when one for this Pod UID already exists."""
+    async def record_pod_starts(self, records: Sequence[PodStartRecord]) -> list[bool]:
+        """Store the records in one transaction; for each, False when one for its Pod UID already exists."""
         ...
 
 
@@ -62,18 +63,22 @@ def to_record(start: PodStart) -> PodStartRecord:
 
 
 class RegistryStartRecorder:
-    """Queues Pod starts and stores them one at a time, so a Pod never waits for the database.
+    """Queues Pod starts and stores them from one writer, so a Pod never waits for the database.
 
-    Many Pods starting at once would otherwise contend for the SQLite write lock. A failed write
-    is retried with back-off (nothing recorded is dropped while the agent runs); :meth:`flush`
+    Many Pods starting at once would otherwise contend for the SQLite write lock; the writer
+    stores whatever has queued up (at most ``batch`` starts) in one transaction. A failed write is
+    retried with back-off (nothing recorded is dropped while the agent runs); :meth:`flush`
     drains the queue on shutdown.
     """
 
-    def __init__(self, store: PodStartStore, metrics: NodeMetrics, *, max_backoff: float = 5.0) -> None:
+    def __init__(
+        self, store: PodStartStore, metrics: NodeMetrics, *, max_backoff: float = 5.0, batch: int = 200
+    ) -> None:
         self._store = store
         self._metrics = metrics
         self._queue: asyncio.Queue[PodStart] = asyncio.Queue()
         self._max_backoff = max_backoff
+        self._batch = batch
         self.failures = 0
 
     async def record(self, start: PodStart) -> None:
@@ -81,11 +86,14 @@ class RegistryStartRecorder:
 
     async def run(self) -> None:
         while True:
-            start = await self._queue.get()
+            starts = [await self._queue.get()]
+            while len(starts) < self._batch and not self._queue.empty():
+                starts.append(self._queue.get_nowait())
             try:
-                await self._store_with_retries(start)
+                await self._store_with_retries(starts)
             finally:
-                self._queue.task_done()
+                for _ in starts:
+                    self._queue.task_done()
 
     async def flush(self, timeout: float = 5.0) -> None:
         try:
@@ -93,24 +101,26 @@ class RegistryStartRecorder:
         except TimeoutError:
             log.warning("%d Pod starts were not recorded before shutdown", self._queue.qsize())
 
-    async def _store_with_retries(self, start: PodStart) -> None:
+    async def _store_with_retries(self, starts: list[PodStart]) -> None:
         backoff = 0.1
+        records = [to_record(start) for start in starts]
         while True:
             try:
-                await self._write(start)
-                return
+                stored = await self._store.record_pod_starts(records)
+                break
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 self.failures += 1
-                log.warning("could not record the start of %s (%s); retrying", start.pod.key, exc)
+                what = starts[0].pod.key if len(starts) == 1 else f"{len(starts)} Pods"
+                log.warning("could not record the start of %s (%s); retrying", what, exc)
                 await asyncio.sleep(backoff)
                 backoff = min(self._max_backoff, backoff * 2)
+        for start, record, new in zip(starts, records, stored, strict=True):
+            if new:
+                self._observe(start, record)
 
-    async def _write(self, start: PodStart) -> None:
-        record = to_record(start)
-        if not await self._store.record_pod_start(record):
-            return
+    def _observe(self, start: PodStart, record: PodStartRecord) -> None:
         m = self._metrics
         outcome = record.outcome.value
         m.pod_start_total.observe(record.startup_seconds, outcome)

@@ -1,4 +1,4 @@
-"""Pod API calls (status patches, deletion, annotations) and the Event recorder.
+"""Pod API calls (status and annotation patches, deletion) and the Event recorder.
 
 Owns REST paths and wire formats. The pod controller decides what to write and when; the status
 reporter is the only caller of :meth:`PodClient.patch_status`.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 
 from vk_provider.domain.events import EventSpec
@@ -22,17 +23,19 @@ class PodClient:
     def __init__(self, session: KubeSession) -> None:
         self._s = session
 
-    async def patch_status(self, namespace: str, name: str, uid: str, status: JSON) -> JSON:
+    async def patch_status(
+        self, namespace: str, name: str, uid: str, status: JSON | None, annotations: Mapping[str, str] | None = None
+    ) -> JSON:
         # The uid precondition keeps a status meant for a deleted Pod off a new one of the same name.
-        body = {"metadata": {"uid": uid}, "status": status}
+        # pods/status accepts metadata changes: annotations the node adds ride on the status write.
+        meta: JSON = {"uid": uid}
+        if annotations:
+            meta["annotations"] = dict(annotations)
+        body: JSON = {"metadata": meta}
+        if status is not None:
+            body["status"] = status
         return await self._s.request(
             "PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}/status", body=body, content_type=MERGE_PATCH
-        )
-
-    async def patch_annotations(self, namespace: str, name: str, uid: str, annotations: dict[str, str]) -> JSON:
-        body = {"metadata": {"uid": uid, "annotations": annotations}}
-        return await self._s.request(
-            "PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}", body=body, content_type=MERGE_PATCH
         )
 
     async def delete_now(self, namespace: str, name: str, uid: str) -> None:
@@ -55,12 +58,22 @@ class EventRecorder:
 
     Event names follow the kubelet (``<pod>.<hex nanoseconds>``), strictly increasing, so that
     ``kubectl describe`` (which sorts by time, then name) lists them in the order they happened.
-    Posting failures are logged and dropped: an Event is never worth stalling a Pod.
+    Posting failures are logged and dropped: an Event is never worth stalling a Pod. Events give
+    way to Pod status: with ``give_way`` (e.g. the status reporter's ``wait_idle``), each post
+    first waits until no status write is waiting, like the kubelet whose Events travel on a
+    separate, slower budget than status. When the queue is full, new Events are dropped (counted).
     """
 
-    def __init__(self, session: KubeSession, host: str, max_queue: int = 10000) -> None:
+    def __init__(
+        self,
+        session: KubeSession,
+        host: str,
+        max_queue: int = 10000,
+        give_way: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self._s = session
         self._host = host
+        self._give_way = give_way
         self._queue: asyncio.Queue[tuple[EventSpec, datetime, int]] = asyncio.Queue(maxsize=max_queue)
         self._last_ns = 0
         self.posted = 0
@@ -74,6 +87,9 @@ class EventRecorder:
             self._queue.put_nowait((spec, moment, stamp))
         except asyncio.QueueFull:
             self.dropped += 1
+            if self.dropped == 1 or self.dropped % 1000 == 0:
+                log.warning("event queue full (%d waiting): %d events dropped so far", self._queue.qsize(),
+                            self.dropped)  # fmt: skip
 
     async def run(self, workers: int = 4) -> None:
         """Drain the queue forever (one task per worker); cancel to stop."""
@@ -92,6 +108,8 @@ class EventRecorder:
         while True:
             spec, moment, stamp = await self._queue.get()
             try:
+                if self._give_way is not None:
+                    await self._give_way()
                 await self._post(spec, moment, stamp)
                 self.posted += 1
             except KubeError as exc:

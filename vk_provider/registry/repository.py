@@ -409,14 +409,14 @@ class Registry:
             return (await self._select_caches(session, CacheRow.id == cache_id))[0]
 
     async def mark_cache_matched(
-        self, imc_id: str, now: datetime, *, expires_at: datetime | Unset | None = UNSET
+        self, imc_id: str, now: datetime, *, expires_at: datetime | Unset | None = UNSET, count: int = 1
     ) -> bool:
-        """Record that a Pod was given this cache: last-matched time and hit count.
+        """Record that ``count`` Pods were given this cache (the last at ``now``): last-matched time, hit count.
 
         ``expires_at``, if given, is set in the same transaction (automatic caches live 30 days
         after their last use). False if there is no such cache.
         """
-        changes: dict[str, Any] = {"last_matched_at": now, "hit_count": CacheRow.hit_count + 1}
+        changes: dict[str, Any] = {"last_matched_at": now, "hit_count": CacheRow.hit_count + count}
         if not isinstance(expires_at, Unset):
             changes["expires_at"] = expires_at
         async with self._writing() as session:
@@ -608,49 +608,59 @@ class Registry:
 
     async def record_pod_start(self, record: PodStartRecord) -> bool:
         """Store one Pod start; False (and nothing changed) if that Pod UID is already recorded."""
+        return (await self.record_pod_starts([record]))[0]
+
+    async def record_pod_starts(self, records: Sequence[PodStartRecord]) -> list[bool]:
+        """Store several Pod starts in one transaction; for each, False if its Pod UID was already recorded."""
+        stored: list[bool] = []
         async with self._writing() as session:
-            pod_start_id = (
-                await session.execute(
-                    self._insert(session, PodStartRow)
-                    .values(
-                        pod_uid=record.pod_uid,
-                        namespace=record.namespace,
-                        name=record.name,
-                        node=record.node,
-                        cache_outcome=record.outcome.value,
-                        imc_id=record.imc_id,
-                        cache_reason=record.reason,
-                        bytes_pulled=record.bytes_pulled,
-                        resolve_seconds=record.resolve_seconds,
-                        snapshot_attach_seconds=record.snapshot_attach_seconds,
-                        pull_seconds=record.pull_seconds,
-                        container_start_seconds=record.container_start_seconds,
-                        startup_seconds=record.startup_seconds,
-                        created_at=record.created_at,
-                        started_at=record.started_at,
-                        labels=dict(record.labels),
-                    )
-                    .on_conflict_do_nothing(index_elements=["pod_uid"])
-                    .returning(PodStartRow.id)
+            for record in records:
+                stored.append(await self._insert_pod_start(session, record))
+        return stored
+
+    async def _insert_pod_start(self, session: AsyncSession, record: PodStartRecord) -> bool:
+        pod_start_id = (
+            await session.execute(
+                self._insert(session, PodStartRow)
+                .values(
+                    pod_uid=record.pod_uid,
+                    namespace=record.namespace,
+                    name=record.name,
+                    node=record.node,
+                    cache_outcome=record.outcome.value,
+                    imc_id=record.imc_id,
+                    cache_reason=record.reason,
+                    bytes_pulled=record.bytes_pulled,
+                    resolve_seconds=record.resolve_seconds,
+                    snapshot_attach_seconds=record.snapshot_attach_seconds,
+                    pull_seconds=record.pull_seconds,
+                    container_start_seconds=record.container_start_seconds,
+                    startup_seconds=record.startup_seconds,
+                    created_at=record.created_at,
+                    started_at=record.started_at,
+                    labels=dict(record.labels),
                 )
-            ).scalar_one_or_none()
-            if pod_start_id is None:
-                return False
-            if record.images:
-                await session.execute(
-                    insert(PodStartImageRow),
-                    [
-                        {
-                            "pod_start_id": pod_start_id,
-                            "position": position,
-                            "reference": image.reference,
-                            "bytes_pulled": image.bytes_pulled,
-                            "pull_seconds": image.pull_seconds,
-                            "from_cache": image.from_cache,
-                        }
-                        for position, image in enumerate(record.images)
-                    ],
-                )
+                .on_conflict_do_nothing(index_elements=["pod_uid"])
+                .returning(PodStartRow.id)
+            )
+        ).scalar_one_or_none()
+        if pod_start_id is None:
+            return False
+        if record.images:
+            await session.execute(
+                insert(PodStartImageRow),
+                [
+                    {
+                        "pod_start_id": pod_start_id,
+                        "position": position,
+                        "reference": image.reference,
+                        "bytes_pulled": image.bytes_pulled,
+                        "pull_seconds": image.pull_seconds,
+                        "from_cache": image.from_cache,
+                    }
+                    for position, image in enumerate(record.images)
+                ],
+            )
         return True
 
     async def list_pod_starts(
