@@ -71,6 +71,7 @@ class Agent:
         self.metrics = NodeMetrics()
         self.records: RegistryStartRecorder | None = None
         self.cache_manager: CacheManager | None = None
+        self.events: EventRecorder | None = None
 
     @classmethod
     async def create(cls, settings: Settings) -> Agent:
@@ -205,6 +206,7 @@ class Agent:
         names = node_names(s.node)
         # Events give way to Pod status: a burst of starts gets its Pods Running first.
         events = EventRecorder(self.session, host=names[0], give_way=reporter.wait_idle)
+        self.events = events
         self.records = records = RegistryStartRecorder(self.registry, self.metrics)
         self.supervisor.start("start-records", records.run())
         allocatable = node_allocatable(s.node.cpu, s.node.memory, s.node.pods)

@@ -59,6 +59,7 @@ SHARED_CHECKS = (
     "test_manifest_round_trip_and_shared_layers_stored_once",
     "test_save_manifest_replaces_the_image",
     "test_pod_start_is_recorded_once",
+    "test_pod_starts_batch_in_one_transaction",
     "test_list_pod_starts_filters",
 )
 

@@ -470,8 +470,9 @@ async def test_pod_start_is_recorded_once(registry: Registry) -> None:
 
 async def test_pod_starts_batch_in_one_transaction(registry: Registry) -> None:
     await registry.record_pod_start(pod_start("u0"))
-    batch = [pod_start("u1"), pod_start("u0"), pod_start("u2")]
-    assert await registry.record_pod_starts(batch) == [True, False, True]
+    batch = [pod_start("u1"), pod_start("u0"), pod_start("u2"), pod_start("u1")]
+    assert await registry.record_pod_starts(batch) == [True, False, True, False]
+    assert await registry.record_pod_starts([]) == []
     assert [r.pod_uid for r in await registry.list_pod_starts()] == ["u0", "u1", "u2"]
     assert await sql(registry, "SELECT count(*) FROM pod_start_images") == [(6,)]
 

@@ -106,6 +106,27 @@ _POD_START_COLUMNS = (
 )
 
 
+def _pod_start_values(record: PodStartRecord) -> dict[str, Any]:
+    return {
+        "pod_uid": record.pod_uid,
+        "namespace": record.namespace,
+        "name": record.name,
+        "node": record.node,
+        "cache_outcome": record.outcome.value,
+        "imc_id": record.imc_id,
+        "cache_reason": record.reason,
+        "bytes_pulled": record.bytes_pulled,
+        "resolve_seconds": record.resolve_seconds,
+        "snapshot_attach_seconds": record.snapshot_attach_seconds,
+        "pull_seconds": record.pull_seconds,
+        "container_start_seconds": record.container_start_seconds,
+        "startup_seconds": record.startup_seconds,
+        "created_at": record.created_at,
+        "started_at": record.started_at,
+        "labels": dict(record.labels),
+    }
+
+
 def _cache_from_row(row: Any, images: Sequence[CachedImage]) -> ImageCache:
     return ImageCache(
         imc_id=row.imc_id,
@@ -611,57 +632,44 @@ class Registry:
         return (await self.record_pod_starts([record]))[0]
 
     async def record_pod_starts(self, records: Sequence[PodStartRecord]) -> list[bool]:
-        """Store several Pod starts in one transaction; for each, False if its Pod UID was already recorded."""
-        stored: list[bool] = []
-        async with self._writing() as session:
-            for record in records:
-                stored.append(await self._insert_pod_start(session, record))
-        return stored
+        """Store several Pod starts in one transaction; for each, False if its Pod UID was already recorded.
 
-    async def _insert_pod_start(self, session: AsyncSession, record: PodStartRecord) -> bool:
-        pod_start_id = (
-            await session.execute(
-                self._insert(session, PodStartRow)
-                .values(
-                    pod_uid=record.pod_uid,
-                    namespace=record.namespace,
-                    name=record.name,
-                    node=record.node,
-                    cache_outcome=record.outcome.value,
-                    imc_id=record.imc_id,
-                    cache_reason=record.reason,
-                    bytes_pulled=record.bytes_pulled,
-                    resolve_seconds=record.resolve_seconds,
-                    snapshot_attach_seconds=record.snapshot_attach_seconds,
-                    pull_seconds=record.pull_seconds,
-                    container_start_seconds=record.container_start_seconds,
-                    startup_seconds=record.startup_seconds,
-                    created_at=record.created_at,
-                    started_at=record.started_at,
-                    labels=dict(record.labels),
+        A constant number of statements per batch (one multi-row INSERT .. ON CONFLICT DO NOTHING
+        RETURNING, one executemany for the images), so a burst of starts costs little CPU.
+        """
+        first: dict[str, PodStartRecord] = {}
+        for record in records:
+            first.setdefault(record.pod_uid, record)  # a repeat within the batch is "already recorded"
+        new_ids: dict[str, int] = {}
+        starts = PodStartRow.__table__
+        async with self._writing() as session:
+            for chunk in _chunks(list(first.values()), 50):  # 16 columns: under 999 parameters
+                inserted = await session.execute(
+                    self._insert(session, starts)
+                    .values([_pod_start_values(record) for record in chunk])
+                    .on_conflict_do_nothing(index_elements=["pod_uid"])
+                    .returning(starts.c.id, starts.c.pod_uid)
                 )
-                .on_conflict_do_nothing(index_elements=["pod_uid"])
-                .returning(PodStartRow.id)
-            )
-        ).scalar_one_or_none()
-        if pod_start_id is None:
-            return False
-        if record.images:
-            await session.execute(
-                insert(PodStartImageRow),
-                [
-                    {
-                        "pod_start_id": pod_start_id,
-                        "position": position,
-                        "reference": image.reference,
-                        "bytes_pulled": image.bytes_pulled,
-                        "pull_seconds": image.pull_seconds,
-                        "from_cache": image.from_cache,
-                    }
-                    for position, image in enumerate(record.images)
-                ],
-            )
-        return True
+                new_ids.update((uid, row_id) for row_id, uid in inserted.all())
+            image_rows = [
+                {
+                    "pod_start_id": new_ids[record.pod_uid],
+                    "position": position,
+                    "reference": image.reference,
+                    "bytes_pulled": image.bytes_pulled,
+                    "pull_seconds": image.pull_seconds,
+                    "from_cache": image.from_cache,
+                }
+                for record in first.values()
+                if record.pod_uid in new_ids
+                for position, image in enumerate(record.images)
+            ]
+            if image_rows:
+                await session.execute(insert(PodStartImageRow), image_rows)
+        stored = []
+        for record in records:
+            stored.append(first.get(record.pod_uid) is record and record.pod_uid in new_ids)
+        return stored
 
     async def list_pod_starts(
         self,
