@@ -23,6 +23,7 @@ def test_defaults() -> None:
 def test_shipped_example_file_is_valid() -> None:
     s = load_settings(str(Path(__file__).parents[2] / "config" / "agent.yaml"), env={})
     assert s.node.name == "virtual-kubelet"
+    assert s == load_settings(env={})  # the example spells out the defaults, not other values
 
 
 def test_precedence_file_env_flags(tmp_path: Path) -> None:
@@ -61,6 +62,7 @@ def test_env_dict_and_bool_and_float() -> None:
         ({"VK_PROVIDER_KUBELET_PORT": "70000"}, "kubelet.port"),
         ({"VK_PROVIDER_KUBELET_TLS_CERT_FILE": "/x.crt"}, "given together"),
         ({"VK_PROVIDER_LOG_LEVEL": "loud"}, "log_level"),
+        ({"VK_PROVIDER_PODS_STATUS_SETTLE_SECONDS": "-1"}, "pods.status_settle_seconds must be between 0 and 10"),
     ],
 )
 def test_invalid_values_name_the_setting(env: dict[str, str], message: str) -> None:
