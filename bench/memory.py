@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench._agent import create_pods, namespace, pod
 from bench._cluster import control_plane
-from vk_provider.kube.session import KubeSession
+from vk_provider.kube.session import KubeError, KubeSession
 
 NODE = "vk-bench-mem"
 
@@ -48,6 +48,22 @@ async def count_running(s: KubeSession, ns: str) -> int:
             return running
 
 
+async def node_ready(s: KubeSession, agent: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if agent.poll() is not None:
+            raise SystemExit("the agent exited before its Node was Ready")
+        try:
+            node = await s.request("GET", f"/api/v1/nodes/{NODE}")
+            conditions = (node.get("status") or {}).get("conditions") or []
+            if any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions):
+                return
+        except KubeError:
+            pass
+        await asyncio.sleep(0.2)
+    raise SystemExit(f"Node {NODE} not Ready within 120 s")
+
+
 async def run(kubeconfig: str, count: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="vkp-bench-mem-"))
     settings = {
@@ -69,6 +85,7 @@ async def run(kubeconfig: str, count: int) -> None:
     try:
         ns = f"bench-mem-{int(time.time())}"
         await namespace(s, ns)
+        await node_ready(s, agent)  # the agent has imported and started everything: a fair idle figure
         idle = rss_mb(agent.pid)
         created = await create_pods(s, ns, [pod(f"p{i}", NODE) for i in range(count)])
         print(f"created {count} Pods in {created:.0f} s; agent RSS with no Pods: {idle:.0f} MB", flush=True)
@@ -78,7 +95,9 @@ async def run(kubeconfig: str, count: int) -> None:
                 raise SystemExit(f"only {running} of {count} Pods Running; see {work / 'agent.log'}")
             await asyncio.sleep(2)
         await asyncio.sleep(5)  # let the last Events drain
-        print(f"agent RSS with {count} Running Pods: {rss_mb(agent.pid):.0f} MB (goal <= 250 MB)")
+        full = rss_mb(agent.pid)
+        print(f"per Pod: {(full - idle) * 1024 / count:.1f} KB above idle", flush=True)
+        print(f"agent RSS with {count} Running Pods: {full:.0f} MB (goal <= 250 MB)")
     finally:
         await s.close()
         agent.terminate()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from tests.unit.test_node_controller import FakeKubeError
@@ -181,5 +181,27 @@ async def test_wait_idle_returns_only_when_no_status_is_pending() -> None:
     reporter.publish("u3", "ns", "r", {"phase": "Pending"})
     reporter.forget("u3")  # a forgotten Pod does not keep the reporter busy
     await asyncio.wait_for(reporter.wait_idle(), 1)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_status_replaced_before_its_turn_is_never_rendered() -> None:
+    api = SlowApi()
+    reporter = StatusReporter(api, workers=1, settle_seconds=0.05)
+    task = asyncio.create_task(reporter.run())
+    rendered: list[str] = []
+
+    def render(phase: str) -> Callable[[], dict[str, Any]]:
+        def make() -> dict[str, Any]:
+            rendered.append(phase)
+            return {"phase": phase}
+
+        return make
+
+    reporter.publish("u1", "ns", "p", render("Pending"))
+    reporter.publish("u1", "ns", "p", render("Running"))
+    await asyncio.wait_for(reporter.flushed("u1"), 5)
+    assert rendered == ["Running"]
+    assert api.calls == [("u1", {"phase": "Running"})]
     task.cancel()
     await asyncio.gather(task, return_exceptions=True)

@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
+from sys import intern
 
 
-@dataclass(frozen=True, slots=True)
 class Line:
-    at: datetime
-    text: str
+    """One log line: a float timestamp and interned text (the same steps repeat across Pods)."""
+
+    __slots__ = ("_stamp", "text")
+
+    def __init__(self, at: datetime, text: str) -> None:
+        self._stamp = at.timestamp()
+        self.text = intern(text)
+
+    @property
+    def at(self) -> datetime:
+        return datetime.fromtimestamp(self._stamp, UTC)
 
 
 class SimLog:

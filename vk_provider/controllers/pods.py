@@ -19,6 +19,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any, Protocol
 
 from vk_provider.controllers.clock import Clock
@@ -366,7 +367,27 @@ class _Stop(Exception):
 
 
 class PodWorker:
-    """Runs one Pod. All state changes go through ``domain.lifecycle`` and are published at once."""
+    """Runs one Pod. All state changes go through ``domain.lifecycle`` and are published at once.
+
+    Kept small (10,000 tracked Pods): slots, no task once the Pod has nothing left to simulate,
+    shared strings and workload defaults, and the status rendered only when it is written.
+    """
+
+    __slots__ = (
+        "_grace",
+        "_main",
+        "adopted",
+        "counted",
+        "ctl",
+        "facts",
+        "logs",
+        "pod_ip",
+        "rejection",
+        "state",
+        "stopping",
+        "task",
+        "workload",
+    )
 
     def __init__(self, ctl: PodController, facts: PodFacts) -> None:
         self.ctl = ctl
@@ -395,7 +416,8 @@ class PodWorker:
         self.state = state
         if state.terminal:
             self.ctl.uncount(self)
-        self.ctl.reporter.publish(self.facts.uid, self.facts.namespace, self.facts.name, lc.render_status(state))
+        f = self.facts
+        self.ctl.reporter.publish(f.uid, f.namespace, f.name, partial(lc.render_status, state))
 
     def _log(self, container: str, text: str) -> None:
         sim_log = self.logs.get(container)
@@ -420,7 +442,16 @@ class PodWorker:
     # -- task control
 
     def start(self) -> None:
-        self.task = asyncio.create_task(self._run(), name=f"pod:{self.facts.key}")
+        self._own(asyncio.create_task(self._run(), name=f"pod:{self.facts.key}"))
+
+    def _own(self, task: asyncio.Task[None]) -> None:
+        """Hold the task while it runs; drop it when done (a finished Task is ~1 KB per Pod)."""
+        self.task = task
+        task.add_done_callback(self._drop_task)
+
+    def _drop_task(self, task: asyncio.Task[None]) -> None:
+        if self.task is task:
+            self.task = None
 
     def cancel(self) -> None:
         if self.task is not None and not self.task.done():
@@ -433,7 +464,7 @@ class PodWorker:
         if self._main is not None and not self._main.done():
             self._main.cancel()
         elif self.task is None or self.task.done():
-            self.task = asyncio.create_task(self._terminate(), name=f"pod-stop:{self.facts.key}")
+            self._own(asyncio.create_task(self._terminate(), name=f"pod-stop:{self.facts.key}"))
 
     async def _run(self) -> None:
         main: asyncio.Task[None] | None = None
@@ -441,6 +472,7 @@ class PodWorker:
             if not self.stopping:
                 main = self._main = asyncio.create_task(self._lifecycle(), name=f"pod-life:{self.facts.key}")
                 await asyncio.wait({main})  # does not raise when only the lifecycle was cancelled
+                self._main = None
                 if not main.cancelled() and main.exception() is not None:
                     exc = main.exception()
                     log.error("pod %s: unexpected error; the Pod is left as it is", self.facts.key, exc_info=exc)

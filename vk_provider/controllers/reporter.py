@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,7 +42,7 @@ def digest(status: JSON) -> int:
 class _Entry:
     namespace: str
     name: str
-    pending: JSON | None = None
+    pending: JSON | Callable[[], JSON] | None = None
     annotations: dict[str, str] | None = None  # to add with the next write
     sent: int | None = None  # digest of the last status the API server accepted (or already had)
     in_flight: bool = False
@@ -70,8 +70,12 @@ class StatusReporter:
         self.writes = 0
         self.skipped = 0
 
-    def publish(self, uid: str, namespace: str, name: str, status: JSON) -> None:
-        """Ask for ``status`` to be written (non-blocking; newer calls replace older pending ones)."""
+    def publish(self, uid: str, namespace: str, name: str, status: JSON | Callable[[], JSON]) -> None:
+        """Ask for ``status`` to be written (non-blocking; newer calls replace older pending ones).
+
+        ``status`` may be a function making it: called only if it is still the newest when its
+        turn comes, so a status replaced before it is sent is never rendered nor held as a dict.
+        """
         entry = self._entry(uid, namespace, name)
         entry.pending = status
         self._schedule(uid, entry)
@@ -157,8 +161,9 @@ class StatusReporter:
             if entry is None or not entry.queued:
                 continue
             entry.queued = False
-            status, annotations = entry.pending, entry.annotations
+            pending, annotations = entry.pending, entry.annotations
             entry.pending = entry.annotations = None
+            status = pending() if callable(pending) else pending
             new = digest(status) if status is not None else None
             if status is not None and new == entry.sent:
                 self.skipped += 1

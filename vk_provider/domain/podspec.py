@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from sys import intern
 from typing import Any
 
 from vk_provider.domain.lifecycle import parse_time
 from vk_provider.domain.quantity import milli, parse_quantity, whole
 
-# Annotation prefixes the node reads; others are not kept in memory.
+# Annotation prefixes the node reads; others are not kept in memory. Strings that replicas share
+# (namespace, node, images, container names, labels) are interned: stored once, not per Pod.
 KEPT_ANNOTATION_PREFIXES = ("k8s.aliyun.com/", "vk-provider.io/")
 
 
@@ -84,9 +86,9 @@ def _container(raw: Mapping[str, Any], init: bool) -> ContainerSpec:
     cpu = parse_quantity(str(requests.get("cpu", limits.get("cpu", "0"))))
     mem = parse_quantity(str(requests.get("memory", limits.get("memory", "0"))))
     return ContainerSpec(
-        name=str(raw.get("name") or ""),
-        image=image,
-        pull_policy=str(raw.get("imagePullPolicy") or _default_policy(image)),
+        name=intern(str(raw.get("name") or "")),
+        image=intern(image),
+        pull_policy=intern(str(raw.get("imagePullPolicy") or _default_policy(image))),
         init=init,
         cpu_milli=milli(cpu) if cpu is not None and cpu > 0 else 0,
         memory=whole(mem) if mem is not None and mem > 0 else 0,
@@ -106,14 +108,14 @@ def pod_facts(obj: Mapping[str, Any]) -> PodFacts:
     grace = spec.get("terminationGracePeriodSeconds")
     return PodFacts(
         uid=str(meta.get("uid", "")),
-        namespace=str(meta.get("namespace", "default")),
+        namespace=intern(str(meta.get("namespace", "default"))),
         name=str(meta.get("name", "")),
-        node_name=str(spec.get("nodeName", "")),
+        node_name=intern(str(spec.get("nodeName", ""))),
         created=parse_time(meta.get("creationTimestamp")),
-        restart_policy=str(spec.get("restartPolicy") or "Always"),
+        restart_policy=intern(str(spec.get("restartPolicy") or "Always")),
         grace_seconds=int(grace) if isinstance(grace, int) and grace >= 0 else 30,
         containers=tuple(containers),
         annotations=annotations,
-        labels=tuple(sorted((k, str(v)) for k, v in (meta.get("labels") or {}).items())),
+        labels=tuple(sorted((intern(k), intern(str(v))) for k, v in (meta.get("labels") or {}).items())),
         pull_secrets=tuple(str(s.get("name", "")) for s in spec.get("imagePullSecrets") or () if isinstance(s, dict)),
     )

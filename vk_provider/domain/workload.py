@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 PREFIX = "vk-provider.io/"
 RUN_SECONDS = PREFIX + "run-seconds"
@@ -50,6 +51,19 @@ class Workload:
 def parse_workload(
     annotations: Mapping[str, str], init_containers: Sequence[str], containers: Sequence[str]
 ) -> Workload:
+    if not any(key.startswith(PREFIX) for key in annotations):
+        # The common case: no workload annotations. One shared (immutable) Workload per shape of
+        # Pod, not one per Pod: 10,000 tracked Pods must stay small.
+        return _defaults(tuple(init_containers), tuple(containers))
+    return _parse(annotations, init_containers, containers)
+
+
+@lru_cache(maxsize=256)
+def _defaults(init_containers: tuple[str, ...], containers: tuple[str, ...]) -> Workload:
+    return _parse({}, init_containers, containers)
+
+
+def _parse(annotations: Mapping[str, str], init_containers: Sequence[str], containers: Sequence[str]) -> Workload:
     problems: list[str] = []
     names = set(init_containers) | set(containers)
     for key in annotations:
