@@ -253,9 +253,12 @@ async def _lines(resp: aiohttp.ClientResponse, path: str) -> AsyncIterator[JSON]
     buffer = b""
     try:
         async for chunk in resp.content.iter_any():
-            buffer += chunk
-            while b"\n" in buffer:
-                line, buffer = buffer.split(b"\n", 1)
+            if b"\n" not in chunk:
+                buffer += chunk
+                continue
+            *lines, rest = (buffer + chunk).split(b"\n")  # one pass per chunk, however many events
+            buffer = rest
+            for line in lines:
                 if line.strip():
                     yield json.loads(line)
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
