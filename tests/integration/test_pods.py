@@ -54,6 +54,7 @@ def test_seed_pod_reaches_running_with_a_full_status(cluster: Cluster, workdir: 
         assert status["hostIP"] == "127.0.0.1"
         assert status["podIP"].startswith("10.234.")
         assert status["startTime"]
+        assert status["qosClass"] == "Burstable"  # set by the API server at creation, kept by the node
         conditions = {c["type"]: c for c in status["conditions"]}
         assert set(conditions) == {"PodScheduled", "Initialized", "ContainersReady", "Ready"}
         assert all(c["status"] == "True" and c["lastTransitionTime"] for c in conditions.values())

@@ -169,7 +169,6 @@ def test_render_status_golden() -> None:
         ],
         "reason": None,
         "message": None,
-        "qosClass": None,
     }
 
 

@@ -300,7 +300,10 @@ def recompute(state: PodState, now: datetime) -> PodState:
 
 
 def render_status(state: PodState) -> JSON:
-    """The Pod's ``status`` as a merge patch: every field we own is present (null when unset)."""
+    """The Pod's ``status`` as a merge patch: every field we own is present (null when unset).
+
+    ``qosClass`` is not ours: the API server sets it when the Pod is created, and it stays.
+    """
     return {
         "phase": state.phase.value,
         "conditions": [_condition(c) for c in state.conditions],
@@ -312,7 +315,6 @@ def render_status(state: PodState) -> JSON:
         "containerStatuses": [_container(c) for c in state.main_containers],
         "reason": state.reason or None,
         "message": state.message or None,
-        "qosClass": None,
     }
 
 
