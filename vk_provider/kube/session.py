@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 JSON = dict[str, Any]
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
+MAX_THROTTLED_RETRIES = 5
+MAX_RETRY_AFTER_SECONDS = 10.0
 
 
 class KubeConfigError(Exception):
@@ -155,6 +157,7 @@ class KubeSession:
         self._limiter = RateLimiter(qps, burst)
         self._timeout = request_timeout
         self.requests_by_verb: dict[str, int] = {}
+        self.throttled = 0  # answers with Retry-After that were waited out and retried
 
     @classmethod
     async def connect(
@@ -182,20 +185,32 @@ class KubeSession:
         content_type: str = "application/json",
         timeout: float | None = None,
     ) -> JSON:
-        """Send one request and return its JSON body (``{}`` for an empty one)."""
-        await self._limiter.acquire()
-        self.requests_by_verb[method] = self.requests_by_verb.get(method, 0) + 1
-        try:
-            resp = await self._call(method, path, body, query, content_type, timeout or self._timeout)
+        """Send one request and return its JSON body (``{}`` for an empty one).
+
+        Like client-go, a 429 or 503 answer carrying ``Retry-After`` (the API server shedding load:
+        the request was not processed) is retried after that many seconds, a few times.
+        """
+        attempt = 0
+        while True:
+            await self._limiter.acquire()
+            self.requests_by_verb[method] = self.requests_by_verb.get(method, 0) + 1
             try:
-                data = await resp.read()
-            finally:
-                resp.release()
-        except KubeError:
-            raise
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise KubeError(0, "Unreachable", f"{method} {path}: {_describe(exc)}") from None
-        return _decode(resp.status, data, method, path)
+                resp = await self._call(method, path, body, query, content_type, timeout or self._timeout)
+                try:
+                    data = await resp.read()
+                finally:
+                    resp.release()
+            except KubeError:
+                raise
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                raise KubeError(0, "Unreachable", f"{method} {path}: {_describe(exc)}") from None
+            wait = _retry_after(resp) if resp.status in (429, 503) else None
+            if wait is None or attempt >= MAX_THROTTLED_RETRIES:
+                return _decode(resp.status, data, method, path)
+            attempt += 1
+            self.throttled += 1
+            log.debug("%s %s: %d, retrying after %.1f s", method, path, resp.status, wait)
+            await asyncio.sleep(wait)
 
     @asynccontextmanager
     async def stream(
@@ -279,6 +294,14 @@ def _decode(status: int, data: bytes, method: str, path: str) -> JSON:
     reason = str(body.get("reason") or "")
     message = str(body.get("message") or data[:200].decode("utf-8", "replace") or "no message")
     raise KubeError(status, reason, f"{method} {path}: {message}", body)
+
+
+def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
+    """Seconds to wait from a ``Retry-After: <seconds>`` header (capped), or None without one."""
+    raw = resp.headers.get("Retry-After", "").strip()
+    if not raw.isdigit():
+        return None
+    return min(float(raw), MAX_RETRY_AFTER_SECONDS)
 
 
 def _query_text(value: str | int | bool) -> str:

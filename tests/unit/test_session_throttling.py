@@ -1,0 +1,65 @@
+"""KubeSession waits out ``Retry-After`` answers (429/503), like client-go, against a local HTTP server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from aiohttp import web
+from kubernetes_asyncio import client as k8s_client
+
+from vk_provider.kube.session import KubeError, KubeSession
+
+
+class Server:
+    def __init__(self) -> None:
+        self.answers: list[tuple[int, dict[str, str]]] = []
+        self.calls = 0
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.calls += 1
+        status, headers = self.answers.pop(0) if self.answers else (200, {})
+        body = '{"kind": "Status", "reason": "TooManyRequests", "message": "slow down"}' if status >= 400 else "{}"
+        return web.Response(status=status, headers=headers, text=body, content_type="application/json")
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[Server, KubeSession]]:
+    server = Server()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", server.handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    cfg = k8s_client.Configuration()
+    cfg.host = f"http://127.0.0.1:{port}"
+    session = KubeSession(cfg)
+    try:
+        yield server, session
+    finally:
+        await session.close()
+        await runner.cleanup()
+
+
+async def test_retry_after_is_waited_out(served: tuple[Server, KubeSession]) -> None:
+    server, session = served
+    server.answers = [(429, {"Retry-After": "0"}), (503, {"Retry-After": "0"})]
+    assert await session.request("PATCH", "/api/v1/namespaces/ns/pods/p/status", body={}) == {}
+    assert server.calls == 3
+    assert session.throttled == 2
+
+
+async def test_throttling_without_retry_after_or_for_too_long_is_an_error(served: tuple[Server, KubeSession]) -> None:
+    server, session = served
+    server.answers = [(429, {})]
+    with pytest.raises(KubeError) as caught:
+        await session.request("GET", "/api/v1/pods")
+    assert caught.value.status == 429
+    assert caught.value.is_transient
+    assert server.calls == 1
+    server.answers = [(429, {"Retry-After": "0"})] * 10
+    with pytest.raises(KubeError):
+        await session.request("GET", "/api/v1/pods")
+    assert server.calls == 1 + 6  # the first try and 5 retries
