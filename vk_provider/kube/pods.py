@@ -7,6 +7,7 @@ reporter is the only caller of :meth:`PodClient.patch_status`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -61,7 +62,9 @@ class EventRecorder:
     Posting failures are logged and dropped: an Event is never worth stalling a Pod. Events give
     way to Pod status: with ``give_way`` (e.g. the status reporter's ``wait_idle``), each post
     first waits until no status write is waiting, like the kubelet whose Events travel on a
-    separate, slower budget than status. When the queue is full, new Events are dropped (counted).
+    separate, slower budget than status; but an Event waits at most ``max_delay`` seconds after it
+    was recorded, so a long burst of Pods does not starve them. When the queue is full, new Events
+    are dropped and counted, as the kubelet's recorder drops them under load.
     """
 
     def __init__(
@@ -70,11 +73,14 @@ class EventRecorder:
         host: str,
         max_queue: int = 10000,
         give_way: Callable[[], Awaitable[None]] | None = None,
+        max_delay: float = 5.0,
     ) -> None:
         self._s = session
         self._host = host
         self._give_way = give_way
-        self._queue: asyncio.Queue[tuple[EventSpec, datetime, int]] = asyncio.Queue(maxsize=max_queue)
+        self._max_delay = max_delay
+        # (what, when it happened, name stamp, loop time it was queued)
+        self._queue: asyncio.Queue[tuple[EventSpec, datetime, int, float]] = asyncio.Queue(maxsize=max_queue)
         self._last_ns = 0
         self.posted = 0
         self.dropped = 0
@@ -84,7 +90,7 @@ class EventRecorder:
         stamp = max(time.time_ns(), self._last_ns + 1)
         self._last_ns = stamp
         try:
-            self._queue.put_nowait((spec, moment, stamp))
+            self._queue.put_nowait((spec, moment, stamp, asyncio.get_running_loop().time()))
         except asyncio.QueueFull:
             self.dropped += 1
             if self.dropped == 1 or self.dropped % 1000 == 0:
@@ -106,10 +112,12 @@ class EventRecorder:
 
     async def _worker(self) -> None:
         while True:
-            spec, moment, stamp = await self._queue.get()
+            spec, moment, stamp, queued = await self._queue.get()
             try:
-                if self._give_way is not None:
-                    await self._give_way()
+                patience = self._max_delay - (asyncio.get_running_loop().time() - queued)
+                if self._give_way is not None and patience > 0:
+                    with contextlib.suppress(TimeoutError):  # waited long enough: post it anyway
+                        await asyncio.wait_for(self._give_way(), patience)
                 await self._post(spec, moment, stamp)
                 self.posted += 1
             except KubeError as exc:

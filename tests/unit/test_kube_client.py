@@ -1,13 +1,19 @@
-"""KubeSession waits out ``Retry-After`` answers (429/503), like client-go, against a local HTTP server."""
+"""The API client against a local HTTP server: Retry-After (429/503) waited out like client-go; Events
+give way to Pod status, but not for ever."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from aiohttp import web
 from kubernetes_asyncio import client as k8s_client
 
+from vk_provider.domain.events import EventSpec
+from vk_provider.kube.pods import EventRecorder
 from vk_provider.kube.session import KubeError, KubeSession
 
 
@@ -15,9 +21,12 @@ class Server:
     def __init__(self) -> None:
         self.answers: list[tuple[int, dict[str, str]]] = []
         self.calls = 0
+        self.posted: list[dict[str, Any]] = []
 
     async def handle(self, request: web.Request) -> web.Response:
         self.calls += 1
+        if request.method == "POST":
+            self.posted.append(await request.json())
         status, headers = self.answers.pop(0) if self.answers else (200, {})
         body = '{"kind": "Status", "reason": "TooManyRequests", "message": "slow down"}' if status >= 400 else "{}"
         return web.Response(status=status, headers=headers, text=body, content_type="application/json")
@@ -63,3 +72,31 @@ async def test_throttling_without_retry_after_or_for_too_long_is_an_error(served
     with pytest.raises(KubeError):
         await session.request("GET", "/api/v1/pods")
     assert server.calls == 1 + 6  # the first try and 5 retries
+
+
+async def until(condition: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.01)
+
+
+async def test_events_give_way_to_status_but_not_for_ever(served: tuple[Server, KubeSession]) -> None:
+    server, session = served
+    status_idle = asyncio.Event()
+    recorder = EventRecorder(session, host="vk", give_way=status_idle.wait, max_delay=0.5)
+    runner = asyncio.create_task(recorder.run(workers=1))
+    try:
+        started = time.monotonic()
+        recorder.record(EventSpec("ns", "p", "uid-p", "Pulled", "pulled", "Normal", "spec.containers{c}"))
+        await until(lambda: len(server.posted) == 1)
+        assert time.monotonic() - started >= 0.4  # held back while status writes were pending...
+        status_idle.set()
+        recorder.record(EventSpec("ns", "p", "uid-p", "Started", "started", "Normal", "spec.containers{c}"))
+        await until(lambda: len(server.posted) == 2)  # ...and sent at once when they are not
+        assert [e["reason"] for e in server.posted] == ["Pulled", "Started"]
+        assert server.posted[0]["involvedObject"]["fieldPath"] == "spec.containers{c}"
+        assert server.posted[0]["metadata"]["name"] < server.posted[1]["metadata"]["name"]
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
