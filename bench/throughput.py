@@ -6,8 +6,8 @@ In one run, against one API server, with the same client library:
   kubelet writes (conditions, container statuses, Pod IP; and the matched-cache annotation), to
   show how much of the gap is the API server handling a larger object rather than the agent;
 - agent: N Pods bound to a virtual node with a Ready ImageCache named explicitly (a cache hit)
-  and zero simulated delays; timed from the agent having listed them to the last Running status
-  accepted by the API server.
+  and zero simulated delays; timed from the agent taking the first of them (from its list) to the
+  last Running status accepted by the API server.
 Last line, e.g. ``throughput ratio: 1.9 (agent 12.3 s / minimal baseline 6.4 s for 1000 Pods; goal <= 1.25)``.
 
 Each round runs the three in turn; the figures are medians over ``--rounds`` (default 3), since
@@ -112,15 +112,20 @@ async def agent_run(kubeconfig: str, count: int) -> float:
         await create_pods(session, ns, [pod(f"p{i}", node, annotations) for i in range(count)])
     finally:
         await session.close()
+    cpu = time.process_time()
     async with running_agent(settings) as agent:
         controller = agent.pods
         assert controller is not None
         await controller.synced.wait()
-        started = time.perf_counter()
+        # Timed from the moment the agent took the first Pod (from its list), not from when this
+        # script gets control back: by then the agent has already done part of the work.
+        assert controller.first_taken is not None
+        started = controller.first_taken
+        clock = asyncio.get_running_loop().time
         while True:
             await asyncio.sleep(0.01)
             # Cheap checks first: this loop shares the agent's process and CPU.
-            if time.perf_counter() - started > 300:
+            if clock() - started > 300:
                 raise SystemExit(f"only {controller.started_total} of {count} Pods started in 300 s")
             if controller.started_total < count or controller.reporter.busy():
                 continue
@@ -132,11 +137,12 @@ async def agent_run(kubeconfig: str, count: int) -> float:
                 and all(w.state is not None and w.state.phase is Phase.RUNNING for w in workers)
                 and controller.reporter.busy() == 0
             ):
-                elapsed = time.perf_counter() - started
+                elapsed = clock() - started
                 events = agent.events
                 print(
                     f"agent: {controller.reporter.writes / count:.2f} status writes per Pod; "
-                    f"{events.posted if events else 0} Events posted by then (they give way to status)",
+                    f"{events.posted if events else 0} Events posted by then (they give way to status); "
+                    f"agent process CPU {time.process_time() - cpu:.2f} s from its start",
                     flush=True,
                 )
                 return elapsed

@@ -316,3 +316,24 @@ async def test_cache_annotations_are_written_with_the_status(clock: FakeClock) -
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_long_list_does_not_hold_back_the_first_status_writes(clock: FakeClock) -> None:
+    h = Harness(clock, Images(clock), pods=100)
+    taken_at_first_write: list[int] = []
+    write = h.api.patch_status
+
+    async def patch_status(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        if not taken_at_first_write:
+            taken_at_first_write.append(len(h.ctl.workers))
+        return await write(*args, **kwargs)
+
+    h.api.patch_status = patch_status  # type: ignore[method-assign]
+    tasks = [asyncio.create_task(h.reporter.run()), asyncio.create_task(h.ctl.run())]
+    await h.ctl.resync([pod(f"p{i}", cpu="1m") for i in range(80)])
+    await clock.advance(1)
+    assert len(h.api.statuses) == 80
+    assert taken_at_first_write[0] < 80  # writes began while the list was still being taken
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -34,6 +34,7 @@ from vk_provider.domain.workload import Workload, parse_workload
 
 log = logging.getLogger(__name__)
 JSON = dict[str, Any]
+RESYNC_BATCH = 16  # Pods taken from a list between two turns of the event loop
 
 
 # ------------------------------------------------------------------ seams
@@ -205,6 +206,7 @@ class PodController:
         self._used_cpu = self._used_mem = self._used_pods = 0
         self.synced = asyncio.Event()
         self.started_total = 0
+        self.first_taken: float | None = None  # clock.monotonic() when the first Pod was taken
 
     # -- watch handler
 
@@ -212,11 +214,15 @@ class PodController:
         seen = set()
         # Adopt first (running Pods reserve their resources and IPs), then start the rest.
         ordered = sorted(objects, key=lambda o: 0 if (o.get("status") or {}).get("phase") != "Pending" else 1)
-        for obj in ordered:
+        for i, obj in enumerate(ordered, 1):
             uid = (obj.get("metadata") or {}).get("uid")
             if uid:
                 seen.add(uid)
                 await self.upsert(obj)
+            if i % RESYNC_BATCH == 0:
+                # Let the Pods just taken run, and their status writes go out, before taking more:
+                # a list of thousands otherwise starts every Pod before the first write is sent.
+                await asyncio.sleep(0)
         for uid in [u for u in self.workers if u not in seen]:
             self._gone(uid)
         self.synced.set()
@@ -280,6 +286,8 @@ class PodController:
             worker.counted = False
 
     def _take(self, obj: JSON) -> PodWorker | None:
+        if self.first_taken is None:
+            self.first_taken = self.clock.monotonic()
         facts = pod_facts(obj)
         status = obj.get("status") or {}
         now = self.clock.now()

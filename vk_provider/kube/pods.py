@@ -116,8 +116,11 @@ class EventRecorder:
             try:
                 patience = self._max_delay - (asyncio.get_running_loop().time() - queued)
                 if self._give_way is not None and patience > 0:
+                    # asyncio.timeout, not wait_for: wait_for can swallow a cancellation that
+                    # arrives as the wait ends (Python 3.11), and the worker would not stop.
                     with contextlib.suppress(TimeoutError):  # waited long enough: post it anyway
-                        await asyncio.wait_for(self._give_way(), patience)
+                        async with asyncio.timeout(patience):
+                            await self._give_way()
                 await self._post(spec, moment, stamp)
                 self.posted += 1
             except KubeError as exc:
@@ -125,6 +128,8 @@ class EventRecorder:
                     log.warning(
                         "could not post event %s for %s/%s: %s", spec.reason, spec.namespace, spec.pod_name, exc
                     )
+            except Exception:  # an Event is never worth a dead recorder
+                log.exception("could not post event %s for %s/%s", spec.reason, spec.namespace, spec.pod_name)
             finally:
                 self._queue.task_done()
 
