@@ -205,7 +205,9 @@ class Agent:
         )
         names = node_names(s.node)
         # Events give way to Pod status: a burst of starts gets its Pods Running first.
-        events = EventRecorder(self.session, host=names[0], give_way=reporter.wait_idle)
+        events = EventRecorder(
+            self.session, host=names[0], give_way=reporter.wait_idle, on_drop=self.metrics.events_dropped.inc
+        )
         self.events = events
         self.records = records = RegistryStartRecorder(self.registry, self.metrics)
         self.supervisor.start("start-records", records.run())

@@ -121,10 +121,13 @@ class NodeMetrics:
         self.pods_started = Counter(
             "vk_provider_pods_started_total", "Pods whose containers all started.", ("cache_outcome",)
         )
+        self.events_dropped = Counter(
+            "vk_provider_events_dropped_total", "Events not posted because too many were waiting (API server behind)."
+        )
 
     def render(self) -> str:
         lines: list[str] = []
         for metric in (self.pod_start_total, self.pod_start_sli, self.image_pull, self.cache_hits, self.cache_misses,
-                       self.auto_created, self.bytes_pulled, self.pods_started):  # fmt: skip
+                       self.auto_created, self.bytes_pulled, self.pods_started, self.events_dropped):  # fmt: skip
             lines.extend(metric.render())
         return "\n".join(lines) + "\n"

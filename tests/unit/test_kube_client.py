@@ -15,6 +15,7 @@ from kubernetes_asyncio import client as k8s_client
 from vk_provider.domain.events import EventSpec
 from vk_provider.kube.pods import EventRecorder
 from vk_provider.kube.session import KubeError, KubeSession
+from vk_provider.metrics import NodeMetrics
 
 
 class Server:
@@ -97,6 +98,23 @@ async def test_events_give_way_to_status_but_not_for_ever(served: tuple[Server, 
         assert [e["reason"] for e in server.posted] == ["Pulled", "Started"]
         assert server.posted[0]["involvedObject"]["fieldPath"] == "spec.containers{c}"
         assert server.posted[0]["metadata"]["name"] < server.posted[1]["metadata"]["name"]
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_events_beyond_the_queue_are_dropped_and_counted(served: tuple[Server, KubeSession]) -> None:
+    server, session = served
+    metrics = NodeMetrics()
+    recorder = EventRecorder(session, host="vk", max_queue=2, on_drop=metrics.events_dropped.inc)
+    for reason in ("Pulling", "Pulled", "Created", "Started"):
+        recorder.record(EventSpec("ns", "p", "uid-p", reason, reason.lower()))
+    assert recorder.dropped == 2
+    assert "vk_provider_events_dropped_total 2" in metrics.render()
+    runner = asyncio.create_task(recorder.run(workers=1))
+    try:
+        await until(lambda: len(server.posted) == 2)
+        assert [e["reason"] for e in server.posted] == ["Pulling", "Pulled"]  # the oldest are kept
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)

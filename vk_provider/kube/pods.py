@@ -74,8 +74,10 @@ class EventRecorder:
         max_queue: int = 10000,
         give_way: Callable[[], Awaitable[None]] | None = None,
         max_delay: float = 5.0,
+        on_drop: Callable[[], None] | None = None,
     ) -> None:
         self._s = session
+        self._on_drop = on_drop
         self._host = host
         self._give_way = give_way
         self._max_delay = max_delay
@@ -93,6 +95,8 @@ class EventRecorder:
             self._queue.put_nowait((spec, moment, stamp, asyncio.get_running_loop().time()))
         except asyncio.QueueFull:
             self.dropped += 1
+            if self._on_drop is not None:
+                self._on_drop()
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("event queue full (%d waiting): %d events dropped so far", self._queue.qsize(),
                             self.dropped)  # fmt: skip
