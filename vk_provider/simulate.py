@@ -836,14 +836,15 @@ async def store(result: SimulationResult, db: str) -> StoreSummary:
         end = result.workload.start + timedelta(seconds=result.simulated_seconds)
         await registry.upsert_caches(result.caches, now=end)
         recorded = 0
-        new_uids: set[str] = set()
-        for record in result.records:
-            if await registry.record_pod_start(record):
-                recorded += 1
-                new_uids.add(record.pod_uid)
+        for start in range(0, len(result.records), 500):  # a transaction per 500 starts
+            recorded += sum(await registry.record_pod_starts(result.records[start : start + 500]))
         if recorded == len(result.records):
+            # One write per cache: its hit count grows by its hits, its last match is the last one.
+            hits: dict[str, tuple[int, datetime]] = {}
             for imc_id, moment in result.hits:
-                await registry.mark_cache_matched(imc_id, moment)
+                hits[imc_id] = (hits.get(imc_id, (0, moment))[0] + 1, moment)
+            for imc_id, (count, last) in hits.items():
+                await registry.mark_cache_matched(imc_id, last, count=count)
     finally:
         await registry.close()
     return StoreSummary(recorded=recorded, already_recorded=len(result.records) - recorded)
