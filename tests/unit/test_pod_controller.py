@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from datetime import datetime
 from typing import Any
@@ -107,6 +108,17 @@ class Harness:
             timing=PodTiming(time_scale=1.0, create_seconds=0.0, start_seconds=1.0),
         )
 
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Harness]:
+        """The reporter and the controller run inside; cancelled on the way out."""
+        tasks = [asyncio.create_task(self.reporter.run()), asyncio.create_task(self.ctl.run())]
+        try:
+            yield self
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
 
 @pytest.fixture
 async def clock() -> FakeClock:
@@ -116,11 +128,8 @@ async def clock() -> FakeClock:
 @pytest.fixture
 async def harness(clock: FakeClock) -> AsyncIterator[Harness]:
     h = Harness(clock, Images(clock))
-    tasks = [asyncio.create_task(h.reporter.run()), asyncio.create_task(h.ctl.run())]
-    yield h
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    async with h.running():
+        yield h
 
 
 def pod(
@@ -164,18 +173,15 @@ async def test_pod_runs_through_pull_create_start(harness: Harness, clock: FakeC
 
 async def test_admission_out_of_cpu_and_pods(clock: FakeClock) -> None:
     h = Harness(clock, Images(clock), pods=2)
-    tasks = [asyncio.create_task(h.reporter.run()), asyncio.create_task(h.ctl.run())]
-    await h.ctl.resync([pod("a", cpu="600m"), pod("b", cpu="600m"), pod("c", cpu="400m"), pod("d", cpu="1m")])
-    await clock.advance(1)
-    assert h.api.last("b")["phase"] == "Failed"
-    assert h.api.last("b")["reason"] == "OutOfcpu"
-    assert h.api.last("d")["reason"] == "OutOfpods"
-    assert h.api.last("c")["phase"] == "Pending"  # exactly fills the node: 600m + 400m = 1 core, 2 Pods
-    assert h.api.last("a")["phase"] == "Pending"
-    assert "OutOfcpu" in h.events.reasons("b")
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    async with h.running():
+        await h.ctl.resync([pod("a", cpu="600m"), pod("b", cpu="600m"), pod("c", cpu="400m"), pod("d", cpu="1m")])
+        await clock.advance(1)
+        assert h.api.last("b")["phase"] == "Failed"
+        assert h.api.last("b")["reason"] == "OutOfcpu"
+        assert h.api.last("d")["reason"] == "OutOfpods"
+        assert h.api.last("c")["phase"] == "Pending"  # exactly fills the node: 600m + 400m = 1 core, 2 Pods
+        assert h.api.last("a")["phase"] == "Pending"
+        assert "OutOfcpu" in h.events.reasons("b")
 
 
 async def test_exit_code_with_never_and_crash_loop_with_always(harness: Harness, clock: FakeClock) -> None:
@@ -250,41 +256,35 @@ async def test_pull_errors(clock: FakeClock) -> None:
         },
     )
     h = Harness(clock, images)
-    tasks = [asyncio.create_task(h.reporter.run()), asyncio.create_task(h.ctl.run())]
-    await h.ctl.resync([pod("bad", image="bad"), pod("flaky", image="flaky"), pod("fine")])
-    await clock.advance(35)
-    assert h.api.last("bad")["containerStatuses"][0]["state"]["waiting"]["reason"] == "InvalidImageName"
-    assert "InspectFailed" in h.events.reasons("bad")
-    flaky = h.api.last("flaky")["containerStatuses"][0]["state"]["waiting"]["reason"]
-    assert flaky == "ImagePullBackOff"
-    assert images.pulls.count("flaky") == 3  # at 0, 10 and 30 s (back-off 10 s, then 20 s)
-    assert h.api.last("fine")["phase"] == "Running"
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    async with h.running():
+        await h.ctl.resync([pod("bad", image="bad"), pod("flaky", image="flaky"), pod("fine")])
+        await clock.advance(35)
+        assert h.api.last("bad")["containerStatuses"][0]["state"]["waiting"]["reason"] == "InvalidImageName"
+        assert "InspectFailed" in h.events.reasons("bad")
+        flaky = h.api.last("flaky")["containerStatuses"][0]["state"]["waiting"]["reason"]
+        assert flaky == "ImagePullBackOff"
+        assert images.pulls.count("flaky") == 3  # at 0, 10 and 30 s (back-off 10 s, then 20 s)
+        assert h.api.last("fine")["phase"] == "Running"
 
 
 async def test_room_freed_by_an_ended_pod_admits_the_next(clock: FakeClock) -> None:
     h = Harness(clock, Images(clock), pods=2)
-    tasks = [asyncio.create_task(h.reporter.run()), asyncio.create_task(h.ctl.run())]
-    done = {"vk-provider.io/run-seconds": "1", "vk-provider.io/exit-code": "0"}
-    await h.ctl.resync([pod("job", annotations=done, policy="Never", cpu="600m"), pod("web", cpu="300m")])
-    assert h.ctl.used() == (900, 0, 2)
-    await h.ctl.upsert(pod("late", cpu="100m"))
-    await clock.advance(1)
-    assert h.api.last("late")["reason"] == "OutOfpods"
-    await clock.advance(30)
-    assert h.api.last("job")["phase"] == "Succeeded"
-    assert h.ctl.used() == (300, 0, 1)  # the finished Pod no longer holds its requests
-    await h.ctl.upsert(pod("later", cpu="600m"))
-    await clock.advance(30)
-    assert h.api.last("later")["phase"] == "Running"
-    await h.ctl.delete(pod("web"))
-    await h.ctl.delete(pod("late"))  # rejected: never counted, so nothing is given back
-    assert h.ctl.used() == (600, 0, 1)
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    async with h.running():
+        done = {"vk-provider.io/run-seconds": "1", "vk-provider.io/exit-code": "0"}
+        await h.ctl.resync([pod("job", annotations=done, policy="Never", cpu="600m"), pod("web", cpu="300m")])
+        assert h.ctl.used() == (900, 0, 2)
+        await h.ctl.upsert(pod("late", cpu="100m"))
+        await clock.advance(1)
+        assert h.api.last("late")["reason"] == "OutOfpods"
+        await clock.advance(30)
+        assert h.api.last("job")["phase"] == "Succeeded"
+        assert h.ctl.used() == (300, 0, 1)  # the finished Pod no longer holds its requests
+        await h.ctl.upsert(pod("later", cpu="600m"))
+        await clock.advance(30)
+        assert h.api.last("later")["phase"] == "Running"
+        await h.ctl.delete(pod("web"))
+        await h.ctl.delete(pod("late"))  # rejected: never counted, so nothing is given back
+        assert h.ctl.used() == (600, 0, 1)
 
 
 async def test_running_pod_keeps_no_task_until_deleted(harness: Harness, clock: FakeClock) -> None:
@@ -308,14 +308,11 @@ async def test_cache_annotations_are_written_with_the_status(clock: FakeClock) -
 
     h = Harness(clock, Images(clock))
     h.ctl.caches = Caches()
-    tasks = [asyncio.create_task(h.reporter.run()), asyncio.create_task(h.ctl.run())]
-    await h.ctl.resync([pod("a")])
-    await clock.advance(30)
-    assert h.api.annotations["a"] == matched
-    assert h.api.last("a")["phase"] == "Running"
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    async with h.running():
+        await h.ctl.resync([pod("a")])
+        await clock.advance(30)
+        assert h.api.annotations["a"] == matched
+        assert h.api.last("a")["phase"] == "Running"
 
 
 async def test_a_long_list_does_not_hold_back_the_first_status_writes(clock: FakeClock) -> None:
@@ -329,11 +326,8 @@ async def test_a_long_list_does_not_hold_back_the_first_status_writes(clock: Fak
         return await write(*args, **kwargs)
 
     h.api.patch_status = patch_status  # type: ignore[method-assign]
-    tasks = [asyncio.create_task(h.reporter.run()), asyncio.create_task(h.ctl.run())]
-    await h.ctl.resync([pod(f"p{i}", cpu="1m") for i in range(80)])
-    await clock.advance(1)
-    assert len(h.api.statuses) == 80
-    assert taken_at_first_write[0] < 80  # writes began while the list was still being taken
-    for t in tasks:
-        t.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    async with h.running():
+        await h.ctl.resync([pod(f"p{i}", cpu="1m") for i in range(80)])
+        await clock.advance(1)
+        assert len(h.api.statuses) == 80
+        assert taken_at_first_write[0] < 80  # writes began while the list was still being taken
