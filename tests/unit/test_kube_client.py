@@ -29,7 +29,8 @@ class Server:
         if request.method == "POST":
             self.posted.append(await request.json())
         status, headers = self.answers.pop(0) if self.answers else (200, {})
-        body = '{"kind": "Status", "reason": "TooManyRequests", "message": "slow down"}' if status >= 400 else "{}"
+        reason = {404: "NotFound", 429: "TooManyRequests"}.get(status, "ServiceUnavailable")
+        body = f'{{"kind": "Status", "reason": "{reason}", "message": "no"}}' if status >= 400 else "{}"
         return web.Response(status=status, headers=headers, text=body, content_type="application/json")
 
 
@@ -118,3 +119,12 @@ async def test_events_beyond_the_queue_are_dropped_and_counted(served: tuple[Ser
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_an_unwanted_body_is_not_decoded_but_errors_still_are(served: tuple[Server, KubeSession]) -> None:
+    server, session = served
+    assert await session.request("PATCH", "/x", body={}, want_body=False) == {}
+    server.answers = [(404, {})]
+    with pytest.raises(KubeError) as caught:
+        await session.request("PATCH", "/x", body={}, want_body=False)
+    assert caught.value.reason == "NotFound"  # the error body was read

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 
 from vk_provider.domain.model import CachedImage
 
@@ -97,6 +98,17 @@ def quote(text: str) -> str:
 
 def parse_reference(text: str) -> ImageRef | InvalidReference:
     """Parse and normalise ``text``; an ``InvalidReference`` says what is wrong with it."""
+    # The same few references come back for every Pod and every cache: remember them (results are
+    # immutable), but not arbitrarily long text, so a hostile Pod spec cannot fill the memory.
+    return _parse_cached(text) if len(text) <= 512 else _parse(text)
+
+
+@lru_cache(maxsize=4096)
+def _parse_cached(text: str) -> ImageRef | InvalidReference:
+    return _parse(text)
+
+
+def _parse(text: str) -> ImageRef | InvalidReference:
     if not text:
         return InvalidReference(text, "empty reference")
     if len(text) > MAX_REFERENCE_LENGTH:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import filterfalse
+from operator import attrgetter
 from sys import intern
 from typing import Any
 
@@ -28,6 +30,9 @@ class ContainerSpec:
     init: bool = False
     cpu_milli: int = 0
     memory: int = 0
+
+
+_is_init = attrgetter("init")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,11 +55,11 @@ class PodFacts:
 
     @property
     def init_containers(self) -> tuple[ContainerSpec, ...]:
-        return tuple(c for c in self.containers if c.init)
+        return tuple(filter(_is_init, self.containers))
 
     @property
     def main_containers(self) -> tuple[ContainerSpec, ...]:
-        return tuple(c for c in self.containers if not c.init)
+        return tuple(filterfalse(_is_init, self.containers))
 
     def annotation_map(self) -> dict[str, str]:
         return dict(self.annotations)

@@ -35,8 +35,13 @@ class PodClient:
         body: JSON = {"metadata": meta}
         if status is not None:
             body["status"] = status
+        # The answer (the whole Pod) is not needed: the watch brings it anyway.
         return await self._s.request(
-            "PATCH", f"/api/v1/namespaces/{namespace}/pods/{name}/status", body=body, content_type=MERGE_PATCH
+            "PATCH",
+            f"/api/v1/namespaces/{namespace}/pods/{name}/status",
+            body=body,
+            content_type=MERGE_PATCH,
+            want_body=False,
         )
 
     async def delete_now(self, namespace: str, name: str, uid: str) -> None:

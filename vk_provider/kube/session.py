@@ -184,8 +184,12 @@ class KubeSession:
         query: Mapping[str, str | int | bool] | Sequence[tuple[str, str]] | None = None,
         content_type: str = "application/json",
         timeout: float | None = None,
+        want_body: bool = True,
     ) -> JSON:
-        """Send one request and return its JSON body (``{}`` for an empty one).
+        """Send one request and return its JSON body (``{}`` for an empty one, or when not ``want_body``).
+
+        ``want_body=False`` skips decoding a successful answer (a whole Pod for a status patch) that
+        the caller would throw away; an error answer is still decoded for its message.
 
         Like client-go, a 429 or 503 answer carrying ``Retry-After`` (the API server shedding load:
         the request was not processed) is retried after that many seconds, a few times.
@@ -206,6 +210,8 @@ class KubeSession:
                 raise KubeError(0, "Unreachable", f"{method} {path}: {_describe(exc)}") from None
             wait = _retry_after(resp) if resp.status in (429, 503) else None
             if wait is None or attempt >= MAX_THROTTLED_RETRIES:
+                if not want_body and 200 <= resp.status < 300:
+                    return {}
                 return _decode(resp.status, data, method, path)
             attempt += 1
             self.throttled += 1
