@@ -514,3 +514,35 @@ async def test_hits_are_coalesced_and_a_failed_write_is_kept(world: World) -> No
     # One write for six hits, with the time of the last; nothing lost to the failure.
     assert world.store.matched == [(ready_id, world.clock.now(), "unchanged", 6)]
     assert world.clock.now() > first
+
+
+def annotated(body: dict[str, Any], **annotations: str) -> dict[str, Any]:
+    body["metadata"]["annotations"] = {f"k8s.aliyun.com/{key.replace('_', '-')}": v for key, v in annotations.items()}
+    return body
+
+
+async def test_reuse_skips_layers_other_ready_caches_hold(world: World) -> None:
+    await world.add(obj("web", ["nginx:1.7.9"]))
+    await world.clock.advance(30)
+    assert world.status("web")["phase"] == "Ready"
+    world.builder.pulled.clear()
+    await world.add(annotated(obj("reusing", ["nginx:1.7.9", "busybox"]), imc_enable_reuse="true"))
+    await world.add(obj("plain", ["nginx:1.7.9", "busybox"]))
+    await world.clock.advance(60)
+    assert world.status("reusing")["phase"] == "Ready"
+    assert world.status("plain")["phase"] == "Ready"
+    # nginx's layers come from "web" for the reusing cache; the plain one pulls everything.
+    assert sorted(world.builder.pulled) == ["app", "base", "bb", "bb"]
+
+
+async def test_flash_cache_is_usable_before_its_snapshot(world: World) -> None:
+    await world.add(annotated(obj("flash", ["busybox"]), imc_enable_flash="true"))
+    await world.add(obj("slow", ["busybox"]))
+    await world.clock.advance(2)  # busybox pulls in 0.2 s; the snapshot step takes 5 s
+    assert world.status("flash")["phase"] == "Ready"
+    assert world.status("slow")["phase"] == "Creating"
+    await world.clock.advance(5)
+    assert world.status("slow")["phase"] == "Ready"
+    flash_id = world.status("flash")["imageCacheId"]
+    hit = await world.manager.resolve(pod("p", ["busybox"], {IMAGE_SNAPSHOT_ID_SEED: flash_id}))
+    assert hit.outcome == "explicit_hit"

@@ -652,7 +652,7 @@ class ImageCacheController:
             images=tuple(CachedImage(m.reference, m.size, m.digest) for m in check.manifests),
             event=("Normal", "Successfully check image cache resource."),
         )
-        fetched: set[str] = set()
+        fetched: set[str] = self._layers_held_elsewhere(name) if spec.reuse else set()
         done_before = 0
         shown = 0
         for manifest in check.manifests:
@@ -673,7 +673,8 @@ class ImageCacheController:
         await self._update(
             name, progress=cb.PULL_SHARE, event=("Normal", "Start to create the snapshot of the image cache")
         )
-        await self.clock.sleep(self.options.snapshot_seconds / self.options.time_scale)
+        if not spec.flash:  # flash: usable at once, the snapshot completes behind it
+            await self.clock.sleep(self.options.snapshot_seconds / self.options.time_scale)
         cache = self.caches[name]
         expires = cache.expires_at
         if not update:
@@ -689,6 +690,18 @@ class ImageCacheController:
             event=("Normal", f"Successfully {verb}d image cache {cache.imc_id}"),
         )
         log.info("image cache %s (%s): Ready", name, cache.imc_id)
+
+    def _layers_held_elsewhere(self, name: str) -> set[str]:
+        """Layer digests of the images in the other Ready caches (imc-enable-reuse)."""
+        held: set[str] = set()
+        for other in self.caches.values():
+            if other.name == name or not other.is_ready():
+                continue
+            for image in other.images:
+                found = self.manifests.manifest(image.reference)
+                if isinstance(found, ImageManifest):
+                    held.update(layer.digest for layer in found.layers)
+        return held
 
     async def _resolve(self, image: str, pull_secrets: Sequence[str]) -> ImageManifest | InvalidReference | str:
         """The image's manifest, or why it cannot be had; ``pull_secrets`` are ``namespace:name``."""

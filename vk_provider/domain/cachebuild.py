@@ -54,6 +54,10 @@ PULL_SHARE = 95
 AUTOMATIC_LABEL = "vk-provider.io/automatic-cache"
 ID_ANNOTATION = "vk-provider.io/image-cache-id"
 CREATED_FOR_ANNOTATION = "vk-provider.io/created-for"
+# ECI's optional ImageCache annotations: reuse layers other caches already hold (they are not
+# pulled again by the build); flash: the cache is usable before its snapshot step completes.
+REUSE_ANNOTATION = "k8s.aliyun.com/imc-enable-reuse"
+FLASH_ANNOTATION = "k8s.aliyun.com/imc-enable-flash"
 
 BUILDING = frozenset({CachePhase.PREPARING, CachePhase.CREATING, CachePhase.UPDATING})
 _CHANGEABLE = frozenset({CachePhase.READY, CachePhase.UPDATE_FAILED})
@@ -87,6 +91,8 @@ class CacheSpec:
     automatic: bool = False
     requested_id: str = ""
     problems: tuple[str, ...] = ()
+    reuse: bool = False  # k8s.aliyun.com/imc-enable-reuse
+    flash: bool = False  # k8s.aliyun.com/imc-enable-flash
 
     @property
     def references(self) -> tuple[str, ...]:
@@ -134,6 +140,8 @@ def parse_spec(
         automatic=(labels or {}).get(AUTOMATIC_LABEL) == "true",
         requested_id=annotations.get(ID_ANNOTATION, "") if is_imc_id(annotations.get(ID_ANNOTATION, "")) else "",
         problems=tuple(problems),
+        reuse=str(annotations.get(REUSE_ANNOTATION, "")).strip().lower() == "true",
+        flash=str(annotations.get(FLASH_ANNOTATION, "")).strip().lower() == "true",
     )
 
 
