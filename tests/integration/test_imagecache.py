@@ -254,3 +254,20 @@ def test_image_changes_apply_only_when_ready(cluster: Cluster, workdir: Path, ca
         assert query(agent.db, "select images from cache_overview where name = ?", name) == [
             ("docker.io/library/busybox:latest docker.io/library/nginx:1.7.9",)
         ]
+
+
+def test_a_flash_cache_is_ready_before_its_snapshot_completes(
+    cluster: Cluster, workdir: Path, caches: list[str]
+) -> None:
+    flash, plain = unique("imc-flash"), unique("imc-plain")
+    caches.extend([flash, plain])
+    slow_snapshot = {**WATCHABLE, "caches": {"snapshot_seconds": 120}}
+    with AgentProcess(cluster, workdir, node_name=unique("vk"), settings=slow_snapshot) as agent:
+        agent.wait_ready()
+        body = json.loads(cache_manifest(flash, ["busybox:latest"]))
+        body["metadata"]["annotations"] = {"k8s.aliyun.com/imc-enable-flash": "true"}
+        cluster.apply(json.dumps(body))
+        cluster.apply(cache_manifest(plain, ["busybox:latest"]))
+        wait_for(lambda: status_of(cluster, flash).get("phase") == "Ready", timeout=30, what=f"{flash} Ready")
+        assert status_of(cluster, plain).get("phase") == "Creating"  # still in its 120 s snapshot step
+        assert status_of(cluster, flash)["progress"] == "100%"
