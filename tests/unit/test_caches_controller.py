@@ -546,3 +546,18 @@ async def test_flash_cache_is_usable_before_its_snapshot(world: World) -> None:
     flash_id = world.status("flash")["imageCacheId"]
     hit = await world.manager.resolve(pod("p", ["busybox"], {IMAGE_SNAPSHOT_ID_SEED: flash_id}))
     assert hit.outcome == "explicit_hit"
+
+
+async def test_size_and_retention_changes_reach_the_row_and_the_status(world: World) -> None:
+    await world.add(obj("web", ["busybox"], retentionDays=2))
+    await world.clock.advance(30)
+    created = world.store.rows["web"].created_at
+    assert world.status("web")["phase"] == "Ready"
+    await world.add(obj("web", ["busybox"], retentionDays=10, imageCacheSize=40))
+    row = world.store.rows["web"]
+    assert (row.size_gib, row.expires_at) == (40, created + timedelta(days=10))
+    assert world.status("web")["expireDateTime"].startswith((created + timedelta(days=10)).strftime("%Y-%m-%dT"))
+    await world.add(obj("web", ["busybox"], imageCacheSize=40))  # retention removed: never expires
+    assert world.store.rows["web"].expires_at is None
+    assert world.status("web").get("expireDateTime") is None
+    assert world.store.rows["web"].phase is CachePhase.READY  # no rebuild for either change

@@ -312,8 +312,29 @@ class ImageCacheController:
             self._start_build(name, build_spec, update=current.phase is CachePhase.UPDATING)
         elif change.kind is ChangeKind.UPDATE:
             self._start_build(name, spec, update=True)
-        elif not self.building(name) and cb.status_differs(status, current, self._message(name)):
-            await self._write_status(name, with_events=True)
+        elif not self.building(name):
+            current = await self._apply_settings(name, current, spec)
+            if cb.status_differs(status, current, self._message(name)):
+                await self._write_status(name, with_events=True)
+
+    async def _apply_settings(self, name: str, current: ImageCache, spec: CacheSpec) -> ImageCache:
+        """A changed ``imageCacheSize`` or ``retentionDays`` of a cache not being built goes to its
+        row (and, through the expiry, to its status). Retention counts from the cache's creation;
+        an automatic cache's expiry follows its use, and a failed one's its failure, so those keep it."""
+        changes: dict[str, Any] = {}
+        if spec.size_gib != current.size_gib:
+            changes["size_gib"] = spec.size_gib
+        if not current.automatic and current.phase in (CachePhase.READY, CachePhase.UPDATE_FAILED):
+            expires = cb.expiry_when_created(current.created_at, spec)
+            if expires != current.expires_at:
+                changes["expires_at"] = expires
+        if not changes:
+            return current
+        changed = replace(current, **changes)
+        await self.store.upsert_cache(changed, now=self.clock.now())
+        self.caches[name] = changed
+        log.info("image cache %s: %s changed", name, " and ".join(sorted(changes)))
+        return changed
 
     async def delete(self, obj: JSON) -> None:
         name = (obj.get("metadata") or {}).get("name")
