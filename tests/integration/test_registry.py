@@ -25,7 +25,7 @@ from sqlalchemy import Connection, event, inspect, text
 
 from vk_provider.domain.model import CachedImage, CachePhase, ImageCache, ImageManifest, Layer
 from vk_provider.domain.records import CacheOutcome, ImagePullRecord, PodStartRecord
-from vk_provider.registry import UNSET, CacheConflictError, Registry, open_registry
+from vk_provider.registry import UNSET, CacheConflictError, Registry, migrate, open_registry
 from vk_provider.registry.engine import WRITE_OPTION
 from vk_provider.registry.migrate import current, downgrade, head_revision, upgrade, upgrade_sync
 from vk_provider.registry.schema import VIEW_NAMES, Base
@@ -165,6 +165,28 @@ async def test_migrations_round_trip_on_a_populated_database(registry: Registry,
     await assert_migrations_round_trip(registry)
     # The pooled connections still enforce foreign keys after the migration turned them off.
     assert (await sql(registry, "PRAGMA foreign_keys")) == [(1,)]
+
+
+def test_the_known_head_is_alembics_head() -> None:
+    assert head_revision() == migrate.HEAD
+
+
+def test_a_database_at_the_newest_schema_is_not_handed_to_alembic(db_path: Path) -> None:
+    """The agent upgrades on every start; when nothing is due, Alembic is not even imported."""
+    script = (
+        "import asyncio, sys\n"
+        "from vk_provider.registry import migrate\n"
+        "asyncio.run(migrate.upgrade(sys.argv[1]))\n"
+        "print('alembic' in sys.modules)\n"
+    )
+
+    def run() -> str:
+        done = subprocess.run([sys.executable, "-c", script, str(db_path)], capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    assert run() == "True"  # a new database: Alembic creates the schema
+    assert run() == "False"  # at the head already: a plain SELECT said so
+    assert asyncio.run(current(str(db_path))) == migrate.HEAD
 
 
 async def test_models_and_migrations_agree(registry: Registry) -> None:

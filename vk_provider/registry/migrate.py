@@ -16,18 +16,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 from vk_provider.registry.engine import MIGRATION_OPTION, create_engine, database_url, is_sqlite
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# The newest revision in migrations/versions (a test holds it equal to Alembic's head). A database
+# already there is not handed to Alembic at all, so the agent does not import it (~11 MB of RSS).
+HEAD = "0001"
 _T = TypeVar("_T")
 
 
@@ -37,6 +40,8 @@ class MigrationError(RuntimeError):
 
 def alembic_config(url: str | None = None) -> Config:
     """An Alembic configuration for ``migrations/`` without reading alembic.ini."""
+    from alembic.config import Config
+
     if not (MIGRATIONS_DIR / "env.py").is_file():
         raise MigrationError(f"migrations not found in {MIGRATIONS_DIR}")
     config = Config()
@@ -106,8 +111,12 @@ async def on_migration_connection(target: AsyncEngine | str, work: Callable[[Con
 
 async def upgrade(target: AsyncEngine | str, revision: str = "head") -> None:
     """Upgrade the database at ``target`` (an engine, path or URL) to ``revision``."""
+    if revision in ("head", HEAD) and await _stamped(target) == HEAD:
+        return  # already the newest schema
 
     def work(connection: Connection) -> None:
+        from alembic import command
+
         run_migrations_on(connection, lambda config: command.upgrade(config, revision))
 
     await on_migration_connection(target, work)
@@ -117,6 +126,8 @@ async def downgrade(target: AsyncEngine | str, revision: str) -> None:
     """Downgrade the database at ``target`` to ``revision`` (``base`` drops every table)."""
 
     def work(connection: Connection) -> None:
+        from alembic import command
+
         run_migrations_on(connection, lambda config: command.downgrade(config, revision))
 
     await on_migration_connection(target, work)
@@ -124,6 +135,8 @@ async def downgrade(target: AsyncEngine | str, revision: str) -> None:
 
 async def current(target: AsyncEngine | str) -> str | None:
     """The revision the database is at, or None for an empty database."""
+
+    from alembic.runtime.migration import MigrationContext
 
     engine = create_engine(target) if isinstance(target, str) else target
     try:
@@ -134,8 +147,25 @@ async def current(target: AsyncEngine | str) -> str | None:
             await engine.dispose()
 
 
+async def _stamped(target: AsyncEngine | str) -> str | None:
+    """The revision recorded in ``alembic_version``, read with plain SQL (None: no such table, or
+    not exactly one row; Alembic then decides)."""
+    engine = create_engine(target) if isinstance(target, str) else target
+    try:
+        async with engine.connect() as connection:
+            rows = (await connection.execute(text("SELECT version_num FROM alembic_version"))).all()
+    except DBAPIError:
+        return None
+    finally:
+        if isinstance(target, str):
+            await engine.dispose()
+    return str(rows[0][0]) if len(rows) == 1 else None
+
+
 def head_revision() -> str | None:
     """The newest revision in ``migrations/``."""
+    from alembic.script import ScriptDirectory
+
     return ScriptDirectory.from_config(alembic_config()).get_current_head()
 
 
