@@ -14,7 +14,8 @@ afterwards and switched back on before the connection returns to the pool.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -73,40 +74,48 @@ def _pragma(connection: Connection, sql: str) -> list[tuple[object, ...]]:
 _MIGRATION_LOCK = 0x766B7072  # "vkpr": the advisory lock key that serialises migrations
 
 
+@asynccontextmanager
+async def _engine_for(target: AsyncEngine | str) -> AsyncIterator[AsyncEngine]:
+    """The caller's engine (shared: the agent's running loop and pool), or one made for a path or
+    URL and disposed afterwards."""
+    if not isinstance(target, str):
+        yield target
+        return
+    engine = create_engine(target)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
 async def on_migration_connection(target: AsyncEngine | str, work: Callable[[Connection], _T]) -> _T:
     """Run ``work`` (sync, given a sync connection) on a connection meant for migrations.
 
-    ``target`` is the caller's engine (shared: the agent's running loop and pool) or a path/URL
-    (an engine is made and disposed here).
+    ``target`` is the caller's engine or a path/URL (see ``_engine_for``).
     """
-    engine = create_engine(target) if isinstance(target, str) else target
-    try:
-        async with engine.connect() as connection:
-            if engine.dialect.name == "postgresql":
-                # Agents sharing one database may start together: one migrates, the others wait
-                # (a session-level advisory lock outlives the transactions alembic commits).
-                await connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
-                await connection.commit()
-                try:
-                    return await connection.run_sync(work)
-                finally:
-                    await connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK})
-                    await connection.commit()
-            if not is_sqlite(engine):
-                return await connection.run_sync(work)
-            await connection.execution_options(**{MIGRATION_OPTION: True})
+    async with _engine_for(target) as engine, engine.connect() as connection:
+        if engine.dialect.name == "postgresql":
+            # Agents sharing one database may start together: one migrates, the others wait
+            # (a session-level advisory lock outlives the transactions alembic commits).
+            await connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
+            await connection.commit()
             try:
-                result = await connection.run_sync(work)
-                await connection.rollback()
-                problems = await connection.run_sync(_pragma, "PRAGMA foreign_key_check")
+                return await connection.run_sync(work)
             finally:
-                await connection.run_sync(_pragma, "PRAGMA foreign_keys = ON")
-            if problems:
-                raise MigrationError(f"foreign key check failed after migration: {problems[:10]}")
-            return result
-    finally:
-        if isinstance(target, str):
-            await engine.dispose()
+                await connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK})
+                await connection.commit()
+        if not is_sqlite(engine):
+            return await connection.run_sync(work)
+        await connection.execution_options(**{MIGRATION_OPTION: True})
+        try:
+            result = await connection.run_sync(work)
+            await connection.rollback()
+            problems = await connection.run_sync(_pragma, "PRAGMA foreign_key_check")
+        finally:
+            await connection.run_sync(_pragma, "PRAGMA foreign_keys = ON")
+        if problems:
+            raise MigrationError(f"foreign key check failed after migration: {problems[:10]}")
+        return result
 
 
 async def upgrade(target: AsyncEngine | str, revision: str = "head") -> None:
@@ -138,27 +147,18 @@ async def current(target: AsyncEngine | str) -> str | None:
 
     from alembic.runtime.migration import MigrationContext
 
-    engine = create_engine(target) if isinstance(target, str) else target
-    try:
-        async with engine.connect() as connection:
-            return await connection.run_sync(lambda sync: MigrationContext.configure(sync).get_current_revision())
-    finally:
-        if isinstance(target, str):
-            await engine.dispose()
+    async with _engine_for(target) as engine, engine.connect() as connection:
+        return await connection.run_sync(lambda sync: MigrationContext.configure(sync).get_current_revision())
 
 
 async def _stamped(target: AsyncEngine | str) -> str | None:
     """The revision recorded in ``alembic_version``, read with plain SQL (None: no such table, or
     not exactly one row; Alembic then decides)."""
-    engine = create_engine(target) if isinstance(target, str) else target
     try:
-        async with engine.connect() as connection:
+        async with _engine_for(target) as engine, engine.connect() as connection:
             rows = (await connection.execute(text("SELECT version_num FROM alembic_version"))).all()
     except DBAPIError:
         return None
-    finally:
-        if isinstance(target, str):
-            await engine.dispose()
     return str(rows[0][0]) if len(rows) == 1 else None
 
 
