@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from tests.unit.test_node_controller import FakeKubeError
@@ -43,6 +44,17 @@ class SlowApi:
             self.in_flight -= 1
 
 
+@contextlib.asynccontextmanager
+async def running(reporter: StatusReporter) -> AsyncIterator[StatusReporter]:
+    """The reporter's writers run inside; cancelled on the way out."""
+    task = asyncio.create_task(reporter.run())
+    try:
+        yield reporter
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
 async def settle() -> None:
     for _ in range(20):
         await asyncio.sleep(0)
@@ -51,157 +63,141 @@ async def settle() -> None:
 async def test_coalesces_and_skips_noops() -> None:
     api = SlowApi()
     reporter = StatusReporter(api, workers=4)
-    task = asyncio.create_task(reporter.run())
-    api.gate.clear()
-    reporter.publish("u1", "ns", "p", {"phase": "Pending"})
-    await settle()
-    for phase in ("A", "B", "Running"):  # arrive while the first write is in flight
-        reporter.publish("u1", "ns", "p", {"phase": phase})
-    api.gate.set()
-    await reporter.flushed("u1")
-    assert [s["phase"] for _, s in api.calls] == ["Pending", "Running"]
-    reporter.publish("u1", "ns", "p", {"phase": "Running"})
-    await settle()
-    await reporter.flushed("u1")
-    assert len(api.calls) == 2
-    assert reporter.skipped == 1
-    assert api.max_in_flight_per_pod == 1
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    async with running(reporter):
+        api.gate.clear()
+        reporter.publish("u1", "ns", "p", {"phase": "Pending"})
+        await settle()
+        for phase in ("A", "B", "Running"):  # arrive while the first write is in flight
+            reporter.publish("u1", "ns", "p", {"phase": phase})
+        api.gate.set()
+        await reporter.flushed("u1")
+        assert [s["phase"] for _, s in api.calls] == ["Pending", "Running"]
+        reporter.publish("u1", "ns", "p", {"phase": "Running"})
+        await settle()
+        await reporter.flushed("u1")
+        assert len(api.calls) == 2
+        assert reporter.skipped == 1
+        assert api.max_in_flight_per_pod == 1
 
 
 async def test_transient_errors_are_retried_and_not_found_drops() -> None:
     api = SlowApi()
     api.fail_next = [503]
     reporter = StatusReporter(api, workers=1, max_backoff=0.01)
-    task = asyncio.create_task(reporter.run())
-    reporter.publish("u1", "ns", "p", {"phase": "Running"})
-    await asyncio.wait_for(reporter.flushed("u1"), 5)
-    assert api.calls == [("u1", {"phase": "Running"})]
-    api.fail_next = [404]
-    reporter.publish("u1", "ns", "p", {"phase": "Succeeded"})
-    await asyncio.wait_for(reporter.flushed("u1"), 5)
-    assert len(api.calls) == 1
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    async with running(reporter):
+        reporter.publish("u1", "ns", "p", {"phase": "Running"})
+        await asyncio.wait_for(reporter.flushed("u1"), 5)
+        assert api.calls == [("u1", {"phase": "Running"})]
+        api.fail_next = [404]
+        reporter.publish("u1", "ns", "p", {"phase": "Succeeded"})
+        await asyncio.wait_for(reporter.flushed("u1"), 5)
+        assert len(api.calls) == 1
 
 
 async def test_seen_status_is_not_resent_and_forget_discards() -> None:
     api = SlowApi()
     reporter = StatusReporter(api, workers=2)
-    task = asyncio.create_task(reporter.run())
-    reporter.seen("u1", "ns", "p", {"phase": "Running"})
-    reporter.publish("u1", "ns", "p", {"phase": "Running"})
-    await settle()
-    assert api.calls == []
-    api.gate.clear()
-    reporter.publish("u2", "ns", "q", {"phase": "Pending"})
-    await settle()
-    reporter.publish("u2", "ns", "q", {"phase": "Running"})
-    reporter.forget("u2")
-    api.gate.set()
-    await settle()
-    assert [s["phase"] for _, s in api.calls] == ["Pending"]
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    async with running(reporter):
+        reporter.seen("u1", "ns", "p", {"phase": "Running"})
+        reporter.publish("u1", "ns", "p", {"phase": "Running"})
+        await settle()
+        assert api.calls == []
+        api.gate.clear()
+        reporter.publish("u2", "ns", "q", {"phase": "Pending"})
+        await settle()
+        reporter.publish("u2", "ns", "q", {"phase": "Running"})
+        reporter.forget("u2")
+        api.gate.set()
+        await settle()
+        assert [s["phase"] for _, s in api.calls] == ["Pending"]
 
 
 async def test_annotations_ride_on_the_next_status_write() -> None:
     api = SlowApi()
     reporter = StatusReporter(api, workers=2)
-    task = asyncio.create_task(reporter.run())
-    api.gate.clear()
-    reporter.publish("u1", "ns", "p", {"phase": "Pending"})
-    await settle()  # the Pending write is in flight
-    reporter.annotate("u1", "ns", "p", {"k8s.aliyun.com/eci-matched-image-cache": "imc-1"})
-    reporter.publish("u1", "ns", "p", {"phase": "Running"})
-    api.gate.set()
-    await asyncio.wait_for(reporter.flushed("u1"), 5)
-    assert [s["phase"] for _, s in api.calls] == ["Pending", "Running"]
-    assert api.annotated == [("u1", {"k8s.aliyun.com/eci-matched-image-cache": "imc-1"})]
-    # Annotations alone (status unchanged) are still written, once.
-    reporter.publish("u1", "ns", "p", {"phase": "Running"})
-    reporter.annotate("u1", "ns", "p", {"a": "1"})
-    reporter.annotate("u1", "ns", "p", {"b": "2"})
-    await asyncio.wait_for(reporter.flushed("u1"), 5)
-    assert len(api.calls) == 2
-    assert api.annotated[-1] == ("u1", {"a": "1", "b": "2"})
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    async with running(reporter):
+        api.gate.clear()
+        reporter.publish("u1", "ns", "p", {"phase": "Pending"})
+        await settle()  # the Pending write is in flight
+        reporter.annotate("u1", "ns", "p", {"k8s.aliyun.com/eci-matched-image-cache": "imc-1"})
+        reporter.publish("u1", "ns", "p", {"phase": "Running"})
+        api.gate.set()
+        await asyncio.wait_for(reporter.flushed("u1"), 5)
+        assert [s["phase"] for _, s in api.calls] == ["Pending", "Running"]
+        assert api.annotated == [("u1", {"k8s.aliyun.com/eci-matched-image-cache": "imc-1"})]
+        # Annotations alone (status unchanged) are still written, once.
+        reporter.publish("u1", "ns", "p", {"phase": "Running"})
+        reporter.annotate("u1", "ns", "p", {"a": "1"})
+        reporter.annotate("u1", "ns", "p", {"b": "2"})
+        await asyncio.wait_for(reporter.flushed("u1"), 5)
+        assert len(api.calls) == 2
+        assert api.annotated[-1] == ("u1", {"a": "1", "b": "2"})
 
 
 async def test_annotations_survive_a_retry_superseded_by_a_newer_status() -> None:
     api = SlowApi()
     api.fail_next = [503]
     reporter = StatusReporter(api, workers=1, max_backoff=0.01)
-    task = asyncio.create_task(reporter.run())
-    api.gate.clear()
-    reporter.publish("u1", "ns", "p", {"phase": "Pending"})
-    reporter.annotate("u1", "ns", "p", {"a": "1"})
-    await settle()
-    reporter.publish("u1", "ns", "p", {"phase": "Running"})  # arrives while the failing write is in flight
-    api.gate.set()
-    await asyncio.wait_for(reporter.flushed("u1"), 5)
-    assert api.calls == [("u1", {"phase": "Running"})]
-    assert api.annotated == [("u1", {"a": "1"})]
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    async with running(reporter):
+        api.gate.clear()
+        reporter.publish("u1", "ns", "p", {"phase": "Pending"})
+        reporter.annotate("u1", "ns", "p", {"a": "1"})
+        await settle()
+        reporter.publish("u1", "ns", "p", {"phase": "Running"})  # arrives while the failing write is in flight
+        api.gate.set()
+        await asyncio.wait_for(reporter.flushed("u1"), 5)
+        assert api.calls == [("u1", {"phase": "Running"})]
+        assert api.annotated == [("u1", {"a": "1"})]
 
 
 async def test_settle_window_turns_a_burst_of_states_into_one_write() -> None:
     api = SlowApi()
     reporter = StatusReporter(api, workers=2, settle_seconds=0.05)
-    task = asyncio.create_task(reporter.run())
-    for phase in ("Pending", "ContainerCreating", "Running"):
-        reporter.publish("u1", "ns", "p", {"phase": phase})
-        await settle()
-    assert api.calls == []  # nothing sent inside the window
-    await asyncio.wait_for(reporter.flushed("u1"), 5)
-    assert api.calls == [("u1", {"phase": "Running"})]
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    async with running(reporter):
+        for phase in ("Pending", "ContainerCreating", "Running"):
+            reporter.publish("u1", "ns", "p", {"phase": phase})
+            await settle()
+        assert api.calls == []  # nothing sent inside the window
+        await asyncio.wait_for(reporter.flushed("u1"), 5)
+        assert api.calls == [("u1", {"phase": "Running"})]
 
 
 async def test_wait_idle_returns_only_when_no_status_is_pending() -> None:
     api = SlowApi()
     reporter = StatusReporter(api, workers=1)
-    task = asyncio.create_task(reporter.run())
-    await asyncio.wait_for(reporter.wait_idle(), 1)  # nothing to write: at once
-    api.gate.clear()
-    reporter.publish("u1", "ns", "p", {"phase": "Pending"})
-    reporter.publish("u2", "ns", "q", {"phase": "Pending"})
-    waiter = asyncio.create_task(reporter.wait_idle())
-    await settle()
-    assert not waiter.done()
-    assert reporter.busy() == 2
-    api.gate.set()
-    await asyncio.wait_for(waiter, 5)
-    assert reporter.busy() == 0
-    assert len(api.calls) == 2
-    reporter.publish("u3", "ns", "r", {"phase": "Pending"})
-    reporter.forget("u3")  # a forgotten Pod does not keep the reporter busy
-    await asyncio.wait_for(reporter.wait_idle(), 1)
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+    async with running(reporter):
+        await asyncio.wait_for(reporter.wait_idle(), 1)  # nothing to write: at once
+        api.gate.clear()
+        reporter.publish("u1", "ns", "p", {"phase": "Pending"})
+        reporter.publish("u2", "ns", "q", {"phase": "Pending"})
+        waiter = asyncio.create_task(reporter.wait_idle())
+        await settle()
+        assert not waiter.done()
+        assert reporter.busy() == 2
+        api.gate.set()
+        await asyncio.wait_for(waiter, 5)
+        assert reporter.busy() == 0
+        assert len(api.calls) == 2
+        reporter.publish("u3", "ns", "r", {"phase": "Pending"})
+        reporter.forget("u3")  # a forgotten Pod does not keep the reporter busy
+        await asyncio.wait_for(reporter.wait_idle(), 1)
 
 
 async def test_a_status_replaced_before_its_turn_is_never_rendered() -> None:
     api = SlowApi()
     reporter = StatusReporter(api, workers=1, settle_seconds=0.05)
-    task = asyncio.create_task(reporter.run())
-    rendered: list[str] = []
+    async with running(reporter):
+        rendered: list[str] = []
 
-    def render(phase: str) -> Callable[[], dict[str, Any]]:
-        def make() -> dict[str, Any]:
-            rendered.append(phase)
-            return {"phase": phase}
+        def render(phase: str) -> Callable[[], dict[str, Any]]:
+            def make() -> dict[str, Any]:
+                rendered.append(phase)
+                return {"phase": phase}
 
-        return make
+            return make
 
-    reporter.publish("u1", "ns", "p", render("Pending"))
-    reporter.publish("u1", "ns", "p", render("Running"))
-    await asyncio.wait_for(reporter.flushed("u1"), 5)
-    assert rendered == ["Running"]
-    assert api.calls == [("u1", {"phase": "Running"})]
-    task.cancel()
-    await asyncio.gather(task, return_exceptions=True)
+        reporter.publish("u1", "ns", "p", render("Pending"))
+        reporter.publish("u1", "ns", "p", render("Running"))
+        await asyncio.wait_for(reporter.flushed("u1"), 5)
+        assert rendered == ["Running"]
+        assert api.calls == [("u1", {"phase": "Running"})]
