@@ -4,6 +4,7 @@ give way to Pod status, but not for ever."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,7 +15,7 @@ from kubernetes_asyncio import client as k8s_client
 
 from vk_provider.domain.events import EventSpec
 from vk_provider.kube.pods import EventRecorder
-from vk_provider.kube.session import KubeError, KubeSession
+from vk_provider.kube.session import USER_AGENT, KubeConfigError, KubeError, KubeSession
 from vk_provider.metrics import NodeMetrics
 
 
@@ -23,9 +24,11 @@ class Server:
         self.answers: list[tuple[int, dict[str, str]]] = []
         self.calls = 0
         self.posted: list[dict[str, Any]] = []
+        self.seen: list[web.Request] = []
 
     async def handle(self, request: web.Request) -> web.Response:
         self.calls += 1
+        self.seen.append(request)
         if request.method == "POST":
             self.posted.append(await request.json())
         status, headers = self.answers.pop(0) if self.answers else (200, {})
@@ -34,8 +37,9 @@ class Server:
         return web.Response(status=status, headers=headers, text=body, content_type="application/json")
 
 
-@pytest.fixture
-async def served() -> AsyncIterator[tuple[Server, KubeSession]]:
+@contextlib.asynccontextmanager
+async def serving() -> AsyncIterator[tuple[Server, str]]:
+    """A local HTTP server answering every request; yields it and its base URL."""
     server = Server()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", server.handle)
@@ -43,15 +47,22 @@ async def served() -> AsyncIterator[tuple[Server, KubeSession]]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = runner.addresses[0][1]
-    cfg = k8s_client.Configuration()
-    cfg.host = f"http://127.0.0.1:{port}"
-    session = KubeSession(cfg)
     try:
-        yield server, session
+        yield server, f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
-        await session.close()
         await runner.cleanup()
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[Server, KubeSession]]:
+    async with serving() as (server, url):
+        cfg = k8s_client.Configuration()
+        cfg.host = url
+        session = KubeSession(cfg)
+        try:
+            yield server, session
+        finally:
+            await session.close()
 
 
 async def test_retry_after_is_waited_out(served: tuple[Server, KubeSession]) -> None:
@@ -128,3 +139,56 @@ async def test_an_unwanted_body_is_not_decoded_but_errors_still_are(served: tupl
     with pytest.raises(KubeError) as caught:
         await session.request("PATCH", "/x", body={}, want_body=False)
     assert caught.value.reason == "NotFound"  # the error body was read
+
+
+async def test_credentials_and_user_agent_go_with_every_request() -> None:
+    async with serving() as (server, url):
+        cfg = k8s_client.Configuration()
+        cfg.host = url + "/"  # a trailing slash does not double the one of the path
+        cfg.api_key = {"BearerToken": "Bearer one"}
+        turns = iter(["Bearer two"])
+
+        def rotate(c: k8s_client.Configuration) -> None:  # like the in-cluster token file refresh
+            c.api_key["BearerToken"] = next(turns, c.api_key["BearerToken"])
+
+        async with KubeSession(cfg) as session:
+            await session.request("GET", "/api/v1/pods", query={"watch": False, "fieldSelector": "spec.nodeName=a b"})
+            cfg.refresh_api_key_hook = rotate
+            await session.request("POST", "/api/v1/namespaces/ns/events", body={"kind": "Event"})
+    first, second = server.seen
+    assert first.path == "/api/v1/pods"
+    assert dict(first.query) == {"watch": "false", "fieldSelector": "spec.nodeName=a b"}
+    assert first.headers["Authorization"] == "Bearer one"
+    assert first.headers["User-Agent"] == USER_AGENT
+    assert USER_AGENT.startswith("vk-provider/")
+    assert second.headers["Authorization"] == "Bearer two"  # the refresh hook is asked before each request
+    assert second.headers["Content-Type"] == "application/json"
+    assert server.posted == [{"kind": "Event"}]
+
+
+async def test_a_proxy_from_the_environment_is_used_unless_no_proxy_exempts_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with serving() as (proxy, url):
+        monkeypatch.setenv("HTTP_PROXY", url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        cfg = k8s_client.Configuration()
+        cfg.host = "http://api.invalid:6443"  # reachable only through the proxy
+        async with KubeSession(cfg) as session:
+            await session.request("GET", "/version")
+        assert [str(r.url) for r in proxy.seen] == ["http://api.invalid:6443/version"]
+        monkeypatch.setenv("NO_PROXY", "api.invalid")
+        async with KubeSession(cfg) as session:
+            with pytest.raises(KubeError) as caught:
+                await session.request("GET", "/version", timeout=5.0)
+        assert caught.value.status == 0  # went straight to a host that does not resolve
+        assert len(proxy.seen) == 1
+
+
+async def test_unusable_tls_files_are_a_configuration_error(tmp_path: Any) -> None:
+    cfg = k8s_client.Configuration()
+    cfg.host = "https://127.0.0.1:6443"
+    cfg.ssl_ca_cert = str(tmp_path / "missing-ca.crt")
+    with pytest.raises(KubeConfigError, match=r"unusable TLS files \(CA .*missing-ca\.crt\)"):
+        KubeSession(cfg, source="kubeconfig /x")
