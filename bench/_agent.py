@@ -89,3 +89,32 @@ async def wait_running(s: KubeSession, ns: str, count: int, interval: float = 0.
         if sum(1 for p in items if p.get("status", {}).get("phase") == "Running") >= count:
             return
         await asyncio.sleep(interval)
+
+
+async def clear(s: KubeSession, ns: str, node: str = "", timeout: float = 180.0) -> None:
+    """Remove a run's Pods (at once: no kubelet is left to confirm a graceful deletion), its
+    namespace and its node, and wait until they are gone.
+
+    Left behind, they load the control plane during later runs: the node lifecycle controller
+    marks a silent node's Pods not ready (a status write per Pod), later evicts them.
+    """
+    now = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0}
+    await s.request("DELETE", f"/api/v1/namespaces/{ns}/pods", body=now)
+    if node:
+        try:
+            await s.request("DELETE", f"/api/v1/nodes/{node}")
+        except KubeError as exc:
+            if not exc.is_not_found:
+                raise
+    await s.request("DELETE", f"/api/v1/namespaces/{ns}")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await s.request("GET", f"/api/v1/namespaces/{ns}")
+        except KubeError as exc:
+            if exc.is_not_found:
+                return
+            raise
+        if time.monotonic() > deadline:
+            raise SystemExit(f"namespace {ns} was not deleted within {timeout:.0f} s")
+        await asyncio.sleep(0.2)

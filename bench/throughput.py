@@ -35,8 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
-from bench._agent import create_pods, namespace, pod, running_agent, settings_for
+from bench._agent import clear, create_pods, namespace, pod, running_agent, settings_for
 from bench._cluster import control_plane
+from vk_provider.config import Settings
 from vk_provider.domain import lifecycle as lc
 from vk_provider.domain.lifecycle import Phase
 from vk_provider.kube.session import MERGE_PATCH, KubeError, KubeSession
@@ -69,18 +70,25 @@ async def baseline(kubeconfig: str, count: int, body: dict[str, Any], *, lean: b
     """
     session = await KubeSession.connect(kubeconfig, user_agent=CREATOR)
     ns = f"bench-base-{time.time_ns()}"
-    await namespace(session, ns)
-    # The Pods' node must exist, or the Pod garbage collector deletes them.
     try:
-        await session.request("POST", "/api/v1/nodes", body={"apiVersion": "v1", "kind": "Node",
-                                                              "metadata": {"name": "vk-bench-nobody"}})  # fmt: skip
-    except KubeError as exc:
-        if not exc.is_conflict:  # already there from an earlier run against the same cluster
-            raise
-    await create_pods(session, ns, [pod(f"p{i}", "vk-bench-nobody") for i in range(count)])
-    await session.close()
-    if lean:
-        return await _lean_patches(kubeconfig, ns, count, body)
+        await namespace(session, ns)
+        # The Pods' node must exist, or the Pod garbage collector deletes them.
+        try:
+            await session.request("POST", "/api/v1/nodes", body={"apiVersion": "v1", "kind": "Node",
+                                                                  "metadata": {"name": "vk-bench-nobody"}})  # fmt: skip
+        except KubeError as exc:
+            if not exc.is_conflict:  # already there from an earlier run against the same cluster
+                raise
+        await create_pods(session, ns, [pod(f"p{i}", "vk-bench-nobody") for i in range(count)])
+        if lean:
+            return await _lean_patches(kubeconfig, ns, count, body)
+        return await _generated_patches(kubeconfig, ns, count, body)
+    finally:
+        await clear(session, ns)
+        await session.close()
+
+
+async def _generated_patches(kubeconfig: str, ns: str, count: int, body: dict[str, Any]) -> float:
     cfg = k8s_client.Configuration()
     await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
     async with k8s_client.ApiClient(cfg) as api:
@@ -143,8 +151,13 @@ async def agent_run(kubeconfig: str, count: int) -> float:
                 await asyncio.sleep(0.1)
         annotations = {"k8s.aliyun.com/eci-image-snapshot-id": imc}
         await create_pods(session, ns, [pod(f"p{i}", node, annotations) for i in range(count)])
+        return await _time_agent(settings, ns, count)
     finally:
+        await clear(session, ns, node)
         await session.close()
+
+
+async def _time_agent(settings: Settings, ns: str, count: int) -> float:
     cpu = time.process_time()
     async with running_agent(settings) as agent:
         controller = agent.pods
@@ -187,8 +200,7 @@ async def run(kubeconfig: str, count: int, rounds: int) -> None:
     kubelet: list[float] = []
     agent: list[float] = []
     for r in range(1, rounds + 1):
-        # Each run leaves its Pods behind, which slows later runs a little: within a round the
-        # minimal baseline goes first and the agent last, so the order favours the baseline.
+        # Each run removes its Pods, namespace and node before the next one starts.
         minimal.append(await baseline(kubeconfig, count, MINIMAL))
         lean.append(await baseline(kubeconfig, count, MINIMAL, lean=True))
         kubelet.append(await baseline(kubeconfig, count, kubelet_like()))

@@ -549,7 +549,10 @@ class PodWorker:
             await self.ctl.records.record(start)
         except Exception as exc:
             log.warning("pod %s: could not record its start: %s", f.key, exc)
-        await asyncio.gather(*(self._live(spec, images) for spec in started))
+        if len(started) == 1:
+            await self._live(started[0], images)  # the usual Pod: no task of its own for gather to make
+        else:
+            await asyncio.gather(*(self._live(spec, images) for spec in started))
 
     @property
     def _state(self) -> PodState:

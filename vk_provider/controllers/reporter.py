@@ -15,7 +15,6 @@ Other writers (the Event recorder) can :meth:`~StatusReporter.wait_idle` to give
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -34,8 +33,12 @@ class PodStatusApi(Protocol):
 
 
 def digest(status: JSON) -> int:
-    """A stand-in for the status itself, to tell whether a new one differs from the last sent."""
-    return hash(json.dumps(status, sort_keys=True, separators=(",", ":"), default=str))
+    """A stand-in for the status itself, to tell whether a new one differs from the last sent.
+
+    Statuses are built by one function (``render_status``), so equal ones list their keys in the
+    same order and ``repr`` tells them apart as well as sorted JSON would, at a third of the cost.
+    """
+    return hash(repr(status))
 
 
 @dataclass(slots=True)

@@ -33,7 +33,7 @@ class NodeFacts:
 
 def rfc3339(moment: datetime) -> str:
     """Kubernetes' wire form of a timestamp (seconds precision, UTC, ``Z``)."""
-    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.replace(microsecond=0, tzinfo=None).isoformat() + "Z"  # strftime's twice as slow
 
 
 def rfc3339_micro(moment: datetime) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
+from functools import lru_cache
 
 _SUFFIX = {
     "": Fraction(1),
@@ -37,8 +38,13 @@ def parse_quantity(text: str | int | float) -> Fraction | None:
         return None
     if isinstance(text, int | float):
         return Fraction(text)
+    return _parse_text(text) if len(text) <= 64 else None
+
+
+@lru_cache(maxsize=1024)  # Pods repeat the same few quantities ("100m", "128Mi"); Fractions are immutable
+def _parse_text(text: str) -> Fraction | None:
     match = _QUANTITY.match(text.strip())
-    if not match or len(text) > 64:
+    if not match:
         return None
     number, exponent, suffix = match.groups()
     value = Fraction(number)

@@ -174,6 +174,7 @@ class KubeSession:
         self._http = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=max(configuration.connection_pool_maxsize or 0, 64), ssl=tls or True),
             trust_env=False,  # looked up once above, not per request in a thread
+            cookie_jar=aiohttp.DummyCookieJar(),  # the API server sets none worth keeping
             read_bufsize=2**21,
         )
         self._limiter = RateLimiter(qps, burst)
