@@ -554,13 +554,15 @@ def load_workload_catalog(workload: WorkloadSpec) -> Catalog:
 
 @dataclass(frozen=True, slots=True)
 class PodFailure:
-    """A Pod of the workload that never started, with the Kubernetes reason."""
+    """A Pod of the workload that never started, with the Kubernetes reason; ``recorded`` when it is
+    among the records as well (a cache failure, outcome ``failed``), not for a pull that never worked."""
 
     namespace: str
     name: str
     reason: str
     message: str
     at: datetime
+    recorded: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -736,7 +738,27 @@ class _Simulation:
         )
         if resolution.outcome.is_failure:
             reason = resolution.failure_reason or resolution.outcome.value
-            self.failures.append(PodFailure(group.namespace, name, reason, resolution.explanation, now))
+            self.failures.append(PodFailure(group.namespace, name, reason, resolution.explanation, now, recorded=True))
+            # Recorded like the agent records it: outcome failed, nothing pulled, failed at once.
+            self.records.append(
+                PodStartRecord(
+                    pod_uid=uid,
+                    namespace=group.namespace,
+                    name=name,
+                    node=self.workload.node,
+                    outcome=CacheOutcome.FAILED,
+                    imc_id=resolution.request.explicit_id or None,
+                    reason=resolution.explanation,
+                    images=(),
+                    resolve_seconds=0.0,
+                    snapshot_attach_seconds=0.0,
+                    container_start_seconds=0.0,
+                    startup_seconds=0.0,
+                    created_at=now,
+                    started_at=now,
+                    labels=group.labels,
+                )
+            )
             return
         cache = resolution.cache
         if cache is not None and resolution.outcome.is_hit:
@@ -855,19 +877,24 @@ def summary_lines(result: SimulationResult, stored: StoreSummary | None = None) 
     workload = result.workload
     lines = [
         f"simulated {workload.pod_count} Pods of {workload.source} (seed {result.seed}) over "
-        f"{result.simulated_seconds:.0f} simulated seconds: {len(result.records)} started, "
+        f"{result.simulated_seconds:.0f} simulated seconds: "
+        f"{sum(1 for r in result.records if r.outcome is not CacheOutcome.FAILED)} started, "
         f"{len(result.failures)} failed",
     ]
     automatic = [cache for cache in result.caches if cache.automatic]
     if automatic:
         ready = sum(1 for cache in automatic if cache.is_ready())
         lines.append(f"automatic caches created: {len(automatic)} ({ready} Ready at the end)")
-    reasons: dict[str, int] = {}
+    reasons: dict[tuple[str, bool], int] = {}
     for failure in result.failures:
-        reasons[failure.reason] = reasons.get(failure.reason, 0) + 1
+        key = (failure.reason, failure.recorded)
+        reasons[key] = reasons.get(key, 0) + 1
     if reasons:
-        shown = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
-        lines.append(f"failed Pods (never started, not recorded): {shown}")
+        shown = ", ".join(
+            f"{count} {reason}" + (" (recorded as failed)" if recorded else " (never started, not recorded)")
+            for (reason, recorded), count in sorted(reasons.items())
+        )
+        lines.append(f"failed Pods: {shown}")
     if stored is not None and stored.already_recorded:
         lines.append(
             f"{stored.already_recorded} of these Pod starts were already in the database "

@@ -227,6 +227,17 @@ def test_the_seed_examples(cluster: Cluster, workdir: Path, namespace: str, cach
         assert not_complete["message"] == f"The production for specified image cache {slow_id} is not yet complete."
         assert imc_status(cluster, slow)["phase"] == "Creating"
 
+        # Both are recorded (outcome failed, the cache they named, nothing pulled): the report counts them.
+        def failed_rows() -> list[tuple[Any, ...]]:
+            return query(agent.db, "select name, imc_id, bytes_pulled from pod_starts "
+                                   "where cache_outcome = 'failed' order by name")  # fmt: skip
+
+        wait_for(lambda: len(failed_rows()) == 2, timeout=30, what="the failed Pods recorded")
+        assert failed_rows() == [
+            ("nginx-not-complete", slow_id, 0),
+            ("nginx-unknown-id", "imc-2ze5tm5gehgtiigaxxxx", 0),
+        ]
+
 
 def test_fifty_pods_missing_at_once_share_one_automatic_cache(
     cluster: Cluster, workdir: Path, namespace: str, caches: list[str]

@@ -91,6 +91,22 @@ async def test_recorded_once_with_metrics() -> None:
     assert "vk_provider_image_cache_misses_total 1" in text
 
 
+async def test_a_pod_failed_by_its_cache_is_stored_but_not_counted_as_started() -> None:
+    store, metrics = Store(), NodeMetrics()
+    recorder = RegistryStartRecorder(store, metrics)
+    writer = asyncio.create_task(recorder.run())
+    failed = start("failed")
+    failed.images.clear()
+    await recorder.record(failed)
+    await recorder.flush()
+    writer.cancel()
+    await asyncio.gather(writer, return_exceptions=True)
+    assert store.rows["u1"].outcome is CacheOutcome.FAILED
+    assert store.rows["u1"].imc_id == "imc-x"
+    assert metrics.pod_start_total.count("failed") == 0
+    assert not [line for line in metrics.render().splitlines() if line.startswith("vk_provider_pods_started_total")]
+
+
 def test_unknown_outcome_is_none() -> None:
     assert to_record(start("weird")).outcome is CacheOutcome.NONE
 

