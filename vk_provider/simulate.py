@@ -740,25 +740,8 @@ class _Simulation:
             reason = resolution.failure_reason or resolution.outcome.value
             self.failures.append(PodFailure(group.namespace, name, reason, resolution.explanation, now, recorded=True))
             # Recorded like the agent records it: outcome failed, nothing pulled, failed at once.
-            self.records.append(
-                PodStartRecord(
-                    pod_uid=uid,
-                    namespace=group.namespace,
-                    name=name,
-                    node=self.workload.node,
-                    outcome=CacheOutcome.FAILED,
-                    imc_id=resolution.request.explicit_id or None,
-                    reason=resolution.explanation,
-                    images=(),
-                    resolve_seconds=0.0,
-                    snapshot_attach_seconds=0.0,
-                    container_start_seconds=0.0,
-                    startup_seconds=0.0,
-                    created_at=now,
-                    started_at=now,
-                    labels=group.labels,
-                )
-            )
+            imc_id = resolution.request.explicit_id or None
+            self.record(group, uid, name, resolution, CacheOutcome.FAILED, imc_id, created=now, started=now)
             return
         cache = resolution.cache
         if cache is not None and resolution.outcome.is_hit:
@@ -807,18 +790,38 @@ class _Simulation:
             images.append(ImagePullRecord(step.reference, pulled.bytes_downloaded, pulled.seconds, step.from_cache))
             await self.clock.sleep(self.settings.container_start_seconds)
             container_seconds += self.settings.container_start_seconds
-        started = self.clock.now()
         cache = resolution.cache
+        imc_id = cache.imc_id if cache is not None else None
+        self.record(
+            group, uid, name, resolution, _outcome(resolution), imc_id, created=created, started=self.clock.now(),
+            images=tuple(images), attach=attach, container_seconds=container_seconds,
+        )  # fmt: skip
+
+    def record(
+        self,
+        group: PodGroupSpec,
+        uid: str,
+        name: str,
+        resolution: Resolution,
+        outcome: CacheOutcome,
+        imc_id: str | None,
+        *,
+        created: datetime,
+        started: datetime,
+        images: tuple[ImagePullRecord, ...] = (),
+        attach: float = 0.0,
+        container_seconds: float = 0.0,
+    ) -> None:
         self.records.append(
             PodStartRecord(
                 pod_uid=uid,
                 namespace=group.namespace,
                 name=name,
                 node=self.workload.node,
-                outcome=_outcome(resolution),
-                imc_id=cache.imc_id if cache is not None else None,
+                outcome=outcome,
+                imc_id=imc_id,
                 reason=resolution.explanation,
-                images=tuple(images),
+                images=images,
                 resolve_seconds=0.0,
                 snapshot_attach_seconds=attach,
                 container_start_seconds=container_seconds,
