@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -91,22 +91,26 @@ async def wait_running(s: KubeSession, ns: str, count: int, interval: float = 0.
         await asyncio.sleep(interval)
 
 
-async def clear(s: KubeSession, ns: str, node: str = "", timeout: float = 180.0) -> None:
+async def clear(
+    s: KubeSession, ns: str, nodes: Sequence[str] = (), imagecache: str = "", timeout: float = 180.0
+) -> None:
     """Remove a run's Pods (at once: no kubelet is left to confirm a graceful deletion), its
-    namespace and its node, and wait until they are gone.
+    namespace, nodes and ImageCache, and wait until the namespace is gone.
 
     Left behind, they load the control plane during later runs: the node lifecycle controller
     marks a silent node's Pods not ready (a status write per Pod), later evicts them.
     """
     now = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0}
     await s.request("DELETE", f"/api/v1/namespaces/{ns}/pods", body=now)
-    if node:
+    paths = [f"/api/v1/nodes/{node}" for node in nodes]
+    if imagecache:
+        paths.append(f"/apis/eci.alibabacloud.com/v1/imagecaches/{imagecache}")
+    for path in [*paths, f"/api/v1/namespaces/{ns}"]:
         try:
-            await s.request("DELETE", f"/api/v1/nodes/{node}")
+            await s.request("DELETE", path)
         except KubeError as exc:
             if not exc.is_not_found:
                 raise
-    await s.request("DELETE", f"/api/v1/namespaces/{ns}")
     deadline = time.monotonic() + timeout
     while True:
         try:

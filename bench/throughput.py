@@ -69,22 +69,24 @@ async def baseline(kubeconfig: str, count: int, body: dict[str, Any], *, lean: b
     agent's own request path (KubeSession), to show how much of the gap is the client library.
     """
     session = await KubeSession.connect(kubeconfig, user_agent=CREATOR)
-    ns = f"bench-base-{time.time_ns()}"
     try:
+        ns = f"bench-base-{time.time_ns()}"
         await namespace(session, ns)
-        # The Pods' node must exist, or the Pod garbage collector deletes them.
         try:
-            await session.request("POST", "/api/v1/nodes", body={"apiVersion": "v1", "kind": "Node",
-                                                                  "metadata": {"name": "vk-bench-nobody"}})  # fmt: skip
-        except KubeError as exc:
-            if not exc.is_conflict:  # already there from an earlier run against the same cluster
-                raise
-        await create_pods(session, ns, [pod(f"p{i}", "vk-bench-nobody") for i in range(count)])
-        if lean:
-            return await _lean_patches(kubeconfig, ns, count, body)
-        return await _generated_patches(kubeconfig, ns, count, body)
+            # The Pods' node must exist, or the Pod garbage collector deletes them.
+            try:
+                nobody = {"apiVersion": "v1", "kind": "Node", "metadata": {"name": "vk-bench-nobody"}}
+                await session.request("POST", "/api/v1/nodes", body=nobody)
+            except KubeError as exc:
+                if not exc.is_conflict:  # already there from an earlier run against the same cluster
+                    raise
+            await create_pods(session, ns, [pod(f"p{i}", "vk-bench-nobody") for i in range(count)])
+            if lean:
+                return await _lean_patches(kubeconfig, ns, count, body)
+            return await _generated_patches(kubeconfig, ns, count, body)
+        finally:
+            await clear(session, ns)
     finally:
-        await clear(session, ns)
         await session.close()
 
 
@@ -129,31 +131,35 @@ async def _lean_patches(kubeconfig: str, ns: str, count: int, body: dict[str, An
 
 
 async def agent_run(kubeconfig: str, count: int) -> float:
-    node = f"vk-bench-tp-{int(time.time())}"  # a fresh node: no Pods left from an earlier run count against it
+    stamp = time.time_ns()
+    node = f"vk-bench-tp-{stamp}"  # a fresh node: no Pods left from an earlier run count against it
+    builder = "vk-bench-builder"
     settings = settings_for(
         kubeconfig, node, time_scale=1e9, jitter=0.0, container_start_seconds=0.0, snapshot_attach_seconds=0.0
     )
     settings = replace(settings, pods=replace(settings.pods, status_writers=16))
-    ns = f"bench-tp-{int(time.time())}"
+    ns = f"bench-tp-{stamp}"
     session = await KubeSession.connect(kubeconfig, user_agent=CREATOR)
     try:
         await namespace(session, ns)
-        cache = {"apiVersion": "eci.alibabacloud.com/v1", "kind": "ImageCache", "metadata": {"name": ns},
-                 "spec": {"images": ["nginx:1.7.9"]}}  # fmt: skip
-        # The CRD may not exist before the first agent start: let the agent install it, build the cache.
-        async with running_agent(replace(settings, node=replace(settings.node, name="vk-bench-builder"))):
-            await session.request("POST", "/apis/eci.alibabacloud.com/v1/imagecaches", body=cache)
-            while True:
-                found = await session.request("GET", f"/apis/eci.alibabacloud.com/v1/imagecaches/{ns}")
-                if found.get("status", {}).get("phase") == "Ready":
-                    imc = found["status"]["imageCacheId"]
-                    break
-                await asyncio.sleep(0.1)
-        annotations = {"k8s.aliyun.com/eci-image-snapshot-id": imc}
-        await create_pods(session, ns, [pod(f"p{i}", node, annotations) for i in range(count)])
-        return await _time_agent(settings, ns, count)
+        try:
+            cache = {"apiVersion": "eci.alibabacloud.com/v1", "kind": "ImageCache", "metadata": {"name": ns},
+                     "spec": {"images": ["nginx:1.7.9"]}}  # fmt: skip
+            # The CRD may not exist before the first agent start: let the agent install it, build the cache.
+            async with running_agent(replace(settings, node=replace(settings.node, name=builder))):
+                await session.request("POST", "/apis/eci.alibabacloud.com/v1/imagecaches", body=cache)
+                while True:
+                    found = await session.request("GET", f"/apis/eci.alibabacloud.com/v1/imagecaches/{ns}")
+                    if found.get("status", {}).get("phase") == "Ready":
+                        imc = found["status"]["imageCacheId"]
+                        break
+                    await asyncio.sleep(0.1)
+            annotations = {"k8s.aliyun.com/eci-image-snapshot-id": imc}
+            await create_pods(session, ns, [pod(f"p{i}", node, annotations) for i in range(count)])
+            return await _time_agent(settings, ns, count)
+        finally:
+            await clear(session, ns, nodes=(node, builder), imagecache=ns)
     finally:
-        await clear(session, ns, node)
         await session.close()
 
 

@@ -15,11 +15,12 @@ field, and the simulation itself:
 - everything runs on a :class:`~vk_provider.virtualtime.VirtualTimeLoop`, so a simulated day takes
   seconds and one seed always gives the same numbers.
 
-Each started Pod becomes a :class:`~vk_provider.domain.records.PodStartRecord`. The database is
-written only after the virtual run (:func:`store`): a database thread the virtual loop waited on
-would let simulated time leap ahead meanwhile. Pods that fail (an explicit cache that is missing or
-not Ready, an image that cannot be pulled) never start, so, like the agent, the simulation does
-not record them as starts; they are counted in :class:`SimulationResult.failures`.
+Each started Pod becomes a :class:`~vk_provider.domain.records.PodStartRecord`, and so does a Pod
+its cache fails (an explicit cache that is missing or not Ready: outcome ``failed``, as the agent
+records it). A Pod whose image cannot be pulled never starts and is not recorded. Both kinds are
+listed in :class:`SimulationResult.failures`. The database is written only after the virtual run
+(:func:`store`): a database thread the virtual loop waited on would let simulated time leap ahead
+meanwhile.
 """
 
 from __future__ import annotations

@@ -184,6 +184,12 @@ async def test_a_proxy_from_the_environment_is_used_unless_no_proxy_exempts_the_
                 await session.request("GET", "/version", timeout=5.0)
         assert caught.value.status == 0  # went straight to a host that does not resolve
         assert len(proxy.seen) == 1
+        monkeypatch.delenv("NO_PROXY")
+        monkeypatch.setenv("HTTP_PROXY", url.replace("http://", "https://"))  # TLS to the proxy: not supported
+        async with KubeSession(cfg) as session:
+            with pytest.raises(KubeError):
+                await session.request("GET", "/version", timeout=5.0)
+        assert len(proxy.seen) == 1  # ignored (with a warning), as aiohttp's own lookup did
 
 
 async def test_unusable_tls_files_are_a_configuration_error(tmp_path: Any) -> None:

@@ -132,7 +132,7 @@ class PodStart:
     attach_seconds: float = 0.0
     container_seconds: float = 0.0
     started_at: datetime | None = None  # for a Pod its cache failed: when it was failed
-    startup_seconds: float = 0.0  # simulated: taken by the node -> all containers started (or failed)
+    startup_seconds: float = 0.0  # simulated: taken by the node -> all containers started (0 if failed)
 
 
 class NoCaches:
@@ -528,10 +528,10 @@ class PodWorker:
             reason, message = decision.failure
             failed_at = clock.now()
             self._set(lc.failed(self._state, reason, message, failed_at))
-            # Recorded as well (outcome "failed", nothing pulled, timed until it was failed): the
-            # comparison shows how many Pods their cache kept from starting.
+            # Recorded as well (outcome "failed", nothing pulled): the comparison shows how many Pods
+            # their cache kept from starting. No simulated time passed (resolving is real work, in
+            # resolve_seconds), so, as in `vk-provider simulate`, its start-up time is 0.
             start.started_at = failed_at
-            start.startup_seconds = (clock.monotonic() - t0) * self.ctl.timing.time_scale
             await self._record(start)
             return
         images = await self.ctl.images.for_pod(f, decision)

@@ -9,8 +9,8 @@ Why not the client's request path: per request it walks the body to "sanitize" i
 session trusts the environment, looks up ~/.netrc and the proxy variables in two worker threads.
 At a thousand status writes a second those thread hops and the GIL they contend for cost the agent
 more CPU than encoding the requests. Here the proxy is looked up once, when the session is made
-(``HTTPS_PROXY``/``NO_PROXY``, as client-go reads them; a kubeconfig ``proxy-url`` wins), and
-the TLS context is built once from the same settings the client would use.
+(``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY``; a kubeconfig ``proxy-url`` wins; ~/.netrc is not read),
+and the TLS context is built once from the same settings the client would use.
 """
 
 from __future__ import annotations
@@ -323,11 +323,21 @@ def _tls_context(cfg: k8s_client.Configuration, source: str) -> ssl.SSLContext:
 
 
 def _proxy_from_env(host: str) -> str | None:
-    """The proxy for ``host`` from HTTPS_PROXY/HTTP_PROXY, unless NO_PROXY exempts it (read once)."""
+    """The proxy for ``host`` from HTTPS_PROXY/HTTP_PROXY, unless NO_PROXY exempts it (read once).
+
+    Read by urllib's rules (NO_PROXY lists host names and domain suffixes, not CIDR ranges). Only an
+    ``http://`` proxy is used (it tunnels TLS with CONNECT): aiohttp cannot speak TLS to the proxy
+    itself, and ignored such proxies before, too.
+    """
     url = URL(host)
     if url.host is None or urllib.request.proxy_bypass(url.host):
         return None
-    return urllib.request.getproxies().get(url.scheme)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and URL(proxy).scheme != "http":
+        log.warning("ignoring the %s proxy %s from the environment: only http:// proxies are supported",
+                    url.scheme, URL(proxy).with_user(None))  # fmt: skip
+        return None
+    return proxy
 
 
 async def _lines(resp: aiohttp.ClientResponse, path: str) -> AsyncIterator[JSON]:
