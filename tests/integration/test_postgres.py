@@ -60,6 +60,7 @@ SHARED_CHECKS = (
     "test_save_manifest_replaces_the_image",
     "test_pod_start_is_recorded_once",
     "test_pod_starts_batch_in_one_transaction",
+    "test_a_start_replaces_a_failed_record_of_the_same_pod",
     "test_list_pod_starts_filters",
 )
 

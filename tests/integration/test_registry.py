@@ -490,6 +490,26 @@ async def test_pod_start_is_recorded_once(registry: Registry) -> None:
     assert await sql(registry, "SELECT count(*), sum(bytes_pulled) FROM pod_starts") == [(1, 2_000_000)]
 
 
+async def test_a_start_replaces_a_failed_record_of_the_same_pod(registry: Registry) -> None:
+    failed = pod_start("u1", outcome=CacheOutcome.FAILED, images=(), startup_seconds=0.0)
+    assert await registry.record_pod_starts([failed]) == [True]
+    # An agent restarted before the Failed status was written: the Pod started after all.
+    assert await registry.record_pod_starts([pod_start("u1"), pod_start("u2")]) == [True, True]
+    assert [(r.pod_uid, r.outcome) for r in await registry.list_pod_starts()] == [
+        ("u1", CacheOutcome.AUTO_HIT),
+        ("u2", CacheOutcome.AUTO_HIT),
+    ]
+    assert await sql(registry, "SELECT count(*) FROM pod_start_images") == [(4,)]
+    # ...but a failure never replaces a start, nor another failure.
+    u3 = replace(failed, pod_uid="u3")
+    assert await registry.record_pod_starts([replace(failed, pod_uid="u2"), u3]) == [False, True]
+    assert await registry.record_pod_starts([u3]) == [False]
+    assert await sql(registry, "SELECT cache_outcome, count(*) FROM pod_starts GROUP BY 1 ORDER BY 1") == [
+        ("auto_hit", 2),
+        ("failed", 1),
+    ]
+
+
 async def test_pod_starts_batch_in_one_transaction(registry: Registry) -> None:
     await registry.record_pod_start(pod_start("u0"))
     batch = [pod_start("u1"), pod_start("u0"), pod_start("u2"), pod_start("u1")]

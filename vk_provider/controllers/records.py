@@ -5,7 +5,8 @@ the outcome ``failed``; the metrics count started Pods only.
 
 Implements the pod controller's ``StartRecorder``. A Pod start is stored once (the registry is
 idempotent on the Pod's UID, so a restarted agent finishing a start it had begun does not count it
-twice); metrics are observed only for starts this process stored.
+twice; a start replaces a ``failed`` record of the Pod); metrics are observed only for starts this
+process stored.
 """
 
 from __future__ import annotations

@@ -634,6 +634,9 @@ class Registry:
     async def record_pod_starts(self, records: Sequence[PodStartRecord]) -> list[bool]:
         """Store several Pod starts in one transaction; for each, False if its Pod UID was already recorded.
 
+        The one exception: a start replaces a ``failed`` record of the same Pod (a Pod is failed by
+        its cache only once; if it starts after all, that is what happened to it).
+
         Two executemany statements per batch (INSERT .. ON CONFLICT DO NOTHING RETURNING for the
         starts, which SQLAlchemy sends as multi-row INSERTs from one cached compilation; then the
         images), so a burst of starts costs little CPU: about 40 microseconds per start here.
@@ -643,7 +646,16 @@ class Registry:
             first.setdefault(record.pod_uid, record)  # a repeat within the batch is "already recorded"
         new_ids: dict[str, int] = {}
         starts = PodStartRow.__table__
+        started = [uid for uid, record in first.items() if record.outcome is not CacheOutcome.FAILED]
         async with self._writing() as session:
+            if started:
+                # A Pod recorded as failed by its cache that starts after all (an agent stopped before
+                # the Failed status was written resolves it again on restart): the start replaces it.
+                await session.execute(
+                    delete(PodStartRow).where(
+                        PodStartRow.pod_uid.in_(started), PodStartRow.cache_outcome == CacheOutcome.FAILED.value
+                    )
+                )
             if first:
                 inserted = await session.execute(
                     self._insert(session, starts)
