@@ -122,3 +122,18 @@ async def clear(
         if time.monotonic() > deadline:
             raise SystemExit(f"namespace {ns} was not deleted within {timeout:.0f} s")
         await asyncio.sleep(0.2)
+
+
+async def ready_imagecache(s: KubeSession, name: str, images: Sequence[str], timeout: float = 120.0) -> str:
+    """Create an ImageCache (a running agent builds it) and return its imageCacheId once it is Ready."""
+    cache = {"apiVersion": "eci.alibabacloud.com/v1", "kind": "ImageCache", "metadata": {"name": name},
+             "spec": {"images": list(images)}}  # fmt: skip
+    await s.request("POST", "/apis/eci.alibabacloud.com/v1/imagecaches", body=cache)
+    deadline = time.monotonic() + timeout
+    while True:
+        found = await s.request("GET", f"/apis/eci.alibabacloud.com/v1/imagecaches/{name}")
+        if found.get("status", {}).get("phase") == "Ready":
+            return str(found["status"]["imageCacheId"])
+        if time.monotonic() > deadline:
+            raise SystemExit(f"ImageCache {name} was not Ready within {timeout:.0f} s: {found.get('status')}")
+        await asyncio.sleep(0.1)

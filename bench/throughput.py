@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
-from bench._agent import clear, create_pods, namespace, pod, running_agent, settings_for
+from bench._agent import clear, create_pods, namespace, pod, ready_imagecache, running_agent, settings_for
 from bench._cluster import control_plane
 from vk_provider.config import Settings
 from vk_provider.domain import lifecycle as lc
@@ -146,17 +146,9 @@ async def agent_run(kubeconfig: str, count: int) -> float:
     try:
         await namespace(session, ns)
         try:
-            cache = {"apiVersion": "eci.alibabacloud.com/v1", "kind": "ImageCache", "metadata": {"name": ns},
-                     "spec": {"images": ["nginx:1.7.9"]}}  # fmt: skip
             # The CRD may not exist before the first agent start: let the agent install it, build the cache.
             async with running_agent(replace(settings, node=replace(settings.node, name=builder))):
-                await session.request("POST", "/apis/eci.alibabacloud.com/v1/imagecaches", body=cache)
-                while True:
-                    found = await session.request("GET", f"/apis/eci.alibabacloud.com/v1/imagecaches/{ns}")
-                    if found.get("status", {}).get("phase") == "Ready":
-                        imc = found["status"]["imageCacheId"]
-                        break
-                    await asyncio.sleep(0.1)
+                imc = await ready_imagecache(session, ns, ["nginx:1.7.9"])
             annotations = {"k8s.aliyun.com/eci-image-snapshot-id": imc}
             await create_pods(session, ns, [pod(f"p{i}", node, annotations) for i in range(count)])
             return await _time_agent(settings, ns, count)

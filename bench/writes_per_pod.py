@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench._agent import create_pods, namespace, pod, running_agent, settings_for, wait_running
+from bench._agent import create_pods, namespace, pod, ready_imagecache, running_agent, settings_for, wait_running
 from bench._cluster import control_plane
 
 
@@ -29,19 +29,7 @@ async def run(kubeconfig: str, count: int) -> None:
         s = agent.session
         ns = f"bench-writes-{int(time.time())}"
         await namespace(s, ns)
-        cache = {
-            "apiVersion": "eci.alibabacloud.com/v1",
-            "kind": "ImageCache",
-            "metadata": {"name": ns},
-            "spec": {"images": ["nginx:1.7.9"]},
-        }
-        await s.request("POST", "/apis/eci.alibabacloud.com/v1/imagecaches", body=cache)
-        while True:
-            found = await s.request("GET", f"/apis/eci.alibabacloud.com/v1/imagecaches/{ns}")
-            if found.get("status", {}).get("phase") == "Ready":
-                imc = found["status"]["imageCacheId"]
-                break
-            await asyncio.sleep(0.1)
+        imc = await ready_imagecache(s, ns, ["nginx:1.7.9"])
         reporter = agent.pods.reporter if agent.pods else None
         assert reporter is not None
         writes_before = reporter.writes
