@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -93,23 +94,31 @@ async def baseline(kubeconfig: str, count: int, body: dict[str, Any], *, lean: b
         await session.close()
 
 
+async def _sixteen_at_a_time(count: int, patch: Callable[[str], Awaitable[object]]) -> float:
+    """Seconds to call ``patch`` for Pods p0..p<count-1>, 16 calls in flight at a time."""
+    names = [f"p{i}" for i in range(count)]
+    started = time.perf_counter()
+
+    async def worker() -> None:
+        while names:
+            await patch(names.pop())
+
+    await asyncio.gather(*(worker() for _ in range(16)))
+    return time.perf_counter() - started
+
+
 async def _generated_patches(kubeconfig: str, ns: str, count: int, body: dict[str, Any]) -> float:
     cfg = k8s_client.Configuration()
     await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
     async with k8s_client.ApiClient(cfg) as api:
         core = k8s_client.CoreV1Api(api)
-        names = [f"p{i}" for i in range(count)]
-        started = time.perf_counter()
 
-        async def worker() -> None:
-            while names:
-                name = names.pop()
-                await core.patch_namespaced_pod_status(
-                    name, ns, body, _content_type="application/merge-patch+json", _preload_content=False
-                )
+        async def patch(name: str) -> object:
+            return await core.patch_namespaced_pod_status(
+                name, ns, body, _content_type="application/merge-patch+json", _preload_content=False
+            )
 
-        await asyncio.gather(*(worker() for _ in range(16)))
-        elapsed = time.perf_counter() - started
+        elapsed = await _sixteen_at_a_time(count, patch)
         items = (await core.list_namespaced_pod(ns)).items
         assert sum(1 for p in items if p.status.phase == "Running") == count, "baseline patches did not all land"
         return elapsed
@@ -117,17 +126,12 @@ async def _generated_patches(kubeconfig: str, ns: str, count: int, body: dict[st
 
 async def _lean_patches(kubeconfig: str, ns: str, count: int, body: dict[str, Any]) -> float:
     async with await KubeSession.connect(kubeconfig) as session:
-        names = [f"p{i}" for i in range(count)]
-        started = time.perf_counter()
 
-        async def worker() -> None:
-            while names:
-                name = names.pop()
-                path = f"/api/v1/namespaces/{ns}/pods/{name}/status"
-                await session.request("PATCH", path, body=body, content_type=MERGE_PATCH, want_body=False)
+        async def patch(name: str) -> object:
+            path = f"/api/v1/namespaces/{ns}/pods/{name}/status"
+            return await session.request("PATCH", path, body=body, content_type=MERGE_PATCH, want_body=False)
 
-        await asyncio.gather(*(worker() for _ in range(16)))
-        elapsed = time.perf_counter() - started
+        elapsed = await _sixteen_at_a_time(count, patch)
         items = (await session.request("GET", f"/api/v1/namespaces/{ns}/pods"))["items"]
         assert sum(1 for p in items if p["status"]["phase"] == "Running") == count, "baseline patches did not all land"
         return elapsed
