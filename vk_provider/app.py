@@ -255,6 +255,7 @@ class Agent:
                 query={"fieldSelector": selector},
                 what="pods",
                 max_backoff=s.kube.max_backoff_seconds,
+                known=router.tracks,  # its own status writes come back: not decoded
             ),
         )
         try:

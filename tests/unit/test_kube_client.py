@@ -198,3 +198,28 @@ async def test_unusable_tls_files_are_a_configuration_error(tmp_path: Any) -> No
     cfg.ssl_ca_cert = str(tmp_path / "missing-ca.crt")
     with pytest.raises(KubeConfigError, match=r"unusable TLS files \(CA .*missing-ca\.crt\)"):
         KubeSession(cfg, source="kubeconfig /x")
+
+
+async def test_a_path_prefix_in_the_server_address_and_encoded_queries() -> None:
+    async with serving() as (server, url):
+        cfg = k8s_client.Configuration()
+        cfg.host = url + "/k8s/clusters/c-1"  # e.g. behind Rancher's proxy
+        async with KubeSession(cfg) as session:
+            await session.request("GET", "/api/v1/pods", query=[("labelSelector", "app in (a,b),!old"), ("limit", "5")])
+            assert session._pool is not None
+            assert session._pool.connections_made == 1
+    (seen,) = server.seen
+    assert seen.path == "/k8s/clusters/c-1/api/v1/pods"
+    assert seen.query.getall("labelSelector") == ["app in (a,b),!old"]
+    assert seen.query["limit"] == "5"
+
+
+async def test_a_line_break_in_a_token_is_refused_not_sent() -> None:
+    async with serving() as (server, url):
+        cfg = k8s_client.Configuration()
+        cfg.host = url
+        cfg.api_key = {"BearerToken": "Bearer x\r\nX-Injected: 1"}
+        async with KubeSession(cfg) as session:
+            with pytest.raises(KubeError, match="line break"):
+                await session.request("GET", "/api/v1/pods")
+    assert server.calls == 0

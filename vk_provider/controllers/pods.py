@@ -237,6 +237,8 @@ class PodController:
             worker = self._take(obj)
             if worker is None:
                 return
+        # Nothing but a deletionTimestamp matters in a Pod already taken: the watch passes over
+        # other changes to it undecoded (PodRouter.tracks). Reading more here must change that.
         if meta.get("deletionTimestamp") and not worker.stopping:
             worker.request_stop(meta.get("deletionGracePeriodSeconds"))
 

@@ -36,6 +36,10 @@ class PodRouter:
             await controller.resync(groups[name])
         self.synced.set()
 
+    def tracks(self, uid: str) -> bool:
+        """Whether one of the nodes runs this Pod (its upsert then only looks for a deletionTimestamp)."""
+        return any(uid in c.workers for c in self.controllers.values())
+
     async def upsert(self, obj: JSON) -> None:
         controller = self._of(obj)
         if controller is not None:

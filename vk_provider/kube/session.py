@@ -3,7 +3,8 @@
 This package is the only one that imports ``kubernetes_asyncio``. Its typed models are slow to
 build and hide fields, so the agent uses the client only for what it does well (kubeconfig and
 in-cluster loading, credentials and their refresh) and exchanges plain JSON dicts through
-:meth:`KubeSession.request` and :meth:`KubeSession.stream` over its own aiohttp session.
+:meth:`KubeSession.request` (over its own HTTP/1.1 connections, :mod:`vk_provider.kube.h1`; over
+aiohttp when a proxy is set) and :meth:`KubeSession.stream` (watches, over aiohttp).
 
 Why not the client's request path: per request it walks the body to "sanitize" it and, because its
 session trusts the environment, looks up ~/.netrc and the proxy variables in two worker threads.
@@ -20,6 +21,7 @@ import json
 import logging
 import os
 import ssl
+import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -33,10 +35,12 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 from yarl import URL
 
 from vk_provider import __version__
+from vk_provider.kube.h1 import H1Pool
 
 log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
+Query = Mapping[str, str | int | bool] | Sequence[tuple[str, str]] | None
 MERGE_PATCH = "application/merge-patch+json"
 STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 MAX_THROTTLED_RETRIES = 5
@@ -171,12 +175,23 @@ class KubeSession:
         self._proxy_headers: Mapping[str, str] | None = configuration.proxy_headers
         self._server_hostname: str | None = configuration.tls_server_name or None
         self._headers = {"User-Agent": user_agent, "Accept": "application/json"}
+        limit = max(configuration.connection_pool_maxsize or 0, 64)
         self._http = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max(configuration.connection_pool_maxsize or 0, 64), ssl=tls or True),
+            connector=aiohttp.TCPConnector(limit=limit, ssl=tls or True),
             trust_env=False,  # looked up once above, not per request in a thread
             cookie_jar=aiohttp.DummyCookieJar(),  # the API server sets none worth keeping
             read_bufsize=2**21,
         )
+        # Ordinary requests go over the session's own HTTP/1.1 connections (see kube.h1), unless
+        # through a proxy; watches, and everything with a proxy, over aiohttp.
+        url = URL(self.host)
+        self._pool: H1Pool | None = None
+        self._prefix = url.path.rstrip("/")
+        self._head = ""  # the headers every request carries
+        if self._proxy is None and url.host is not None and url.port is not None:
+            self._pool = H1Pool(url.host, url.port, tls=tls, server_hostname=self._server_hostname, limit=limit)
+            agent = _header_value(user_agent)
+            self._head = f"Host: {self._pool.host_header}\r\nUser-Agent: {agent}\r\nAccept: application/json"
         self._limiter = RateLimiter(qps, burst)
         self._timeout = request_timeout
         self.requests_by_verb: dict[str, int] = {}
@@ -196,6 +211,8 @@ class KubeSession:
         return cls(cfg, qps=qps, burst=burst, request_timeout=request_timeout, source=source, user_agent=user_agent)
 
     async def close(self) -> None:
+        if self._pool is not None:
+            await self._pool.close()
         await self._http.close()
 
     async def __aenter__(self) -> KubeSession:
@@ -210,7 +227,7 @@ class KubeSession:
         path: str,
         *,
         body: Any = None,
-        query: Mapping[str, str | int | bool] | Sequence[tuple[str, str]] | None = None,
+        query: Query = None,
         content_type: str = "application/json",
         timeout: float | None = None,
         want_body: bool = True,
@@ -228,34 +245,74 @@ class KubeSession:
             await self._limiter.acquire()
             self.requests_by_verb[method] = self.requests_by_verb.get(method, 0) + 1
             try:
-                resp = await self._call(method, path, body, query, content_type, timeout or self._timeout)
-                try:
-                    data = await resp.read()
-                finally:
-                    resp.release()
+                status, data, retry_after = await self._send(method, path, body, query, content_type, timeout)
             except KubeError:
                 raise
             except (aiohttp.ClientError, TimeoutError, OSError) as exc:
                 raise KubeError(0, "Unreachable", f"{method} {path}: {_describe(exc)}") from None
-            wait = _retry_after(resp) if resp.status in (429, 503) else None
+            wait = _retry_after(retry_after) if status in (429, 503) else None
             if wait is None or attempt >= MAX_THROTTLED_RETRIES:
-                if not want_body and 200 <= resp.status < 300:
+                if not want_body and 200 <= status < 300:
                     return {}
-                return _decode(resp.status, data, method, path)
+                return _decode(status, data, method, path)
             attempt += 1
             self.throttled += 1
-            log.debug("%s %s: %d, retrying after %.1f s", method, path, resp.status, wait)
+            log.debug("%s %s: %d, retrying after %.1f s", method, path, status, wait)
             await asyncio.sleep(wait)
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        query: Query,
+        content_type: str,
+        timeout: float | None,
+    ) -> tuple[int, bytes, str]:
+        """One request and its whole answer: (status, body, Retry-After)."""
+        if self._pool is None:  # through a proxy: aiohttp
+            resp = await self._call(path, query, timeout or self._timeout, method, body, content_type)
+            try:
+                data = await resp.read()
+            finally:
+                resp.release()
+            return resp.status, data, resp.headers.get("Retry-After", "")
+        target = self._prefix + urllib.parse.quote(path, safe=_PATH_SAFE)
+        if query:
+            items = query.items() if isinstance(query, Mapping) else query
+            target += "?" + urllib.parse.urlencode([(k, _query_text(v)) for k, v in items])
+        head = f"{method} {target} HTTP/1.1\r\n{self._head}"
+        token = await self._authorization()
+        if token is not None:
+            head += "\r\nAuthorization: " + _header_value(token)
+        payload = _encode(body)
+        if payload is not None:
+            head += f"\r\nContent-Type: {content_type}\r\nContent-Length: {len(payload)}"
+        elif method in ("POST", "PUT", "PATCH"):
+            head += "\r\nContent-Length: 0"
+        answer = await self._pool.request(method, head.encode("latin-1"), payload, timeout or self._timeout)
+        return answer.status, answer.body, answer.headers.get(b"retry-after", b"").decode("latin-1")
+
+    async def _authorization(self) -> str | None:
+        """The bearer token, if the credentials have one, asked for per request: the loader's
+        refresh hook (in-cluster token files, exec plugins) runs then."""
+        cfg = self.configuration
+        if "BearerToken" in cfg.api_key:
+            return str(await cfg.get_api_key_with_prefix("BearerToken"))
+        return None
 
     @asynccontextmanager
     async def stream(
         self, path: str, query: Mapping[str, str | int | bool], timeout: float
-    ) -> AsyncIterator[AsyncIterator[JSON]]:
-        """Open a watch: yields an async iterator of decoded watch events (``{"type", "object"}``)."""
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """Open a watch: yields an async iterator of its events, each one line of JSON, undecoded.
+
+        The caller decodes them: it may tell from the raw line that an event needs no decoding.
+        """
         await self._limiter.acquire()
         self.requests_by_verb["WATCH"] = self.requests_by_verb.get("WATCH", 0) + 1
         try:
-            resp = await self._call("GET", path, None, query, "application/json", timeout)
+            resp = await self._call(path, query, timeout)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise KubeError(0, "Unreachable", f"watch {path}: {_describe(exc)}") from None
         try:
@@ -267,13 +324,7 @@ class KubeSession:
             resp.release()
 
     async def _call(
-        self,
-        method: str,
-        path: str,
-        body: Any,
-        query: Mapping[str, str | int | bool] | Sequence[tuple[str, str]] | None,
-        content_type: str,
-        timeout: float,
+        self, path: str, query: Query, timeout: float, method: str = "GET", body: Any = None, content_type: str = ""
     ) -> aiohttp.ClientResponse:
         params: list[tuple[str, str]] = []
         if isinstance(query, Mapping):
@@ -281,13 +332,12 @@ class KubeSession:
         elif query:
             params = list(query)
         headers = dict(self._headers)
-        cfg = self.configuration
-        if "BearerToken" in cfg.api_key:  # refreshed by the loader's hook (in-cluster token files, exec)
-            headers["Authorization"] = await cfg.get_api_key_with_prefix("BearerToken")
-        data: bytes | None = None
-        if body is not None:
+        token = await self._authorization()
+        if token is not None:
+            headers["Authorization"] = token
+        data = _encode(body)
+        if data is not None:
             headers["Content-Type"] = content_type
-            data = json.dumps(body, separators=(",", ":")).encode()
         resp: aiohttp.ClientResponse = await self._http.request(
             method,
             self.host + path,
@@ -340,7 +390,7 @@ def _proxy_from_env(host: str) -> str | None:
     return proxy
 
 
-async def _lines(resp: aiohttp.ClientResponse, path: str) -> AsyncIterator[JSON]:
+async def _lines(resp: aiohttp.ClientResponse, path: str) -> AsyncIterator[bytes]:
     buffer = b""
     try:
         async for chunk in resp.content.iter_any():
@@ -351,11 +401,15 @@ async def _lines(resp: aiohttp.ClientResponse, path: str) -> AsyncIterator[JSON]
             buffer = rest
             for line in lines:
                 if line.strip():
-                    yield json.loads(line)
+                    yield line
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         raise KubeError(0, "Unreachable", f"watch {path}: {_describe(exc)}") from None
     if buffer.strip():
-        yield json.loads(buffer)
+        yield buffer
+
+
+def _encode(body: Any) -> bytes | None:
+    return None if body is None else json.dumps(body, separators=(",", ":")).encode()
 
 
 def _decode(status: int, data: bytes, method: str, path: str) -> JSON:
@@ -372,12 +426,23 @@ def _decode(status: int, data: bytes, method: str, path: str) -> JSON:
     raise KubeError(status, reason, f"{method} {path}: {message}", body)
 
 
-def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
+def _retry_after(header: str) -> float | None:
     """Seconds to wait from a ``Retry-After: <seconds>`` header (capped), or None without one."""
-    raw = resp.headers.get("Retry-After", "").strip()
+    raw = header.strip()
     if not raw.isdigit():
         return None
     return min(float(raw), MAX_RETRY_AFTER_SECONDS)
+
+
+# Kept as they are in a request path (RFC 3986 pchar and "/"); anything else is percent-encoded.
+_PATH_SAFE = "/-._~!$&'()*+,;=:@"
+
+
+def _header_value(value: str) -> str:
+    """A header value as sent: a line break in it (from a kubeconfig, say) would split the request."""
+    if "\r" in value or "\n" in value:
+        raise KubeError(0, "BadHeader", "a header value (user agent or token) contains a line break")
+    return value
 
 
 def _query_text(value: str | int | bool) -> str:

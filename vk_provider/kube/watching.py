@@ -4,13 +4,20 @@
 objects (so it can notice deletions it missed while disconnected), then each change as it
 happens. It never returns except by cancellation, and never raises for API trouble: errors are
 logged and retried with capped exponential back-off.
+
+A node agent's watch brings back every status it writes. With ``known``, a ``MODIFIED`` event of
+an object the handler says it already tracks, and that is not being deleted, is passed over
+without being decoded (only its resourceVersion is read from the raw line): the handler would
+ignore it anyway, and decoding a whole Pod per status write was a tenth of the agent's CPU.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from vk_provider.kube.session import JSON, KubeError, KubeSession
@@ -38,7 +45,9 @@ async def list_watch(
     watch_timeout: int = 300,
     max_backoff: float = 10.0,
     page_size: int = 500,
+    known: Callable[[str], bool] | None = None,
 ) -> None:
+    """``known(uid)``: whether ``handler.upsert`` ignores this object while it has no deletionTimestamp."""
     backoff = 0.0
     failing = False
     while True:
@@ -49,7 +58,7 @@ async def list_watch(
                 log.info("watch of %s: API server reachable again; re-listed %d", what, len(items))
             failing, backoff = False, 0.0
             while True:
-                version = await _watch_once(session, path, dict(query or {}), version, handler, watch_timeout)
+                version = await _watch_once(session, path, dict(query or {}), version, handler, watch_timeout, known)
         except _Relist:
             continue
         except KubeError as exc:
@@ -87,8 +96,36 @@ async def _list_all(session: KubeSession, path: str, query: dict[str, str], page
             return items, str(meta.get("resourceVersion", ""))
 
 
+# The object's own metadata: the first "metadata" of the event line (the API server writes "type"
+# first, then the object), whose name, generateName, namespace and selfLink (plain strings: no
+# braces) come before uid and resourceVersion, in the order of ObjectMeta's fields.
+_OWN_META = re.compile(
+    rb'^\{"type":"MODIFIED","object":\{[^{]*"metadata":\{[^{}]*?"uid":"([^"]+)","resourceVersion":"([^"]+)"'
+)
+
+
+def passed_over(line: bytes, known: Callable[[str], bool]) -> str | None:
+    """The resourceVersion of a watch event that needs no decoding, or None to decode it.
+
+    Such an event is a MODIFIED one, of an object ``known`` names, with no deletionTimestamp
+    anywhere in it. Whatever the line cannot be read this way is decoded: never the other way round.
+    """
+    if b'"deletionTimestamp"' in line:
+        return None
+    match = _OWN_META.match(line)
+    if match is None or not known(match[1].decode()):
+        return None
+    return match[2].decode()
+
+
 async def _watch_once(
-    session: KubeSession, path: str, query: dict[str, str], version: str, handler: WatchHandler, timeout: int
+    session: KubeSession,
+    path: str,
+    query: dict[str, str],
+    version: str,
+    handler: WatchHandler,
+    timeout: int,
+    known: Callable[[str], bool] | None = None,
 ) -> str:
     params = {
         **query,
@@ -97,8 +134,16 @@ async def _watch_once(
         "allowWatchBookmarks": "true",
         "timeoutSeconds": str(timeout),
     }
-    async with session.stream(path, params, timeout=timeout + 30) as events:
-        async for event in events:
+    async with session.stream(path, params, timeout=timeout + 30) as lines:
+        async for line in lines:
+            if known is not None:
+                unchanged = passed_over(line, known)
+                if unchanged is not None:
+                    version = unchanged
+                    continue
+            event = json.loads(line)
+            if not isinstance(event, dict):
+                raise ValueError(f"a watch event that is not an object: {line[:100]!r}")
             kind = event.get("type")
             obj = event.get("object") or {}
             if kind == "ERROR":

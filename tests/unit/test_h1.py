@@ -1,0 +1,342 @@
+"""The HTTP/1.1 client (kube.h1): its answer parser fed in pieces, and the pool against real local
+servers: aiohttp's, a TLS one, and raw sockets that misbehave on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from vk_provider.http.certs import serving_certificate
+from vk_provider.kube.h1 import Answer, H1Error, H1Pool, _Reader
+
+GET = b"GET /x HTTP/1.1\r\nHost: h"
+
+
+def feed_bytewise(raw: bytes) -> Answer | None:
+    reader = _Reader()
+    answer = None
+    for i in range(len(raw)):
+        assert answer is None, f"answered before the end, at byte {i}"
+        answer = reader.feed(raw[i : i + 1])
+    return answer
+
+
+def test_an_answer_with_a_length_is_whole_only_at_its_last_byte() -> None:
+    answer = feed_bytewise(b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\nRetry-After: 3\r\n\r\nhello")
+    assert answer == Answer(201, {b"content-length": b"5", b"retry-after": b"3"}, b"hello")
+
+
+def test_a_chunked_answer_is_joined_whatever_the_pieces() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\n\r\n"
+    answer = feed_bytewise(raw)
+    assert answer is not None
+    assert answer.body == b"hello world"
+    whole = _Reader().feed(raw)
+    assert whole is not None
+    assert whole.body == b"hello world"
+
+
+def test_chunked_trailers_are_read_past() -> None:
+    raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    answer = feed_bytewise(raw)
+    assert answer is not None
+    assert answer.body == b"ok"
+
+
+def test_no_content_and_close_delimited_answers() -> None:
+    reader = _Reader()
+    assert reader.feed(b"HTTP/1.1 204 No Content\r\n\r\n") == Answer(204, {}, b"")
+    reader = _Reader()
+    assert reader.feed(b"HTTP/1.1 200 OK\r\n\r\npart") is None
+    assert not reader.keep_alive
+    assert reader.feed(b" two") is None
+    assert reader.at_eof() == Answer(200, {}, b"part two")
+
+
+def test_connection_close_and_http_1_0_are_not_kept_alive() -> None:
+    for head in (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+                 b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"):  # fmt: skip
+        reader = _Reader()
+        assert reader.feed(head) is not None
+        assert not reader.keep_alive
+    reader = _Reader()
+    assert reader.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n") is not None
+    assert reader.keep_alive
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP/1.1 answer"),
+        (b"HTTP/1.1 abc OK\r\n\r\n", "not an HTTP/1.1 answer"),
+        (b"HTTP/1.1 100 Continue\r\n\r\n", "interim"),
+        (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed header"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", "bad Content-Length"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nab", "more than"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "bad chunk size"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n", "does not end"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nextra", "after the last chunk"),
+        (b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20000, "no end of headers"),
+    ],
+)
+def test_answers_that_cannot_be_read_are_errors(raw: bytes, problem: str) -> None:
+    with pytest.raises(H1Error, match=problem):
+        _Reader().feed(raw)
+
+
+# -- the pool against servers
+
+
+@contextlib.asynccontextmanager
+async def aiohttp_server(
+    handler: Callable[[web.Request], Awaitable[web.StreamResponse]], tls: ssl.SSLContext | None = None
+) -> AsyncIterator[int]:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls)
+    await site.start()
+    try:
+        yield runner.addresses[0][1]
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def raw_server(
+    answer: Callable[[int, bytes], bytes | None],
+) -> AsyncIterator[tuple[int, list[int]]]:
+    """A server reading requests (head + Content-Length body) and writing ``answer(n, request)``:
+    bytes to send, or None to close the connection without answering. Yields (port, requests per
+    connection)."""
+    counts: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        counts.append(0)
+        mine = len(counts) - 1
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                request = head + await reader.readexactly(length)
+                counts[mine] += 1
+                reply = answer(counts[mine], request)
+                if reply is None:
+                    break
+                writer.write(reply)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1], counts
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def ok(body: bytes = b"{}") -> bytes:
+    return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
+async def test_requests_share_a_kept_alive_connection_and_chunked_answers_are_read() -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        if request.path == "/chunked":
+            resp = web.StreamResponse()
+            resp.enable_chunked_encoding()
+            await resp.prepare(request)
+            for part in (b"one ", b"two ", body):
+                await resp.write(part)
+            await resp.write_eof()
+            return resp
+        return web.Response(body=request.method.encode() + b" " + body)
+
+    async with aiohttp_server(handler) as port:
+        pool = H1Pool("127.0.0.1", port, tls=None)
+        try:
+            head = b"PATCH /chunked HTTP/1.1\r\nHost: %s\r\nContent-Length: 5" % pool.host_header.encode()
+            first = await pool.request("PATCH", head, b"three", 5.0)
+            assert (first.status, first.body) == (200, b"one two three")
+            again = await pool.request("POST", b"POST /plain HTTP/1.1\r\nHost: h\r\nContent-Length: 2", b"hi", 5.0)
+            assert again.body == b"POST hi"
+            assert pool.connections_made == 1
+        finally:
+            await pool.close()
+
+
+async def test_concurrent_requests_open_connections_up_to_the_limit() -> None:
+    release, two_arrived = asyncio.Event(), asyncio.Event()
+    arrived = 0
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        nonlocal arrived
+        arrived += 1
+        if arrived == 2:
+            two_arrived.set()
+        await release.wait()
+        return web.Response(text="done")
+
+    async with aiohttp_server(handler) as port:
+        pool = H1Pool("127.0.0.1", port, tls=None, limit=2)
+        try:
+            calls = [asyncio.create_task(pool.request("GET", GET, None, 5.0)) for _ in range(3)]
+            async with asyncio.timeout(5):
+                await two_arrived.wait()
+            assert pool.connections_made == 2
+            assert not any(c.done() for c in calls)
+            release.set()
+            answers = await asyncio.gather(*calls)
+            assert [a.body for a in answers] == [b"done"] * 3
+            assert pool.connections_made == 2  # the third waited for a free connection
+        finally:
+            await pool.close()
+
+
+async def test_tls_with_the_servers_own_ca(tmp_path: Path) -> None:
+    cert, key = serving_certificate("", "", str(tmp_path), "localhost", "127.0.0.1")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.Response(text=f"secure {request.secure}")
+
+    async with aiohttp_server(handler, tls=server_tls) as port:
+        trusting = H1Pool("127.0.0.1", port, tls=ssl.create_default_context(cafile=cert))
+        strangers = H1Pool("127.0.0.1", port, tls=ssl.create_default_context())
+        try:
+            answer = await trusting.request("GET", GET, None, 5.0)
+            assert answer.body == b"secure True"
+            with pytest.raises(ssl.SSLError):  # an OSError, like every connection failure
+                await strangers.request("GET", GET, None, 5.0)
+        finally:
+            await trusting.close()
+            await strangers.close()
+
+
+async def test_connection_close_is_honoured() -> None:
+    close = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok"
+    async with raw_server(lambda n, r: close) as (port, counts):
+        pool = H1Pool("127.0.0.1", port, tls=None)
+        try:
+            assert (await pool.request("GET", GET, None, 5.0)).body == b"ok"
+            assert (await pool.request("GET", GET, None, 5.0)).body == b"ok"
+            assert pool.connections_made == 2
+            assert counts == [1, 1]
+        finally:
+            await pool.close()
+
+
+async def test_a_body_delimited_by_the_servers_close_is_read_whole() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nall ")
+        await writer.drain()
+        writer.write(b"of it")
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    pool = H1Pool("127.0.0.1", server.sockets[0].getsockname()[1], tls=None)
+    try:
+        answer = await pool.request("GET", GET, None, 5.0)
+        assert answer.body == b"all of it"
+        assert not pool._idle  # not reusable
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_connection_the_server_dropped_is_retried_once_but_not_for_a_post() -> None:
+    # Every connection answers its first request and silently drops the second, as a server
+    # closing an idle connection just as a request is sent on it.
+    async with raw_server(lambda n, _: ok(b"%d" % n) if n == 1 else None) as (port, counts):
+        pool = H1Pool("127.0.0.1", port, tls=None)
+        try:
+            assert (await pool.request("GET", GET, None, 5.0)).body == b"1"
+            assert (await pool.request("PATCH", GET, None, 5.0)).body == b"1"  # sent again, on a new connection
+            assert counts == [2, 1]
+            with pytest.raises(H1Error, match="closed the connection before answering"):
+                await pool.request("POST", GET, None, 5.0)  # the server may have acted on it
+            assert counts == [2, 2]
+        finally:
+            await pool.close()
+
+
+async def test_a_broken_answer_fails_the_request_and_its_connection_is_not_reused() -> None:
+    async with raw_server(lambda n, r: b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n" if b"/bad" in r else ok()) as (
+        port,
+        counts,
+    ):
+        pool = H1Pool("127.0.0.1", port, tls=None)
+        try:
+            with pytest.raises(H1Error, match="bad Content-Length"):
+                await pool.request("GET", b"GET /bad HTTP/1.1\r\nHost: h", None, 5.0)
+            assert (await pool.request("GET", GET, None, 5.0)).status == 200
+            assert len(counts) == 2
+        finally:
+            await pool.close()
+
+
+async def test_a_timeout_or_a_cancellation_abandons_the_connection() -> None:
+    hold, connected = asyncio.Event(), asyncio.Event()
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connected.set()
+        await hold.wait()  # reads nothing, answers nothing
+        writer.close()
+
+    quiet = await asyncio.start_server(silent, "127.0.0.1", 0)
+    pool = H1Pool("127.0.0.1", quiet.sockets[0].getsockname()[1], tls=None)
+    try:
+        with pytest.raises(TimeoutError):
+            await pool.request("GET", GET, None, 0.05)
+        assert not pool._idle
+        assert not pool._open
+        connected.clear()
+        call = asyncio.create_task(pool.request("GET", GET, None, 5.0))
+        async with asyncio.timeout(5):
+            await connected.wait()
+        await asyncio.sleep(0)  # the request is written once the connection is made
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        assert not pool._idle
+        assert not pool._open
+    finally:
+        hold.set()
+        await pool.close()
+        quiet.close()
+        await quiet.wait_closed()
+
+
+async def test_close_ends_the_connections_and_later_requests_fail() -> None:
+    async with raw_server(lambda n, r: ok()) as (port, counts):
+        pool = H1Pool("127.0.0.1", port, tls=None)
+        await pool.request("GET", GET, None, 5.0)
+        conn = next(iter(pool._open))
+        await pool.close()
+        assert conn.lost.done()
+        with pytest.raises(H1Error, match="closed"):
+            await pool.request("GET", GET, None, 5.0)
+        assert counts == [1]
+
+
+def test_the_host_header_leaves_out_the_default_port() -> None:
+    assert H1Pool("api", 443, tls=ssl.create_default_context()).host_header == "api"
+    assert H1Pool("api", 6443, tls=ssl.create_default_context()).host_header == "api:6443"
+    assert H1Pool("::1", 8080, tls=None).host_header == "[::1]:8080"
+    assert H1Pool("api", 80, tls=None).host_header == "api"

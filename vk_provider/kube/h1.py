@@ -1,0 +1,306 @@
+"""A small HTTP/1.1 client for the API server's ordinary requests (not watches).
+
+Why it exists: at a thousand Pod starts a second, aiohttp's request machinery (URL building,
+header multidicts, its response parser and stream objects, about 330 us of CPU per request here)
+cost the agent more than the rest of a status write, and the agent shares the machine with the
+API server it is waiting for. This client does the one thing it needs: send a request with a body
+of known length on a kept-alive connection, and read back the whole answer (``Content-Length``,
+chunked, or until the connection closes), in about half that.
+
+What it leaves out, on purpose: proxies (:class:`~vk_provider.kube.session.KubeSession` keeps
+aiohttp for a session with a proxy, and for watches), compression (it does not ask for any),
+``Expect: 100-continue``, pipelining, HTTP/2, redirects, cookies. An answer it cannot read, a
+broken connection or a timeout is raised as :class:`H1Error` (an ``OSError``) or ``TimeoutError``,
+and that connection is closed, never reused.
+
+A request sent on a kept-alive connection that the server had already closed (it closes idle
+connections) fails before any byte of an answer arrives; such a request is sent once more on a
+new connection, unless it is a POST (which the server might have acted on), as HTTP clients do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from dataclasses import dataclass
+
+MAX_HEAD = 64 * 1024  # the status line and headers of one answer
+CONNECT_TIMEOUT = 5.0
+CLOSE_WAIT = 1.0  # how long close() waits for a TLS connection to finish closing
+
+
+class H1Error(OSError):
+    """The connection broke, or the answer on it could not be read."""
+
+
+@dataclass(slots=True)
+class Answer:
+    status: int
+    headers: dict[bytes, bytes]  # lower-case names; a repeated header keeps its last value
+    body: bytes
+
+
+class _Reader:
+    """Parses one answer from bytes as they arrive. ``feed`` returns the answer once it is whole."""
+
+    __slots__ = ("_buf", "_chunks", "_head_end", "_headers", "_left", "_mode", "_pos", "_status", "keep_alive")
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._head_end = -1
+        self._status = 0
+        self._headers: dict[bytes, bytes] = {}
+        self._mode = ""  # "length", "chunked" or "close"
+        self._left = 0  # body bytes still expected ("length")
+        self._pos = 0  # parse position in _buf ("chunked")
+        self._chunks: list[bytes] = []
+        self.keep_alive = True
+
+    @property
+    def started(self) -> bool:
+        return bool(self._buf) or self._head_end >= 0
+
+    def feed(self, data: bytes) -> Answer | None:
+        self._buf += data
+        if self._head_end < 0 and not self._read_head():
+            return None
+        if self._mode == "length":
+            if len(self._buf) - self._head_end < self._left:
+                return None
+            end = self._head_end + self._left
+            if len(self._buf) > end:
+                raise H1Error("the server sent more than the answer's Content-Length")
+            return Answer(self._status, self._headers, bytes(self._buf[self._head_end : end]))
+        if self._mode == "chunked":
+            return self._read_chunks()
+        return None  # "close": whole when the connection ends
+
+    def at_eof(self) -> Answer | None:
+        """The connection ended: the answer, if it was one that ends with the connection."""
+        if self._head_end >= 0 and self._mode == "close":
+            return Answer(self._status, self._headers, bytes(self._buf[self._head_end :]))
+        return None
+
+    def _read_head(self) -> bool:
+        end = self._buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buf) > MAX_HEAD:
+                raise H1Error(f"no end of headers in the first {MAX_HEAD} bytes of the answer")
+            return False
+        lines = bytes(self._buf[:end]).split(b"\r\n")
+        parts = lines[0].split(b" ", 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit():
+            raise H1Error(f"not an HTTP/1.1 answer: {lines[0][:80]!r}")
+        status = int(parts[1])
+        if status < 200:  # 1xx: never asked for (no Expect, no Upgrade)
+            raise H1Error(f"unexpected interim answer {status}")
+        headers: dict[bytes, bytes] = {}
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            if not sep:
+                raise H1Error(f"malformed header line {line[:80]!r}")
+            headers[name.strip().lower()] = value.strip()
+        self._status, self._headers, self._head_end = status, headers, end + 4
+        connection = headers.get(b"connection", b"").lower()
+        self.keep_alive = parts[0] == b"HTTP/1.1" and b"close" not in connection
+        if status in (204, 304):
+            self._mode, self._left = "length", 0
+        elif b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+            self._mode, self._pos = "chunked", self._head_end
+        elif b"content-length" in headers:
+            length = headers[b"content-length"]
+            if not length.isdigit():
+                raise H1Error(f"bad Content-Length {length[:40]!r}")
+            self._mode, self._left = "length", int(length)
+        else:
+            self._mode, self.keep_alive = "close", False
+        return True
+
+    def _read_chunks(self) -> Answer | None:
+        buf = self._buf
+        while True:
+            line_end = buf.find(b"\r\n", self._pos)
+            if line_end < 0:
+                return None
+            size_text = bytes(buf[self._pos : line_end]).split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise H1Error(f"bad chunk size {size_text[:40]!r}") from None
+            if size == 0:
+                # Trailers (none expected), then an empty line.
+                rest = line_end + 2
+                if buf[rest : rest + 2] == b"\r\n":
+                    end = rest + 2
+                else:
+                    found = buf.find(b"\r\n\r\n", rest)
+                    if found < 0:
+                        return None
+                    end = found + 4
+                if len(buf) > end:
+                    raise H1Error("the server sent more after the last chunk")
+                return Answer(self._status, self._headers, b"".join(self._chunks))
+            start = line_end + 2
+            if len(buf) < start + size + 2:
+                return None
+            if buf[start + size : start + size + 2] != b"\r\n":
+                raise H1Error("a chunk does not end where its size says")
+            self._chunks.append(bytes(buf[start : start + size]))
+            self._pos = start + size + 2
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reader: _Reader | None = None
+        self._answer: asyncio.Future[Answer] | None = None
+        self.reused = False
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self._reader is None or self._answer is None or self._answer.done():
+            self._fail(H1Error("the server sent bytes no request asked for"))
+            return
+        try:
+            answer = self._reader.feed(data)
+        except H1Error as exc:
+            self._fail(exc)
+            return
+        if answer is not None:
+            self._answer.set_result(answer)
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost settles the waiting request
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._answer is not None and not self._answer.done():
+            answer = self._reader.at_eof() if self._reader is not None else None
+            if answer is not None:
+                self._answer.set_result(answer)
+            else:
+                self._answer.set_exception(_Closed(self.reused and not self._reader_started(), exc))
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    # -- use
+
+    @property
+    def usable(self) -> bool:
+        return self.transport is not None and not self.transport.is_closing() and not self.lost.done()
+
+    def send(self, data: bytes) -> asyncio.Future[Answer]:
+        assert self.transport is not None
+        self._reader = _Reader()
+        self._answer = asyncio.get_running_loop().create_future()
+        self.transport.write(data)
+        return self._answer
+
+    @property
+    def keep_alive(self) -> bool:
+        return self._reader is not None and self._reader.keep_alive
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def _reader_started(self) -> bool:
+        return self._reader is not None and self._reader.started
+
+    def _fail(self, exc: H1Error) -> None:
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_exception(exc)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _Closed(H1Error):
+    def __init__(self, before_answer_on_reused: bool, cause: Exception | None) -> None:
+        detail = f": {cause}" if cause else ""
+        super().__init__(f"the server closed the connection before answering{detail}")
+        self.retryable = before_answer_on_reused
+
+
+class H1Pool:
+    """Kept-alive connections to one server, at most ``limit`` open at a time."""
+
+    def __init__(
+        self, host: str, port: int, *, tls: ssl.SSLContext | None, server_hostname: str | None = None, limit: int = 64
+    ) -> None:
+        self._host, self._port = host, port
+        self._tls = tls
+        self._server_hostname = (server_hostname or host) if tls is not None else None
+        self._idle: list[_Connection] = []
+        self._open: set[_Connection] = set()
+        self._slots = asyncio.Semaphore(limit)
+        self._closed = False
+        self.connections_made = 0
+        default = 443 if tls is not None else 80
+        bracketed = f"[{host}]" if ":" in host else host
+        self.host_header = bracketed if port == default else f"{bracketed}:{port}"
+
+    async def request(self, method: str, head: bytes, body: bytes | None, timeout: float) -> Answer:
+        """Send ``head`` (request line and headers, without the blank line) and ``body``; read the answer."""
+        if self._closed:
+            raise H1Error("the connection pool is closed")
+        data = head + b"\r\n\r\n" + body if body is not None else head + b"\r\n\r\n"
+        async with asyncio.timeout(timeout), self._slots:
+            for attempt in (1, 2):
+                conn = await self._connection()
+                try:
+                    answer = await conn.send(data)
+                except _Closed as exc:
+                    self._discard(conn)
+                    if attempt == 1 and exc.retryable and method != "POST":
+                        continue
+                    raise
+                except BaseException:  # an error, a timeout, a cancellation: its state is unknown
+                    self._discard(conn)
+                    raise
+                if conn.keep_alive and not self._closed:
+                    self._idle.append(conn)
+                else:
+                    self._discard(conn)
+                return answer
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def close(self) -> None:
+        self._closed = True
+        conns = list(self._open)
+        self._idle.clear()
+        for conn in conns:
+            conn.close()
+        if conns:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(CLOSE_WAIT):
+                    await asyncio.gather(*(c.lost for c in conns), return_exceptions=True)
+            for conn in conns:
+                if not conn.lost.done() and conn.transport is not None:
+                    conn.transport.abort()
+        self._open.clear()
+
+    async def _connection(self) -> _Connection:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.usable:
+                conn.reused = True
+                return conn
+            self._discard(conn)
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            _, conn = await loop.create_connection(
+                _Connection, self._host, self._port, ssl=self._tls, server_hostname=self._server_hostname
+            )
+        self.connections_made += 1
+        self._open.add(conn)
+        return conn
+
+    def _discard(self, conn: _Connection) -> None:
+        conn.close()
+        self._open.discard(conn)
