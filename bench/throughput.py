@@ -3,10 +3,10 @@
 In one run, against one API server:
 - the goal's reference: a minimal script patches the status of N Pending Pods to Running, 16 at a
   time, with a minimal status (phase and Ready) through kubernetes_asyncio's generated API;
-- the same minimal status sent through the agent's own request path (KubeSession), and the status
-  a kubelet writes (conditions, container statuses, Pod IPs, start time; and the matched-cache
-  annotation) sent through that same path: the API server's limit for exactly the writes the agent
-  makes;
+- the same minimal status sent through the agent's own request path (KubeSession), and exactly
+  what the agent writes (the status a kubelet writes: conditions, container statuses, Pod IPs,
+  start time; the ECI annotations; the uid precondition) sent through that same path: the API
+  server's limit for the agent's writes;
 - agent: N Pods bound to a virtual node with a Ready ImageCache named explicitly (a cache hit)
   and zero simulated delays; timed from the agent taking the first of them (from its list) to the
   last Running status accepted by the API server.
@@ -50,13 +50,19 @@ MINIMAL = {"status": {"phase": "Running", "conditions": [{"type": "Ready", "stat
 
 
 def kubelet_like() -> dict[str, Any]:
-    """The Running status a kubelet (and the agent) writes for these Pods, and the matched-cache annotation."""
+    """What the agent writes for these Pods: the Running status a kubelet writes, and the ECI
+    annotations (instance id, matched cache); each Pod's uid is added as the agent's precondition."""
     now = datetime.now(UTC)
     state = lc.accepted(restart_policy="Always", init_containers=[], containers=[("c", "nginx:1.7.9")],
                         host_ip="10.0.0.1", pod_ip="10.234.0.9", now=now)  # fmt: skip
     state = lc.became_ready(lc.started(state, "c", "uid", "docker.io/library/nginx@sha256:" + "0" * 64, now), "c", now)
     return {
-        "metadata": {"annotations": {"k8s.aliyun.com/eci-matched-image-cache": "imc-" + "0" * 20}},
+        "metadata": {
+            "annotations": {
+                "k8s.aliyun.com/eci-instance-id": "eci-" + "0" * 20,
+                "k8s.aliyun.com/eci-matched-image-cache": "imc-" + "0" * 20,
+            }
+        },
         "status": lc.render_status(state),
     }
 
@@ -85,13 +91,24 @@ async def baseline(kubeconfig: str, count: int, body: dict[str, Any], *, lean: b
                 if not exc.is_conflict:  # already there from an earlier run against the same cluster
                     raise
             await create_pods(session, ns, [pod(f"p{i}", "vk-bench-nobody") for i in range(count)])
+            bodies = await _bodies(session, ns, body)
             if lean:
-                return await _lean_patches(kubeconfig, ns, count, body)
-            return await _generated_patches(kubeconfig, ns, count, body)
+                return await _lean_patches(kubeconfig, ns, count, bodies)
+            return await _generated_patches(kubeconfig, ns, count, bodies)
         finally:
             await clear(session, ns)
     finally:
         await session.close()
+
+
+async def _bodies(session: KubeSession, ns: str, body: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The body to send to each Pod: with its uid as a precondition when the body has metadata (as the agent's)."""
+    items = (await session.request("GET", f"/api/v1/namespaces/{ns}/pods"))["items"]
+    if "metadata" not in body:
+        return {p["metadata"]["name"]: body for p in items}
+    return {
+        p["metadata"]["name"]: {**body, "metadata": {**body["metadata"], "uid": p["metadata"]["uid"]}} for p in items
+    }
 
 
 async def _sixteen_at_a_time(count: int, patch: Callable[[str], Awaitable[object]]) -> float:
@@ -107,7 +124,7 @@ async def _sixteen_at_a_time(count: int, patch: Callable[[str], Awaitable[object
     return time.perf_counter() - started
 
 
-async def _generated_patches(kubeconfig: str, ns: str, count: int, body: dict[str, Any]) -> float:
+async def _generated_patches(kubeconfig: str, ns: str, count: int, bodies: dict[str, dict[str, Any]]) -> float:
     cfg = k8s_client.Configuration()
     await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
     async with k8s_client.ApiClient(cfg) as api:
@@ -115,7 +132,7 @@ async def _generated_patches(kubeconfig: str, ns: str, count: int, body: dict[st
 
         async def patch(name: str) -> object:
             return await core.patch_namespaced_pod_status(
-                name, ns, body, _content_type="application/merge-patch+json", _preload_content=False
+                name, ns, bodies[name], _content_type="application/merge-patch+json", _preload_content=False
             )
 
         elapsed = await _sixteen_at_a_time(count, patch)
@@ -124,12 +141,12 @@ async def _generated_patches(kubeconfig: str, ns: str, count: int, body: dict[st
         return elapsed
 
 
-async def _lean_patches(kubeconfig: str, ns: str, count: int, body: dict[str, Any]) -> float:
+async def _lean_patches(kubeconfig: str, ns: str, count: int, bodies: dict[str, dict[str, Any]]) -> float:
     async with await KubeSession.connect(kubeconfig) as session:
 
         async def patch(name: str) -> object:
             path = f"/api/v1/namespaces/{ns}/pods/{name}/status"
-            return await session.request("PATCH", path, body=body, content_type=MERGE_PATCH, want_body=False)
+            return await session.request("PATCH", path, body=bodies[name], content_type=MERGE_PATCH, want_body=False)
 
         elapsed = await _sixteen_at_a_time(count, patch)
         items = (await session.request("GET", f"/api/v1/namespaces/{ns}/pods"))["items"]

@@ -385,7 +385,8 @@ class PodWorker:
 
     __slots__ = (
         "_grace",
-        "_main",
+        "_in_lifecycle",
+        "_stop_cancel",
         "adopted",
         "counted",
         "ctl",
@@ -408,7 +409,8 @@ class PodWorker:
         self.rejection: tuple[str, str] | None = None
         self.counted = False  # included in the controller's used resources
         self.task: asyncio.Task[None] | None = None
-        self._main: asyncio.Task[None] | None = None
+        self._in_lifecycle = False
+        self._stop_cancel = False  # request_stop cancelled the lifecycle
         self.stopping = False
         self._grace: float = float(facts.grace_seconds)
         self.workload: Workload = parse_workload(
@@ -471,28 +473,33 @@ class PodWorker:
         self.stopping = True
         if grace is not None and grace >= 0:
             self._grace = float(grace)
-        if self._main is not None and not self._main.done():
-            self._main.cancel()
+        if self._in_lifecycle:
+            if not self._stop_cancel and self.task is not None:
+                self._stop_cancel = True  # _run tells this cancellation from a shutdown's
+                self.task.cancel()
         elif self.task is None or self.task.done():
             self._own(asyncio.create_task(self._terminate(), name=f"pod-stop:{self.facts.key}"))
 
     async def _run(self) -> None:
-        main: asyncio.Task[None] | None = None
-        try:
-            if not self.stopping:
-                main = self._main = asyncio.create_task(self._lifecycle(), name=f"pod-life:{self.facts.key}")
-                await asyncio.wait({main})  # does not raise when only the lifecycle was cancelled
-                self._main = None
-                if not main.cancelled() and main.exception() is not None:
-                    exc = main.exception()
-                    log.error("pod %s: unexpected error; the Pod is left as it is", self.facts.key, exc_info=exc)
-            if self.stopping:
-                await self._terminate()
-        except asyncio.CancelledError:
-            if main is not None:
-                main.cancel()
-                await asyncio.gather(main, return_exceptions=True)
-            raise
+        """The lifecycle, then (if the Pod is being deleted) its termination, in one task.
+
+        A deletion cancels the lifecycle wherever it is waiting (request_stop); that one cancellation
+        is taken back here and the Pod terminates. Any other (the agent stopping) ends the task.
+        """
+        if not self.stopping:
+            self._in_lifecycle = True
+            try:
+                await self._lifecycle()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not self._stop_cancel or task is None or task.uncancel() > 0:
+                    raise
+            except Exception:
+                log.exception("pod %s: unexpected error; the Pod is left as it is", self.facts.key)
+            finally:
+                self._in_lifecycle = self._stop_cancel = False
+        if self.stopping:
+            await self._terminate()
 
     # -- the lifecycle
 
