@@ -16,9 +16,9 @@ API server), and minimal status through the agent's path / through the generated
 client library's own CPU, which shares the machine with the API server).
 Last line, e.g. ``throughput ratio: 1.9 (agent 12.3 s / minimal baseline 6.4 s for 1000 Pods; goal <= 1.25)``.
 
-Each round runs the four in turn; the figures are medians over ``--rounds`` (default 3), since
+Each round runs the four in turn; the figures are medians over ``--rounds`` (default 5), since
 one run on a 2-core machine shared with the API server varies by +-15 %.
-Run: ``.venv/bin/python bench/throughput.py [--pods 1000] [--rounds 3]`` (own control plane, or $KUBECONFIG).
+Run: ``.venv/bin/python bench/throughput.py [--pods 1000] [--rounds 5]`` (own control plane, or $KUBECONFIG).
 """
 
 from __future__ import annotations
@@ -249,7 +249,7 @@ async def run(kubeconfig: str, count: int, rounds: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pods", type=int, default=1000)
-    parser.add_argument("--rounds", type=int, default=3, help="the figure is the ratio of the medians")
+    parser.add_argument("--rounds", type=int, default=5, help="the figure is the ratio of the medians")
     args = parser.parse_args()
     with control_plane() as kubeconfig:
         asyncio.run(run(kubeconfig, args.pods, args.rounds))
