@@ -13,7 +13,7 @@ import pytest
 from aiohttp import web
 
 from vk_provider.http.certs import serving_certificate
-from vk_provider.kube.h1 import Answer, H1Error, H1Pool, _Reader
+from vk_provider.kube.h1 import Answer, H1Error, H1Pool, _Connection, _Reader
 
 GET = b"GET /x HTTP/1.1\r\nHost: h"
 
@@ -148,6 +148,24 @@ async def raw_server(
         await server.wait_closed()
 
 
+@contextlib.asynccontextmanager
+async def pool_for(
+    serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+    *,
+    server_tls: ssl.SSLContext | None = None,
+    client_tls: ssl.SSLContext | None = None,
+) -> AsyncIterator[H1Pool]:
+    """A pool to a local server running ``serve`` for each connection; both closed afterwards."""
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=server_tls)
+    pool = H1Pool("127.0.0.1", server.sockets[0].getsockname()[1], tls=client_tls)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+
+
 def ok(body: bytes = b"{}") -> bytes:
     return b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
 
@@ -220,7 +238,7 @@ async def test_tls_with_the_servers_own_ca(tmp_path: Path) -> None:
         try:
             answer = await trusting.request("GET", GET, None, 5.0)
             assert answer.body == b"secure True"
-            with pytest.raises(ssl.SSLError):  # an OSError, like every connection failure
+            with pytest.raises(H1Error, match=r"cannot connect to 127\.0\.0\.1:\d+: .*certificate verify failed"):
                 await strangers.request("GET", GET, None, 5.0)
         finally:
             await trusting.close()
@@ -248,32 +266,69 @@ async def test_a_body_delimited_by_the_servers_close_is_read_whole() -> None:
         writer.write(b"of it")
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    pool = H1Pool("127.0.0.1", server.sockets[0].getsockname()[1], tls=None)
-    try:
+    async with pool_for(serve) as pool:
         answer = await pool.request("GET", GET, None, 5.0)
         assert answer.body == b"all of it"
         assert not pool._idle  # not reusable
-    finally:
-        await pool.close()
-        server.close()
-        await server.wait_closed()
 
 
-async def test_a_connection_the_server_dropped_is_retried_once_but_not_for_a_post() -> None:
+async def test_a_get_on_a_connection_the_server_dropped_is_sent_again_other_requests_are_not() -> None:
     # Every connection answers its first request and silently drops the second, as a server
     # closing an idle connection just as a request is sent on it.
     async with raw_server(lambda n, _: ok(b"%d" % n) if n == 1 else None) as (port, counts):
         pool = H1Pool("127.0.0.1", port, tls=None)
         try:
             assert (await pool.request("GET", GET, None, 5.0)).body == b"1"
-            assert (await pool.request("PATCH", GET, None, 5.0)).body == b"1"  # sent again, on a new connection
+            assert (await pool.request("GET", GET, None, 5.0)).body == b"1"  # sent again, on a new connection
             assert counts == [2, 1]
             with pytest.raises(H1Error, match="closed the connection before answering"):
-                await pool.request("POST", GET, None, 5.0)  # the server may have acted on it
+                await pool.request("POST", GET, None, 5.0)  # the server may have acted on it: the caller decides
             assert counts == [2, 2]
+            await pool.request("GET", GET, None, 5.0)
+            with pytest.raises(H1Error, match="closed the connection before answering"):
+                await pool.request("PATCH", GET, None, 5.0)
+            assert counts == [2, 2, 2]
         finally:
             await pool.close()
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_used() -> None:
+    # Go's server closes idle connections: the next request, even a POST, goes on a new one.
+    async def answer_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(ok())
+        await writer.drain()
+        writer.close()  # no "Connection: close": the client learns it from the socket
+
+    async with pool_for(answer_once) as pool:
+        await pool.request("GET", GET, None, 5.0)
+        (idle,) = pool._idle
+        async with asyncio.timeout(5):
+            await idle.lost
+        assert (await pool.request("POST", GET, None, 5.0)).status == 200
+        assert pool.connections_made == 2
+
+
+async def test_a_closed_pool_sends_nothing_more_even_for_a_request_in_flight() -> None:
+    arrived = asyncio.Event()
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(ok())
+        await reader.readuntil(b"\r\n\r\n")
+        arrived.set()  # and never answers the second
+        await reader.read()
+        writer.close()
+
+    async with pool_for(hold) as pool:
+        await pool.request("GET", GET, None, 5.0)
+        pending = asyncio.create_task(pool.request("GET", GET, None, 5.0))  # reuses the connection
+        async with asyncio.timeout(5):
+            await arrived.wait()
+        await pool.close()
+        with pytest.raises(H1Error):  # not sent again on a new connection
+            await pending
+        assert pool.connections_made == 1
 
 
 async def test_a_broken_answer_fails_the_request_and_its_connection_is_not_reused() -> None:
@@ -340,3 +395,43 @@ def test_the_host_header_leaves_out_the_default_port() -> None:
     assert H1Pool("api", 6443, tls=ssl.create_default_context()).host_header == "api:6443"
     assert H1Pool("::1", 8080, tls=None).host_header == "[::1]:8080"
     assert H1Pool("api", 80, tls=None).host_header == "api"
+
+
+async def test_a_timed_out_tls_connection_is_aborted_not_left_closing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A server that stopped reading would never answer a TLS goodbye: the socket must go at once.
+    cert, key = serving_certificate("", "", str(tmp_path), "localhost", "127.0.0.1")
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(cert, key)
+    connected, hold = asyncio.Event(), asyncio.Event()
+
+    async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.transport.pause_reading()
+        connected.set()
+        await hold.wait()
+        writer.transport.abort()
+
+    server = await asyncio.start_server(deaf, "127.0.0.1", 0, ssl=server_tls)
+    pool = H1Pool("127.0.0.1", server.sockets[0].getsockname()[1], tls=ssl.create_default_context(cafile=cert))
+    made: list[_Connection] = []
+    connect = pool._connection
+
+    async def keeping() -> _Connection:
+        conn = await connect()
+        made.append(conn)
+        return conn
+
+    monkeypatch.setattr(pool, "_connection", keeping)
+    try:
+        with pytest.raises(TimeoutError):
+            await pool.request("GET", GET, None, 1.0)
+        assert connected.is_set()
+        (conn,) = made
+        async with asyncio.timeout(2):  # not the 30 s a TLS close waits for the peer
+            await conn.lost
+    finally:
+        hold.set()
+        await pool.close()
+        server.close()
+        await server.wait_closed()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -223,3 +224,25 @@ async def test_a_line_break_in_a_token_is_refused_not_sent() -> None:
             with pytest.raises(KubeError, match="line break"):
                 await session.request("GET", "/api/v1/pods")
     assert server.calls == 0
+
+
+async def test_gzipped_answers_are_decompressed_and_an_encoded_prefix_is_kept() -> None:
+    async def handler(request: web.Request) -> web.Response:
+        assert "gzip" in request.headers["Accept-Encoding"]
+        body = gzip.compress(b'{"items": [1, 2], "path": "%s"}' % request.raw_path.encode())
+        return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        cfg = k8s_client.Configuration()
+        cfg.host = f"http://127.0.0.1:{runner.addresses[0][1]}/a%20b"
+        async with KubeSession(cfg) as session:
+            answer = await session.request("GET", "/api/v1/pods")
+    finally:
+        await runner.cleanup()
+    assert answer == {"items": [1, 2], "path": "/a%20b/api/v1/pods"}

@@ -222,6 +222,40 @@ async def test_deleted_while_pulling_cancels_the_pull(harness: Harness, clock: F
     assert "Started" not in harness.events.reasons("a")
 
 
+async def test_a_shutdown_while_a_deletion_is_cancelling_the_pull_ends_the_pod_task(
+    harness: Harness, clock: FakeClock
+) -> None:
+    # The deletion's cancellation is taken back to terminate the Pod; the shutdown's is not.
+    await harness.ctl.resync([pod("a")])
+    await clock.advance(2)
+    task = harness.ctl.workers["uid-a"].task
+    assert task is not None
+    await harness.ctl.upsert(pod("a", deleting=True))
+    task.cancel()  # the agent stopping, before the Pod's task ran again
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()
+    assert harness.api.deleted == []
+
+
+async def test_a_deleted_pod_terminates_with_no_cancellation_left_pending(harness: Harness, clock: FakeClock) -> None:
+    pending: list[int] = []
+    delete_now = harness.api.delete_now
+
+    async def deleting(namespace: str, name: str, uid: str) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        pending.append(task.cancelling())  # timeouts inside the termination rely on 0
+        await delete_now(namespace, name, uid)
+
+    harness.api.delete_now = deleting  # type: ignore[method-assign]
+    await harness.ctl.resync([pod("a")])
+    await clock.advance(2)
+    await harness.ctl.upsert(pod("a", deleting=True))
+    await harness.ctl.upsert(pod("a", deleting=True))  # a second notice changes nothing
+    await clock.advance(1)
+    assert pending == [0]
+
+
 async def test_resync_forgets_pods_gone_while_disconnected(harness: Harness, clock: FakeClock) -> None:
     await harness.ctl.resync([pod("a"), pod("b")])
     await clock.advance(1)

@@ -8,26 +8,33 @@ of known length on a kept-alive connection, and read back the whole answer (``Co
 chunked, or until the connection closes), in about half that.
 
 What it leaves out, on purpose: proxies (:class:`~vk_provider.kube.session.KubeSession` keeps
-aiohttp for a session with a proxy, and for watches), compression (it does not ask for any),
+aiohttp for a session with a proxy, and for watches),
 ``Expect: 100-continue``, pipelining, HTTP/2, redirects, cookies. An answer it cannot read, a
 broken connection or a timeout is raised as :class:`H1Error` (an ``OSError``) or ``TimeoutError``,
 and that connection is closed, never reused.
 
 A request sent on a kept-alive connection that the server had already closed (it closes idle
-connections) fails before any byte of an answer arrives; such a request is sent once more on a
-new connection, unless it is a POST (which the server might have acted on), as HTTP clients do.
+connections) fails before any byte of an answer arrives; a GET (HEAD, OPTIONS) is then sent once
+more on a new connection, as Go's client does; other requests fail (as "Unreachable"), and their
+callers retry as they retry any transient failure. Large answers may come gzipped (``gzip`` is
+accepted, as aiohttp did: the API server compresses answers over 128 KB, e.g. list pages): the
+session decompresses them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import ssl
 from dataclasses import dataclass
 
 MAX_HEAD = 64 * 1024  # the status line and headers of one answer
 CONNECT_TIMEOUT = 5.0
 CLOSE_WAIT = 1.0  # how long close() waits for a TLS connection to finish closing
+# Sent again on a new connection when a kept-alive one turns out closed (Go's net/http rule).
+REPLAYABLE = frozenset({"GET", "HEAD", "OPTIONS"})
+_HEX = re.compile(rb"[0-9a-fA-F]{1,16}")
 
 
 class H1Error(OSError):
@@ -100,7 +107,10 @@ class _Reader:
             name, sep, value = line.partition(b":")
             if not sep:
                 raise H1Error(f"malformed header line {line[:80]!r}")
-            headers[name.strip().lower()] = value.strip()
+            key, value = name.strip().lower(), value.strip()
+            if key == b"content-length" and headers.get(key, value) != value:
+                raise H1Error("two different Content-Length headers")
+            headers[key] = value
         self._status, self._headers, self._head_end = status, headers, end + 4
         connection = headers.get(b"connection", b"").lower()
         self.keep_alive = parts[0] == b"HTTP/1.1" and b"close" not in connection
@@ -124,10 +134,9 @@ class _Reader:
             if line_end < 0:
                 return None
             size_text = bytes(buf[self._pos : line_end]).split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise H1Error(f"bad chunk size {size_text[:40]!r}") from None
+            if not _HEX.fullmatch(size_text):
+                raise H1Error(f"bad chunk size {size_text[:40]!r}")
+            size = int(size_text, 16)
             if size == 0:
                 # Trailers (none expected), then an empty line.
                 rest = line_end + 2
@@ -231,8 +240,16 @@ class H1Pool:
     """Kept-alive connections to one server, at most ``limit`` open at a time."""
 
     def __init__(
-        self, host: str, port: int, *, tls: ssl.SSLContext | None, server_hostname: str | None = None, limit: int = 64
+        self,
+        host: str,
+        port: int,
+        *,
+        tls: ssl.SSLContext | None,
+        server_hostname: str | None = None,
+        limit: int = 64,
+        host_header: str | None = None,
     ) -> None:
+        """``host_header``: the host as written in the URL (punycode, percent-encoded zone), if it differs."""
         self._host, self._port = host, port
         self._tls = tls
         self._server_hostname = (server_hostname or host) if tls is not None else None
@@ -242,7 +259,8 @@ class H1Pool:
         self._closed = False
         self.connections_made = 0
         default = 443 if tls is not None else 80
-        bracketed = f"[{host}]" if ":" in host else host
+        written = host_header or host
+        bracketed = f"[{written}]" if ":" in written else written
         self.host_header = bracketed if port == default else f"{bracketed}:{port}"
 
     async def request(self, method: str, head: bytes, body: bytes | None, timeout: float) -> Answer:
@@ -256,12 +274,12 @@ class H1Pool:
                 try:
                     answer = await conn.send(data)
                 except _Closed as exc:
-                    self._discard(conn)
-                    if attempt == 1 and exc.retryable and method != "POST":
+                    self._discard(conn, abort=True)
+                    if attempt == 1 and exc.retryable and method in REPLAYABLE and not self._closed:
                         continue
                     raise
                 except BaseException:  # an error, a timeout, a cancellation: its state is unknown
-                    self._discard(conn)
+                    self._discard(conn, abort=True)
                     raise
                 if conn.keep_alive and not self._closed:
                     self._idle.append(conn)
@@ -286,6 +304,8 @@ class H1Pool:
         self._open.clear()
 
     async def _connection(self) -> _Connection:
+        if self._closed:
+            raise H1Error("the connection pool is closed")
         while self._idle:
             conn = self._idle.pop()
             if conn.usable:
@@ -293,14 +313,23 @@ class H1Pool:
                 return conn
             self._discard(conn)
         loop = asyncio.get_running_loop()
-        async with asyncio.timeout(CONNECT_TIMEOUT):
-            _, conn = await loop.create_connection(
-                _Connection, self._host, self._port, ssl=self._tls, server_hostname=self._server_hostname
-            )
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                _, conn = await loop.create_connection(
+                    _Connection, self._host, self._port, ssl=self._tls, server_hostname=self._server_hostname
+                )
+        except TimeoutError:
+            raise H1Error(f"cannot connect to {self.host_header}: no answer in {CONNECT_TIMEOUT:.0f} s") from None
+        except OSError as exc:  # refused, unreachable, unknown name, TLS (certificate) failures
+            raise H1Error(f"cannot connect to {self.host_header}: {type(exc).__name__}: {exc}") from None
         self.connections_made += 1
         self._open.add(conn)
         return conn
 
-    def _discard(self, conn: _Connection) -> None:
-        conn.close()
+    def _discard(self, conn: _Connection, *, abort: bool = False) -> None:
+        """Forget the connection; ``abort``: at once (no TLS goodbye a silent server would not answer)."""
+        if abort and conn.transport is not None:
+            conn.transport.abort()
+        else:
+            conn.close()
         self._open.discard(conn)

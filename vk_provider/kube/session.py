@@ -17,12 +17,14 @@ and the TLS context is built once from the same settings the client would use.
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 import os
 import ssl
 import urllib.parse
 import urllib.request
+import zlib
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,7 +37,7 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 from yarl import URL
 
 from vk_provider import __version__
-from vk_provider.kube.h1 import H1Pool
+from vk_provider.kube.h1 import H1Error, H1Pool
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +188,16 @@ class KubeSession:
         # through a proxy; watches, and everything with a proxy, over aiohttp.
         url = URL(self.host)
         self._pool: H1Pool | None = None
-        self._prefix = url.path.rstrip("/")
+        self._prefix = url.raw_path.rstrip("/")  # as written (percent-encoded), not decoded
         self._head = ""  # the headers every request carries
         if self._proxy is None and url.host is not None and url.port is not None:
-            self._pool = H1Pool(url.host, url.port, tls=tls, server_hostname=self._server_hostname, limit=limit)
+            self._pool = H1Pool(url.host, url.port, tls=tls, server_hostname=self._server_hostname, limit=limit,
+                                host_header=url.raw_host)  # fmt: skip
             agent = _header_value(user_agent)
-            self._head = f"Host: {self._pool.host_header}\r\nUser-Agent: {agent}\r\nAccept: application/json"
+            self._head = (
+                f"Host: {self._pool.host_header}\r\nUser-Agent: {agent}\r\n"
+                "Accept: application/json\r\nAccept-Encoding: gzip"
+            )
         self._limiter = RateLimiter(qps, burst)
         self._timeout = request_timeout
         self.requests_by_verb: dict[str, int] = {}
@@ -291,7 +297,13 @@ class KubeSession:
         elif method in ("POST", "PUT", "PATCH"):
             head += "\r\nContent-Length: 0"
         answer = await self._pool.request(method, head.encode("latin-1"), payload, timeout or self._timeout)
-        return answer.status, answer.body, answer.headers.get(b"retry-after", b"").decode("latin-1")
+        data = answer.body
+        if answer.headers.get(b"content-encoding", b"").lower() == b"gzip":
+            try:
+                data = gzip.decompress(data)
+            except (OSError, EOFError, zlib.error) as exc:
+                raise H1Error(f"an answer that does not decompress: {exc}") from None
+        return answer.status, data, answer.headers.get(b"retry-after", b"").decode("latin-1")
 
     async def _authorization(self) -> str | None:
         """The bearer token, if the credentials have one, asked for per request: the loader's
