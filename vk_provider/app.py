@@ -83,6 +83,7 @@ class Agent:
                 qps=settings.kube.qps,
                 burst=settings.kube.burst,
                 request_timeout=settings.kube.request_timeout_seconds,
+                own_http=settings.kube.http_client == "builtin",
             )
         except KubeConfigError as exc:
             raise StartupError(str(exc)) from None

@@ -50,6 +50,9 @@ class KubeSettings:
     request_timeout_seconds: float = 30.0
     # Longest pause between retries after API errors (back-off doubles up to this).
     max_backoff_seconds: float = 10.0
+    # How ordinary requests travel: "builtin", the agent's own HTTP/1.1 connections (half the CPU
+    # per request), or "aiohttp". Watches, and everything through a proxy, always use aiohttp.
+    http_client: Literal["builtin", "aiohttp"] = "builtin"
 
 
 @dataclass(frozen=True)

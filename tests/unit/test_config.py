@@ -56,6 +56,7 @@ def test_env_dict_and_bool_and_float() -> None:
     [
         ({"VK_PROVIDER_NODE_PODS": "lots"}, "environment variable VK_PROVIDER_NODE_PODS: setting node.pods"),
         ({"VK_PROVIDER_NODE_ON_SHUTDOWN": "explode"}, "node.on_shutdown must be one of"),
+        ({"VK_PROVIDER_KUBE_HTTP_CLIENT": "curl"}, "kube.http_client must be one of"),
         ({"VK_PROVIDER_NODE_CPU": "four"}, "node.cpu must be a Kubernetes quantity"),
         ({"VK_PROVIDER_NODE_INTERNAL_IP": "300.1.1.1"}, "node.internal_ip must be an IP address"),
         ({"VK_PROVIDER_NODE_LEASE_RENEW_INTERVAL_SECONDS": "60"}, "shorter than the lease duration"),

@@ -246,3 +246,15 @@ async def test_gzipped_answers_are_decompressed_and_an_encoded_prefix_is_kept() 
     finally:
         await runner.cleanup()
     assert answer == {"items": [1, 2], "path": "/a%20b/api/v1/pods"}
+
+
+async def test_aiohttp_can_carry_every_request_when_asked() -> None:
+    async with serving() as (server, url):
+        cfg = k8s_client.Configuration()
+        cfg.host = url
+        async with KubeSession(cfg, own_http=False) as session:
+            assert session._pool is None
+            await session.request("GET", "/api/v1/pods", query={"limit": 5})
+    (seen,) = server.seen
+    assert seen.query["limit"] == "5"
+    assert seen.headers["User-Agent"] == USER_AGENT

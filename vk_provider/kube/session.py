@@ -168,6 +168,7 @@ class KubeSession:
         request_timeout: float = 30.0,
         source: str = "",
         user_agent: str = USER_AGENT,
+        own_http: bool = True,
     ) -> None:
         self.configuration = configuration
         self.source = source
@@ -190,7 +191,7 @@ class KubeSession:
         self._pool: H1Pool | None = None
         self._prefix = url.raw_path.rstrip("/")  # as written (percent-encoded), not decoded
         self._head = ""  # the headers every request carries
-        if self._proxy is None and url.host is not None and url.port is not None:
+        if own_http and self._proxy is None and url.host is not None and url.port is not None:
             self._pool = H1Pool(url.host, url.port, tls=tls, server_hostname=self._server_hostname, limit=limit,
                                 host_header=url.raw_host)  # fmt: skip
             agent = _header_value(user_agent)
@@ -212,9 +213,12 @@ class KubeSession:
         burst: int = 1,
         request_timeout: float = 30.0,
         user_agent: str = USER_AGENT,
+        own_http: bool = True,
     ) -> KubeSession:
+        """``own_http``: ordinary requests over the session's own HTTP/1.1 connections (else aiohttp)."""
         cfg, source = await load_configuration(kubeconfig)
-        return cls(cfg, qps=qps, burst=burst, request_timeout=request_timeout, source=source, user_agent=user_agent)
+        return cls(cfg, qps=qps, burst=burst, request_timeout=request_timeout, source=source, user_agent=user_agent,
+                   own_http=own_http)  # fmt: skip
 
     async def close(self) -> None:
         if self._pool is not None:
