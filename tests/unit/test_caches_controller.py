@@ -561,3 +561,21 @@ async def test_size_and_retention_changes_reach_the_row_and_the_status(world: Wo
     assert world.store.rows["web"].expires_at is None
     assert world.status("web").get("expireDateTime") is None
     assert world.store.rows["web"].phase is CachePhase.READY  # no rebuild for either change
+
+
+async def test_the_hit_writer_lets_a_burst_gather_into_one_write(world: World) -> None:
+    await world.add(obj("web", ["nginx:1.7.9"]))
+    await world.clock.advance(30)
+    ready_id = world.status("web")["imageCacheId"]
+    writer = asyncio.create_task(world.manager.run())
+    try:
+        await world.manager.resolve(pod("p0", ["nginx:1.7.9"], {IMAGE_SNAPSHOT_ID_SEED: ready_id}))
+        await world.clock.advance(world.manager.linger_seconds / 2)  # the writer is waiting for more
+        assert world.store.matched == []
+        await world.manager.resolve(pod("p1", ["nginx:1.7.9"], {IMAGE_SNAPSHOT_ID_SEED: ready_id}))
+        last = world.clock.now()
+        await world.clock.advance(world.manager.linger_seconds)
+        assert world.store.matched == [(ready_id, last, "unchanged", 2)]
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+from tests.support.wait import await_for
 from vk_provider.controllers.pods import CacheDecision, ImageResult, PodStart
 from vk_provider.controllers.records import RegistryStartRecorder, to_record
 from vk_provider.domain.podspec import ContainerSpec, PodFacts
@@ -148,3 +149,46 @@ async def test_starts_queued_together_are_stored_in_one_batch() -> None:
     await asyncio.gather(writer, return_exceptions=True)
     assert store.batches == [3, 3, 1]
     assert sorted(store.rows) == [f"u{i}" for i in range(7)]
+
+
+def numbered(i: int) -> PodStart:
+    s = start()
+    s.pod = replace(s.pod, uid=f"u{i}")
+    return s
+
+
+async def test_the_writer_lingers_for_more_starts_and_a_flush_cuts_that_short() -> None:
+    store = Store()
+    recorder = RegistryStartRecorder(store, NodeMetrics(), linger=60.0)
+    writer = asyncio.create_task(recorder.run())
+    try:
+        await recorder.record(numbered(0))
+        await asyncio.sleep(0)  # the writer takes the first start and waits for more
+        await recorder.record(numbered(1))
+        await recorder.record(numbered(2))
+        assert store.batches == []
+        async with asyncio.timeout(5):  # not the 60 s linger
+            await recorder.flush()
+        assert store.batches == [3]
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+
+
+async def test_a_full_batch_is_stored_without_lingering() -> None:
+    store = Store()
+    recorder = RegistryStartRecorder(store, NodeMetrics(), batch=3, linger=60.0)
+    writer = asyncio.create_task(recorder.run())
+    try:
+        for i in range(4):
+            await recorder.record(numbered(i))
+            await asyncio.sleep(0)
+        await await_for(lambda: _async(store.batches == [3]), timeout=5, what="a batch of 3 stored")
+        assert sorted(store.rows) == ["u0", "u1", "u2"]  # the fourth waits for more, or a flush
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+
+
+async def _async(value: bool) -> bool:
+    return value
