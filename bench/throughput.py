@@ -14,6 +14,9 @@ The ratio then splits into three factors: agent / kubelet status (what the agent
 writes: its Pod lifecycle, its watch, its Node), kubelet / minimal status (the bigger object for the
 API server), and minimal status through the agent's path / through the generated client (the
 client library's own CPU, which shares the machine with the API server).
+It also prints the CPU seconds each process spent in each timed window (the local control plane's
+etcd, kube-apiserver and controllers, read from /proc, and this process: the client, or the agent),
+medians over the rounds: on a machine the API server keeps busy, the seconds follow that CPU.
 Last line, e.g. ``throughput ratio: 1.9 (agent 12.3 s / minimal baseline 6.4 s for 1000 Pods; goal <= 1.25)``.
 
 Each round runs the four in turn; the figures are medians over ``--rounds`` (default 5), since
@@ -40,13 +43,16 @@ from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 
 from bench._agent import clear, create_pods, namespace, pod, ready_imagecache, running_agent, settings_for
-from bench._cluster import control_plane
+from bench._cluster import CpuMeter, control_plane, describe_cpu
 from vk_provider.config import Settings
 from vk_provider.domain import lifecycle as lc
 from vk_provider.domain.lifecycle import Phase
 from vk_provider.kube.session import MERGE_PATCH, KubeError, KubeSession
 
 MINIMAL = {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
+
+# Where the time went: seconds, and CPU seconds per process (control plane and this one) in that window.
+Timed = tuple[float, dict[str, float]]
 
 
 def kubelet_like() -> dict[str, Any]:
@@ -72,7 +78,7 @@ def kubelet_like() -> dict[str, Any]:
 CREATOR = "vk-bench-creator"
 
 
-async def baseline(kubeconfig: str, count: int, body: dict[str, Any], *, lean: bool = False) -> float:
+async def baseline(kubeconfig: str, meter: CpuMeter, count: int, body: dict[str, Any], *, lean: bool = False) -> Timed:
     """Seconds to patch ``count`` Pending Pods' status to ``body``, 16 at a time.
 
     With kubernetes_asyncio's generated API (the goal's reference), or with ``lean`` through the
@@ -93,8 +99,8 @@ async def baseline(kubeconfig: str, count: int, body: dict[str, Any], *, lean: b
             await create_pods(session, ns, [pod(f"p{i}", "vk-bench-nobody") for i in range(count)])
             bodies = await _bodies(session, ns, body)
             if lean:
-                return await _lean_patches(kubeconfig, ns, count, bodies)
-            return await _generated_patches(kubeconfig, ns, count, bodies)
+                return await _lean_patches(kubeconfig, meter, ns, count, bodies)
+            return await _generated_patches(kubeconfig, meter, ns, count, bodies)
         finally:
             await clear(session, ns)
     finally:
@@ -111,20 +117,28 @@ async def _bodies(session: KubeSession, ns: str, body: dict[str, Any]) -> dict[s
     }
 
 
-async def _sixteen_at_a_time(count: int, patch: Callable[[str], Awaitable[object]]) -> float:
-    """Seconds to call ``patch`` for Pods p0..p<count-1>, 16 calls in flight at a time."""
+async def _sixteen_at_a_time(meter: CpuMeter, count: int, patch: Callable[[str], Awaitable[object]]) -> Timed:
+    """Seconds (and CPU) to call ``patch`` for Pods p0..p<count-1>, 16 calls in flight at a time."""
     names = [f"p{i}" for i in range(count)]
-    started = time.perf_counter()
+    started = time.monotonic()
 
     async def worker() -> None:
         while names:
             await patch(names.pop())
 
     await asyncio.gather(*(worker() for _ in range(16)))
-    return time.perf_counter() - started
+    ended = time.monotonic()
+    return ended - started, await _cpu(meter, started, ended)
 
 
-async def _generated_patches(kubeconfig: str, ns: str, count: int, bodies: dict[str, dict[str, Any]]) -> float:
+async def _cpu(meter: CpuMeter, start: float, end: float) -> dict[str, float]:
+    await asyncio.sleep(2 * 0.02)  # the meter's next samples, past the window's end
+    return meter.window(start, end)
+
+
+async def _generated_patches(
+    kubeconfig: str, meter: CpuMeter, ns: str, count: int, bodies: dict[str, dict[str, Any]]
+) -> Timed:
     cfg = k8s_client.Configuration()
     await k8s_config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
     async with k8s_client.ApiClient(cfg) as api:
@@ -135,26 +149,28 @@ async def _generated_patches(kubeconfig: str, ns: str, count: int, bodies: dict[
                 name, ns, bodies[name], _content_type="application/merge-patch+json", _preload_content=False
             )
 
-        elapsed = await _sixteen_at_a_time(count, patch)
+        elapsed = await _sixteen_at_a_time(meter, count, patch)
         items = (await core.list_namespaced_pod(ns)).items
         assert sum(1 for p in items if p.status.phase == "Running") == count, "baseline patches did not all land"
         return elapsed
 
 
-async def _lean_patches(kubeconfig: str, ns: str, count: int, bodies: dict[str, dict[str, Any]]) -> float:
+async def _lean_patches(
+    kubeconfig: str, meter: CpuMeter, ns: str, count: int, bodies: dict[str, dict[str, Any]]
+) -> Timed:
     async with await KubeSession.connect(kubeconfig) as session:
 
         async def patch(name: str) -> object:
             path = f"/api/v1/namespaces/{ns}/pods/{name}/status"
             return await session.request("PATCH", path, body=bodies[name], content_type=MERGE_PATCH, want_body=False)
 
-        elapsed = await _sixteen_at_a_time(count, patch)
+        elapsed = await _sixteen_at_a_time(meter, count, patch)
         items = (await session.request("GET", f"/api/v1/namespaces/{ns}/pods"))["items"]
         assert sum(1 for p in items if p["status"]["phase"] == "Running") == count, "baseline patches did not all land"
         return elapsed
 
 
-async def agent_run(kubeconfig: str, count: int) -> float:
+async def agent_run(kubeconfig: str, meter: CpuMeter, count: int) -> Timed:
     stamp = time.time_ns()
     node = f"vk-bench-tp-{stamp}"  # a fresh node: no Pods left from an earlier run count against it
     builder = "vk-bench-builder"
@@ -172,14 +188,14 @@ async def agent_run(kubeconfig: str, count: int) -> float:
                 imc = await ready_imagecache(session, ns, ["nginx:1.7.9"])
             annotations = {"k8s.aliyun.com/eci-image-snapshot-id": imc}
             await create_pods(session, ns, [pod(f"p{i}", node, annotations) for i in range(count)])
-            return await _time_agent(settings, ns, count)
+            return await _time_agent(settings, meter, ns, count)
         finally:
             await clear(session, ns, nodes=(node, builder), imagecache=ns)
     finally:
         await session.close()
 
 
-async def _time_agent(settings: Settings, ns: str, count: int) -> float:
+async def _time_agent(settings: Settings, meter: CpuMeter, ns: str, count: int) -> Timed:
     cpu = time.process_time()
     async with running_agent(settings) as agent:
         controller = agent.pods
@@ -205,7 +221,7 @@ async def _time_agent(settings: Settings, ns: str, count: int) -> float:
                 and all(w.state is not None and w.state.phase is Phase.RUNNING for w in workers)
                 and controller.reporter.busy() == 0
             ):
-                elapsed = clock() - started
+                ended = clock()
                 events = agent.events
                 print(
                     f"agent: {controller.reporter.writes / count:.2f} status writes per Pod; "
@@ -213,37 +229,52 @@ async def _time_agent(settings: Settings, ns: str, count: int) -> float:
                     f"agent process CPU {time.process_time() - cpu:.2f} s from its start",
                     flush=True,
                 )
-                return elapsed
+                return ended - started, await _cpu(meter, started, ended)
 
 
 async def run(kubeconfig: str, count: int, rounds: int) -> None:
-    minimal: list[float] = []
-    lean: list[float] = []
-    kubelet: list[float] = []
-    agent: list[float] = []
-    for r in range(1, rounds + 1):
-        # Each run removes its Pods, namespace and node before the next one starts.
-        minimal.append(await baseline(kubeconfig, count, MINIMAL))
-        lean.append(await baseline(kubeconfig, count, MINIMAL, lean=True))
-        kubelet.append(await baseline(kubeconfig, count, kubelet_like(), lean=True))
-        agent.append(await agent_run(kubeconfig, count))
-        print(
-            f"round {r}: minimal status {minimal[-1]:.2f} s (through the agent's request path {lean[-1]:.2f} s), "
-            f"kubelet status through the agent's request path {kubelet[-1]:.2f} s, "
-            f"agent {agent[-1]:.2f} s ({count / agent[-1]:.0f} Pods/s)",
-            flush=True,
-        )
-    base, thin, full, mine = median(minimal), median(lean), median(kubelet), median(agent)
+    kinds = ("minimal", "lean", "kubelet", "agent")
+    timed: dict[str, list[Timed]] = {kind: [] for kind in kinds}
+    with CpuMeter(kubeconfig) as meter:
+        for r in range(1, rounds + 1):
+            # Each run removes its Pods, namespace and node before the next one starts.
+            timed["minimal"].append(await baseline(kubeconfig, meter, count, MINIMAL))
+            timed["lean"].append(await baseline(kubeconfig, meter, count, MINIMAL, lean=True))
+            timed["kubelet"].append(await baseline(kubeconfig, meter, count, kubelet_like(), lean=True))
+            timed["agent"].append(await agent_run(kubeconfig, meter, count))
+            last = {kind: timed[kind][-1][0] for kind in kinds}
+            print(
+                f"round {r}: minimal status {last['minimal']:.2f} s (through the agent's request path "
+                f"{last['lean']:.2f} s), kubelet status through the agent's request path {last['kubelet']:.2f} s, "
+                f"agent {last['agent']:.2f} s ({count / last['agent']:.0f} Pods/s)",
+                flush=True,
+            )
+    base, thin, full, mine = (median(seconds for seconds, _ in timed[kind]) for kind in kinds)
     print(f"medians of {rounds} rounds: minimal status {base:.2f} s ({count / base:.0f}/s), through the agent's "
           f"request path {thin:.2f} s; kubelet status through that path {full:.2f} s; agent {mine:.2f} s",
           flush=True)  # fmt: skip
     print(f"factors: agent / kubelet status {mine / full:.2f} (the agent beyond its writes) x kubelet / minimal "
           f"status {full / thin:.2f} (the bigger object) x agent's request path / generated client "
           f"{thin / base:.2f} (the client library)", flush=True)  # fmt: skip
+    # On a machine the API server keeps busy, the seconds follow the CPU that everything spent.
+    cpu = {kind: _median_cpu(timed[kind]) for kind in kinds}
+    labels = {"minimal": "minimal status (generated client)", "lean": "minimal status (agent's request path)",
+              "kubelet": "kubelet status (agent's request path)", "agent": "agent"}  # fmt: skip
+    for kind in kinds:
+        seconds = median(s for s, _ in timed[kind])
+        print(f"CPU in the timed window, {labels[kind]}: {describe_cpu(cpu[kind], seconds, meter.cores)}", flush=True)
+    if cpu["minimal"] and cpu["agent"]:
+        print(f"CPU ratio agent / minimal: {sum(cpu['agent'].values()) / sum(cpu['minimal'].values()):.2f}", flush=True)
     print(
         f"throughput ratio: {mine / base:.2f} "
         f"(agent {mine:.2f} s / minimal baseline {base:.2f} s for {count} Pods, medians of {rounds}; goal <= 1.25)"
     )
+
+
+def _median_cpu(runs: list[Timed]) -> dict[str, float]:
+    """Per process, the median of its CPU seconds over the runs."""
+    names = [name for name in runs[0][1] if all(name in used for _, used in runs)] if runs else []
+    return {name: median(used[name] for _, used in runs) for name in names}
 
 
 def main() -> None:
