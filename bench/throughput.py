@@ -145,7 +145,8 @@ async def _generated_patches(
         core = k8s_client.CoreV1Api(api)
 
         async def patch(name: str) -> object:
-            return await core.patch_namespaced_pod_status(
+            # _content_type: how the generated API takes a merge patch (not in its typed signature)
+            return await core.patch_namespaced_pod_status(  # type: ignore[call-arg]
                 name, ns, bodies[name], _content_type="application/merge-patch+json", _preload_content=False
             )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import signal
@@ -23,7 +24,7 @@ from tests.support.wait import wait_for
 CRD = "imagecaches.eci.alibabacloud.com"
 IMC_ID = re.compile(r"^imc-[a-z0-9]{20}$")
 # Builds slow enough to watch: nginx:1.7.9's 37 MB base layer takes ~2 s at 20 MB/s, then a 2 s snapshot.
-WATCHABLE = {
+WATCHABLE: dict[str, dict[str, Any]] = {
     "pull": {"time_scale": 1, "cache_build_bandwidth": 20e6, "jitter": 0},
     "caches": {"snapshot_seconds": 2},
 }
@@ -47,6 +48,10 @@ def imc(cluster: Cluster, name: str) -> dict[str, Any] | None:
 def status_of(cluster: Cluster, name: str) -> dict[str, Any]:
     obj = imc(cluster, name)
     return (obj or {}).get("status") or {}
+
+
+def has_phase(cluster: Cluster, name: str, phase: str) -> bool:
+    return status_of(cluster, name).get("phase") == phase
 
 
 def query(db: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -183,7 +188,7 @@ def test_a_cache_too_small_for_its_images_fails_and_expires_in_24_hours(
         cluster.apply(cache_manifest(name, ["busybox:latest", "registry.example.com/ml/model-server:1"]))
         cluster.apply(cache_manifest(unknown, ["registry.example.com/not/in-any-catalog:1"]))
         for failing, words in ((name, "imageCacheSize of 20 GiB"), (unknown, "cannot be resolved")):
-            wait_for(lambda n=failing: status_of(cluster, n).get("phase") == "Failed", timeout=30, what="Failed")
+            wait_for(functools.partial(has_phase, cluster, failing, "Failed"), timeout=30, what="Failed")
             status = status_of(cluster, failing)
             assert words in status["message"], status
             assert IMC_ID.match(status["imageCacheId"])

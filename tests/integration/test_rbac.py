@@ -173,7 +173,7 @@ def phase(cluster: Cluster, namespace: str, name: str) -> str:
     return str(found["status"].get("phase", "")) if found else "<gone>"
 
 
-def annotations(cluster: Cluster, namespace: str, name: str) -> dict[str, str]:
+def pod_annotations(cluster: Cluster, namespace: str, name: str) -> dict[str, str]:
     found = cluster.get_json("pod", name, "-n", namespace)
     return dict((found or {}).get("metadata", {}).get("annotations") or {})
 
@@ -247,14 +247,14 @@ def test_agent_with_only_the_service_account_registers_runs_pods_and_serves_logs
         image = f"registry.example.com/vk-rbac/app-{installed.suffix}:1"
         cluster.apply(json.dumps(seed_pod("rbac-miss", installed.node, namespace, image)))
         wait_for(lambda: phase(cluster, namespace, "rbac-miss") == "Running", timeout=30, what="miss Running")
-        instance = wait_for(lambda: annotations(cluster, namespace, "rbac-miss").get(INSTANCE), what="instance id")
+        instance = wait_for(lambda: pod_annotations(cluster, namespace, "rbac-miss").get(INSTANCE), what="instance id")
         auto_cache = f"auto-create-for-{instance}"
         try:
             wait_for(lambda: cache_phase(cluster, auto_cache) == "Ready", timeout=60, what=f"{auto_cache} Ready")
             cluster.apply(json.dumps(seed_pod("rbac-hit", installed.node, namespace, image)))
             wait_for(lambda: phase(cluster, namespace, "rbac-hit") == "Running", timeout=30, what="hit Running")
             cache_id = cluster.get_json("imagecache", auto_cache)["status"]["imageCacheId"]
-            assert annotations(cluster, namespace, "rbac-hit").get(MATCHED) == cache_id
+            assert pod_annotations(cluster, namespace, "rbac-hit").get(MATCHED) == cache_id
         finally:
             cluster.kubectl("delete", "imagecache", auto_cache, "--ignore-not-found", "--wait=false", check=False)
 

@@ -35,7 +35,10 @@ def metric_counts(text: str, name: str) -> dict[str, int]:
 def test_starts_are_recorded_measured_and_reported(cluster: Cluster, workdir: Path, namespace: str) -> None:
     with start_agent(cluster, workdir, SETTINGS) as agent:
         node = agent.node_name
-        create = lambda m: cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(m))  # noqa: E731
+
+        def create(manifest: dict[str, Any]) -> None:
+            cluster.kubectl("create", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+
         create(pod_manifest("baseline", node))
         create(pod_manifest("miss", node, annotations={"k8s.aliyun.com/eci-image-cache": "true"}))
         wait_for(lambda: running(cluster, namespace, "baseline") and running(cluster, namespace, "miss"), timeout=60,

@@ -10,6 +10,7 @@ over at once.
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import time
@@ -148,7 +149,7 @@ def test_two_agents_share_one_postgresql_registry(
             namespace=namespace,
         )
         for name in ("by-id", "by-match"):
-            event = wait_for(lambda n=name: hit_event(cluster, namespace, n), timeout=60, what=f"{name} hit")
+            event = wait_for(functools.partial(hit_event, cluster, namespace, name), timeout=60, what=f"{name} hit")
             assert imc_id in event["message"]
             annotations = cluster.get_json("pod", name, "-n", namespace)["metadata"]["annotations"]
             assert annotations[MATCHED] == imc_id

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 T = TypeVar("T")
 
@@ -14,10 +14,18 @@ class ConditionTimeout(AssertionError):
     pass
 
 
-def wait_for(condition: Callable[[], T], timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> T:
-    """Call ``condition`` until it returns something truthy; return that. Fail after ``timeout``."""
+def wait_for(
+    condition: Callable[[], T | Literal[False] | None],
+    timeout: float = 30.0,
+    interval: float = 0.1,
+    what: str = "condition",
+) -> T:
+    """Call ``condition`` until it returns something truthy; return that. Fail after ``timeout``.
+
+    Typed as returning the truthy part: ``None`` and ``False`` are never returned.
+    """
     deadline = time.monotonic() + timeout
-    last: T = condition()
+    last = condition()
     while not last:
         if time.monotonic() > deadline:
             raise ConditionTimeout(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})")

@@ -56,6 +56,9 @@ class FakeStore:
     async def list_caches(self) -> tuple[ImageCache, ...]:
         return tuple(self.rows.values())
 
+    async def get_cache_by_name(self, name: str) -> ImageCache | None:
+        return self.rows.get(name)
+
     async def upsert_cache(self, cache: ImageCache, *, now: datetime) -> ImageCache:
         if any(c.imc_id == cache.imc_id and c.name != cache.name for c in self.rows.values()):
             raise ValueError("id taken")

@@ -102,7 +102,7 @@ class Agent:
         self.leadership = Leadership(leading)
         self.controller = ImageCacheController(
             api=self.api,
-            store=AgentStore(world.store, name),  # type: ignore[arg-type]
+            store=AgentStore(world.store, name),
             manifests=FakeManifests(),
             builder=self.builder,
             clock=world.clock,

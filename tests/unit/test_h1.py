@@ -407,7 +407,9 @@ async def test_a_timed_out_tls_connection_is_aborted_not_left_closing(
     connected, hold = asyncio.Event(), asyncio.Event()
 
     async def deaf(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.transport.pause_reading()
+        transport = writer.transport
+        assert isinstance(transport, asyncio.ReadTransport)
+        transport.pause_reading()
         connected.set()
         await hold.wait()
         writer.transport.abort()

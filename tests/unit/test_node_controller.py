@@ -103,7 +103,7 @@ FACTS = NodeFacts(
 
 
 def ready(status: dict[str, Any]) -> str:
-    return next(c["status"] for c in status["conditions"] if c["type"] == "Ready")
+    return str(next(c["status"] for c in status["conditions"] if c["type"] == "Ready"))
 
 
 @pytest.fixture

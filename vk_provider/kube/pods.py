@@ -77,7 +77,7 @@ class EventRecorder:
         session: KubeSession,
         host: str,
         max_queue: int = 10000,
-        give_way: Callable[[], Awaitable[None]] | None = None,
+        give_way: Callable[[], Awaitable[object]] | None = None,
         max_delay: float = 5.0,
         on_drop: Callable[[], None] | None = None,
     ) -> None:
