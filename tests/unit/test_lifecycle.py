@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -186,3 +187,35 @@ def test_adopt_round_trips_a_running_status() -> None:
 )
 def test_adopt_refuses_what_it_cannot_continue(status: dict[str, object]) -> None:
     assert lc.adopt(status, "Always", T0) is None
+
+
+def test_recompute_of_an_unchanged_pod_keeps_it_and_its_transition_times() -> None:
+    s = lc.became_ready(lc.started(new_pod(), "c0", "uid", "img@sha256:1", at(1)), "c0", at(2))
+    again = lc.recompute(s, at(60))
+    assert again == s
+    assert again.conditions is s.conditions  # not rebuilt: the times are those of the transitions
+    assert cond(again, "Ready").since == at(2)
+    assert cond(again, "PodScheduled").since == T0
+
+
+def test_a_condition_changes_its_time_only_when_its_status_changes() -> None:
+    s = lc.became_ready(lc.started(new_pod(containers=2), "c0", "uid", "img@sha256:1", at(1)), "c0", at(2))
+    assert cond(s, "Ready").status == "False"  # c1 is not ready yet
+    s = lc.became_ready(lc.started(s, "c1", "uid", "img@sha256:1", at(3)), "c1", at(4))
+    assert (cond(s, "Ready").status, cond(s, "Ready").since) == ("True", at(4))
+    assert (cond(s, "Initialized").since, cond(s, "PodScheduled").since) == (T0, T0)
+    done = lc.exited(lc.exited(s, "c0", 0, at(5)), "c1", 0, at(6))
+    assert done.phase is Phase.RUNNING  # restartPolicy Always: the kubelet restarts them
+    s = lc.exited(lc.exited(replace(s, restart_policy="Never"), "c0", 0, at(5)), "c1", 0, at(6))
+    assert s.phase is Phase.SUCCEEDED
+    assert [(c.type, c.status, c.reason, c.since) for c in s.conditions] == [
+        ("Initialized", "True", "", T0),
+        ("Ready", "False", "PodCompleted", at(5)),
+        ("ContainersReady", "False", "PodCompleted", at(5)),
+        ("PodScheduled", "True", "", T0),
+    ]
+
+
+def test_a_transition_with_an_unknown_container_field_is_refused() -> None:
+    with pytest.raises(TypeError, match="colour"):
+        lc._update(new_pod(), "c0", T0, colour="red")

@@ -53,6 +53,7 @@ IMC_ID_RE = re.compile(r"imc-[a-z0-9]+")
 
 _INSTANCE_ID_LENGTH = 20
 _ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+_PAIRS = tuple(_ALPHABET[n % 36] + _ALPHABET[n // 36] for n in range(36 * 36))  # two digits, low first
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,12 +119,15 @@ def instance_id_for(pod_uid: str) -> str:
 
 def base36_digest(text: str, length: int) -> str:
     """``length`` lowercase alphanumerics derived from a SHA-256 of ``text``; stable forever."""
+    # The lowest ``length`` base-36 digits, least significant first, two at a time.
     number = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest(), "big")
-    chars = []
-    for _ in range(length):
-        number, index = divmod(number, len(_ALPHABET))
-        chars.append(_ALPHABET[index])
-    return "".join(chars)
+    pairs = []
+    for _ in range(length // 2):
+        number, index = divmod(number, 1296)
+        pairs.append(_PAIRS[index])
+    if length % 2:
+        pairs.append(_ALPHABET[number % 36])
+    return "".join(pairs)
 
 
 def _read_raw(annotations: Mapping[str, str], key: str, problems: list[str]) -> str | None:

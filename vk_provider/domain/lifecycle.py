@@ -9,9 +9,10 @@ following the kubelet's rules for phase (``getPhase``), conditions and container
 from __future__ import annotations
 
 import enum
+import functools
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any
 
@@ -140,9 +141,51 @@ def accepted(
     return recompute(state, now)
 
 
+_CONTAINER_FIELDS = frozenset(f.name for f in fields(Container))
+
+
 def _update(pod: PodState, name: str, now: datetime, **changes: Any) -> PodState:
-    members = tuple(replace(c, **changes) if c.name == name else c for c in pod.containers)
-    return recompute(replace(pod, containers=members), now)
+    members = tuple(_changed(c, changes) if c.name == name else c for c in pod.containers)
+    return recompute(_with(pod, containers=members), now)
+
+
+def _changed(c: Container, changes: dict[str, Any]) -> Container:
+    """``dataclasses.replace(c, **changes)``, without its per-call introspection."""
+    if not changes.keys() <= _CONTAINER_FIELDS:
+        raise TypeError(f"not fields of Container: {sorted(changes.keys() - _CONTAINER_FIELDS)}")
+    get = changes.get
+    return Container(
+        get("name", c.name),
+        get("image", c.image),
+        get("init", c.init),
+        get("state", c.state),
+        get("last_state", c.last_state),
+        get("ready", c.ready),
+        get("restart_count", c.restart_count),
+        get("image_id", c.image_id),
+        get("container_id", c.container_id),
+    )
+
+
+def _with(
+    pod: PodState,
+    *,
+    phase: Phase | None = None,
+    containers: tuple[Container, ...] | None = None,
+    conditions: tuple[Condition, ...] | None = None,
+) -> PodState:
+    """``dataclasses.replace`` for the fields transitions change, at a fraction of its cost."""
+    return PodState(
+        pod.phase if phase is None else phase,
+        pod.restart_policy,
+        pod.host_ip,
+        pod.pod_ip,
+        pod.start_time,
+        pod.containers if containers is None else containers,
+        pod.conditions if conditions is None else conditions,
+        pod.reason,
+        pod.message,
+    )
 
 
 def waiting(state: PodState, name: str, reason: str, message: str, now: datetime) -> PodState:
@@ -273,27 +316,41 @@ def compute_phase(state: PodState) -> Phase:
 
 def recompute(state: PodState, now: datetime) -> PodState:
     phase = compute_phase(state)
-    initialized = all(c.succeeded for c in state.init_containers)
-    containers_ready = bool(state.main_containers) and all(c.ready for c in state.main_containers)
-    if phase is Phase.SUCCEEDED or phase is Phase.FAILED:
-        containers_ready = False
-    wanted = {
-        "Initialized": (initialized, "" if initialized else "ContainersNotInitialized"),
-        "Ready": (containers_ready, "" if containers_ready else "ContainersNotReady"),
-        "ContainersReady": (containers_ready, "" if containers_ready else "ContainersNotReady"),
-        "PodScheduled": (True, ""),
-    }
-    if phase is Phase.SUCCEEDED:
-        wanted["Ready"] = (False, "PodCompleted")
-        wanted["ContainersReady"] = (False, "PodCompleted")
-    old = {c.type: c for c in state.conditions}
-    conditions = []
-    for kind, (ok, reason) in wanted.items():
-        status = "True" if ok else "False"
-        prev = old.get(kind)
-        since = prev.since if prev is not None and prev.status == status else now
-        conditions.append(Condition(kind, status, since, reason))
-    return replace(state, phase=phase, conditions=tuple(conditions))
+    initialized = True
+    containers_ready = has_main = False
+    all_ready = True
+    for c in state.containers:
+        if c.init:
+            initialized = initialized and c.succeeded
+        else:
+            has_main = True
+            all_ready = all_ready and c.ready
+    containers_ready = has_main and all_ready and phase is not Phase.SUCCEEDED and phase is not Phase.FAILED
+    not_ready = "PodCompleted" if phase is Phase.SUCCEEDED else "ContainersNotReady"
+    ready_reason = "" if containers_ready else not_ready
+    wanted = (
+        ("Initialized", initialized, "" if initialized else "ContainersNotInitialized"),
+        ("Ready", containers_ready, ready_reason),
+        ("ContainersReady", containers_ready, ready_reason),
+        ("PodScheduled", True, ""),
+    )
+    old = state.conditions
+    if len(old) == len(wanted) and all(
+        o.type == kind and (o.status == "True") == ok and o.reason == reason
+        for o, (kind, ok, reason) in zip(old, wanted, strict=True)
+    ):
+        conditions = old  # nothing changed: the same conditions, with their transition times
+    else:
+        since = {c.type: (c.status, c.since) for c in old}
+        made = []
+        for kind, ok, reason in wanted:
+            status = "True" if ok else "False"
+            prev = since.get(kind)
+            made.append(Condition(kind, status, prev[1] if prev is not None and prev[0] == status else now, reason))
+        conditions = tuple(made)
+    if phase is state.phase and conditions is old:
+        return state
+    return _with(state, phase=phase, conditions=conditions)
 
 
 # ------------------------------------------------------------------ rendering
@@ -304,22 +361,30 @@ def render_status(state: PodState) -> JSON:
 
     ``qosClass`` is not ours: the API server sets it when the Pod is created, and it stays.
     """
+    init: list[JSON] = []
+    main: list[JSON] = []
+    for c in state.containers:
+        (init if c.init else main).append(_container(c))
     return {
         "phase": state.phase.value,
         "conditions": [_condition(c) for c in state.conditions],
         "hostIP": state.host_ip,
         "podIP": state.pod_ip or None,
         "podIPs": [{"ip": state.pod_ip}] if state.pod_ip else None,
-        "startTime": rfc3339(state.start_time) if state.start_time else None,
-        "initContainerStatuses": [_container(c) for c in state.init_containers] or None,
-        "containerStatuses": [_container(c) for c in state.main_containers],
+        "startTime": _time(state.start_time) if state.start_time else None,
+        "initContainerStatuses": init or None,
+        "containerStatuses": main,
         "reason": state.reason or None,
         "message": state.message or None,
     }
 
 
+# One status renders the same few moments several times (conditions, start, container states).
+_time = functools.lru_cache(maxsize=1024)(rfc3339)
+
+
 def _condition(c: Condition) -> JSON:
-    out: JSON = {"type": c.type, "status": c.status, "lastProbeTime": None, "lastTransitionTime": rfc3339(c.since)}
+    out: JSON = {"type": c.type, "status": c.status, "lastProbeTime": None, "lastTransitionTime": _time(c.since)}
     if c.reason:
         out["reason"] = c.reason
     return out
@@ -348,9 +413,9 @@ def _state(s: ContainerStateValue) -> JSON:
             body["message"] = s.message
         return {"waiting": body}
     if isinstance(s, Running):
-        return {"running": {"startedAt": rfc3339(s.started_at)}}
-    term: JSON = {"exitCode": s.exit_code, "reason": s.reason, "finishedAt": rfc3339(s.finished_at)}
-    term["startedAt"] = rfc3339(s.started_at) if s.started_at else None
+        return {"running": {"startedAt": _time(s.started_at)}}
+    term: JSON = {"exitCode": s.exit_code, "reason": s.reason, "finishedAt": _time(s.finished_at)}
+    term["startedAt"] = _time(s.started_at) if s.started_at else None
     if s.message:
         term["message"] = s.message
     if s.container_id:
