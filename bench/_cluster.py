@@ -57,7 +57,7 @@ class CpuMeter:
         self.processes["this process"] = os.getpid()
         self.cores = os.cpu_count() or 1
         self._tick = os.sysconf("SC_CLK_TCK")
-        self._interval = interval
+        self.interval = interval
         self._times: list[float] = []
         self._samples: list[dict[str, float]] = []
         self._stop = threading.Event()
@@ -81,7 +81,7 @@ class CpuMeter:
         return {name: b[name] - a[name] for name in b if name in a}
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
+        while not self._stop.wait(self.interval):
             self._samples.append(self._read())
             self._times.append(time.monotonic())
 

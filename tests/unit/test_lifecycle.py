@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -219,3 +219,18 @@ def test_a_condition_changes_its_time_only_when_its_status_changes() -> None:
 def test_a_transition_with_an_unknown_container_field_is_refused() -> None:
     with pytest.raises(TypeError, match="colour"):
         lc._update(new_pod(), "c0", T0, colour="red")
+
+
+def test_the_fast_copies_keep_every_field_even_one_added_later() -> None:
+    # _changed and _with list the fields by hand; a field they missed would silently reset to its
+    # default. Each field gets a distinct marker (the dataclasses do not check types).
+    markers: dict[str, object] = {f.name: object() for f in fields(lc.Container)}
+    c = lc.Container(**markers)  # type: ignore[arg-type]
+    assert lc._changed(c, {}) == c
+    for name in markers:
+        new = object()
+        assert getattr(lc._changed(c, {name: new}), name) is new
+    pod_markers: dict[str, object] = {f.name: object() for f in fields(lc.PodState)}
+    pod = lc.PodState(**pod_markers)  # type: ignore[arg-type]
+    assert lc._with(pod) == pod
+    assert [getattr(lc._with(pod), f.name) for f in fields(lc.PodState)] == list(pod_markers.values())

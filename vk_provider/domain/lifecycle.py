@@ -316,9 +316,8 @@ def compute_phase(state: PodState) -> Phase:
 
 def recompute(state: PodState, now: datetime) -> PodState:
     phase = compute_phase(state)
-    initialized = True
-    containers_ready = has_main = False
-    all_ready = True
+    initialized = all_ready = True
+    has_main = False
     for c in state.containers:
         if c.init:
             initialized = initialized and c.succeeded
