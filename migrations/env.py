@@ -4,7 +4,8 @@ Two ways in:
 - from inside the agent (vk_provider.registry.migrate): the caller passes its own connection in
   ``config.attributes["connection"]`` and migrations run on it, inside the caller's event loop
   (``AsyncConnection.run_sync``); nothing here creates an engine or a loop;
-- from the ``alembic`` command line: the URL comes from ``-x db=…``, else ``VK_PROVIDER_DB``,
+- from the ``alembic`` command line: the URL comes from ``-x db=…``, else ``VK_PROVIDER_REGISTRY_DB``
+  (the agent's variable) or ``VK_PROVIDER_DB``,
   else ``sqlalchemy.url``; an async engine is created (same pragmas as the agent's) and disposed.
 
 Views are created with plain SQL by the migrations, so autogenerate is told to ignore them.
@@ -57,12 +58,17 @@ def configure_options() -> dict[str, Any]:
 
 
 def database_url_from_config() -> str:
-    db = context.get_x_argument(as_dictionary=True).get("db") or os.environ.get("VK_PROVIDER_DB")
+    # VK_PROVIDER_REGISTRY_DB is the agent's own variable (registry.db); VK_PROVIDER_DB is the older name.
+    db = (
+        context.get_x_argument(as_dictionary=True).get("db")
+        or os.environ.get("VK_PROVIDER_REGISTRY_DB")
+        or os.environ.get("VK_PROVIDER_DB")
+    )
     if db:
         return database_url(db)
     url = config.get_main_option("sqlalchemy.url")
     if not url:
-        raise SystemExit("no database: pass -x db=<path or URL> or set VK_PROVIDER_DB")
+        raise SystemExit("no database: pass -x db=<path or URL> or set VK_PROVIDER_REGISTRY_DB")
     return url
 
 

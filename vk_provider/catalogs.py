@@ -11,9 +11,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import yaml
-
 from vk_provider.domain.catalog import Catalog, merge_catalogs, parse_catalog
+from vk_provider.yamlfile import YamlFileError, read_yaml
 
 log = logging.getLogger(__name__)
 SHIPPED = Path(__file__).resolve().parents[1] / "config" / "images.yaml"
@@ -25,15 +24,9 @@ class CatalogError(Exception):
 
 def load_file(path: str | Path) -> Catalog:
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise CatalogError(f"cannot read image catalog {path}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise CatalogError(f"image catalog {path}{where}: invalid YAML") from None
+        data = read_yaml(path, "image catalog")
+    except YamlFileError as exc:
+        raise CatalogError(str(exc)) from None
     catalog = parse_catalog(data, source=str(path))
     for problem in catalog.problems:
         log.warning("image catalog: %s (entry left out)", problem)

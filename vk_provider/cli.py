@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 DEFAULT_DB = "vk-provider.db"
+# Simulated Pod starts and caches must not mix into the registry a running agent uses.
+SIMULATION_DB = "vk-provider-sim.db"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=10.0,
         metavar="X",
-        help="simulated seconds per wall second (default 10; reported times stay simulated)",
+        help="simulated seconds per wall second (default 10, in place of pull.time_scale; reported times stay "
+        "simulated)",
     )
     demo.add_argument("--workdir", metavar="DIR", help="where the demo keeps its database and certificates")
 
@@ -68,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     simulate.add_argument("workload", metavar="WORKLOAD.yaml", help="workload file (see config/workload-*.yaml)")
     simulate.add_argument(
-        "--db", metavar="PATH_OR_URL", default=DEFAULT_DB, help=f"registry database (default {DEFAULT_DB})"
+        "--db",
+        metavar="PATH_OR_URL",
+        default=SIMULATION_DB,
+        help=f"registry database to write the run into (default {SIMULATION_DB}: not the agent's own)",
     )
     simulate.add_argument("--seed", type=int, metavar="N", help="random seed (default: the workload file's)")
     _output_flags(simulate)
@@ -170,8 +177,11 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     from vk_provider.demo import DemoOptions
     from vk_provider.demo import main as demo_main
 
-    if not args.time_scale > 0:
+    if not 0 < args.time_scale < math.inf:
         _error("--time-scale must be a positive number")
+        return EXIT_USAGE
+    if args.db:
+        _error("demo keeps its registry in its work directory (DIR/registry.db): give --workdir DIR, not --db")
         return EXIT_USAGE
     options = DemoOptions(
         kubeconfig=args.kubeconfig or "",
@@ -280,9 +290,18 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _db(args: argparse.Namespace) -> int:
     from vk_provider.registry import migrate
+    from vk_provider.registry.engine import sqlite_file
 
-    if "://" not in args.db and args.db_command != "upgrade" and not Path(args.db).expanduser().is_file():
-        _error(f"no registry database at {args.db}")
+    if not args.db:
+        _error("no registry database given (--db is empty)")
+        return EXIT_USAGE
+    try:
+        file = sqlite_file(args.db)
+    except ValueError as exc:
+        _error(f"registry database {args.db}: {exc}")
+        return EXIT_USAGE
+    if file is not None and args.db_command != "upgrade" and not file.is_file():  # never created by reading
+        _error(f"no registry database at {file}")
         return EXIT_FAILURE
     try:
         if args.db_command == "upgrade":

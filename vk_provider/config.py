@@ -12,23 +12,25 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import os
 import re
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from vk_provider import netinfo
 from vk_provider.domain.pullmodel import PullSettings
+from vk_provider.yamlfile import YamlFileError, read_yaml
 
 ENV_PREFIX = "VK_PROVIDER_"
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")  # a label value; a key's name part
 
 
 class ConfigError(Exception):
@@ -250,16 +252,9 @@ def _resolve_internal_ip(settings: Settings, env: Mapping[str, str]) -> Settings
 
 def _read_yaml(path: str) -> dict[str, Any]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read settings file {path}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise ConfigError(f"settings file {path}{where}: {problem}") from None
+        data = read_yaml(path, "settings file")
+    except YamlFileError as exc:
+        raise ConfigError(str(exc)) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -320,6 +315,9 @@ def _build(cls: type, data: Any, source: str, prefix: str = "") -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
+        value = data[unknown[0]]
+        if isinstance(value, _EnvValue):  # a typo in a variable's name, not in the file
+            source = f"environment variable {value.variable}"
         raise ConfigError(
             f"{source}: unknown setting {prefix}{unknown[0]} (known in {prefix.rstrip('.') or 'top level'}: "
             f"{', '.join(sorted(known))})"
@@ -353,7 +351,10 @@ def _coerce(kind: Any, value: Any, source: str, name: str) -> Any:
         if kind is float:
             if isinstance(value, bool) or not isinstance(value, int | float | str):
                 raise TypeError("a number")
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):  # nan, inf: no setting means "never" or "unlimited" that way
+                raise TypeError("a finite number")
+            return number
         if kind is str:
             if isinstance(value, bool) or not isinstance(value, str | int | float):
                 raise TypeError("a string")
@@ -396,6 +397,18 @@ def _parse_env_text(kind: Any, text: str) -> Any:
     return text
 
 
+def label_problem(key: str, value: str) -> str:
+    """Why ``key: value`` is not a valid Kubernetes label, or "" if it is."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and (not prefix or len(prefix) > 253 or not _DNS_NAME.match(prefix)):
+        return "the key's prefix must be a lowercase DNS subdomain"
+    if not name or len(name) > 63 or not _LABEL_NAME.match(name):
+        return "the key's name must be 1-63 letters, digits, '-', '_' or '.', starting and ending alphanumeric"
+    if len(value) > 63 or not _LABEL_NAME.match(value):
+        return "the value must be at most 63 letters, digits, '-', '_' or '.', starting and ending alphanumeric"
+    return ""
+
+
 def _validate(s: Settings) -> None:
     def bad(name: str, why: str) -> ConfigError:
         return ConfigError(f"setting {name} {why}")
@@ -415,6 +428,10 @@ def _validate(s: Settings) -> None:
         raise bad("node.name", "is too long for numbered node names")
     if s.node.pods < 1:
         raise bad("node.pods", "must be at least 1")
+    for key, value in s.node.labels.items():
+        problem = label_problem(key, value)
+        if problem:
+            raise bad("node.labels", f"has an invalid label {key!r}: {problem}")
     try:
         ipaddress.ip_address(s.node.internal_ip)
     except ValueError:
@@ -425,6 +442,11 @@ def _validate(s: Settings) -> None:
         raise bad("node.lease_renew_interval_seconds", "must be positive and shorter than the lease duration")
     if s.node.status_update_interval_seconds <= 0:
         raise bad("node.status_update_interval_seconds", "must be positive")
+    try:
+        ipaddress.ip_address(s.kubelet.bind_address)
+    except ValueError:
+        raise bad("kubelet.bind_address", f"must be an IP address (0.0.0.0 or :: for all), got "
+                  f"{s.kubelet.bind_address!r}") from None  # fmt: skip
     if not 0 <= s.kubelet.port <= 65535:
         raise bad("kubelet.port", f"must be a TCP port (0 picks a free one), got {s.kubelet.port}")
     if bool(s.kubelet.tls_cert_file) != bool(s.kubelet.tls_key_file):
@@ -433,6 +455,8 @@ def _validate(s: Settings) -> None:
         raise bad("kube.qps", "must be >= 0 and kube.burst >= 1")
     if s.kube.startup_timeout_seconds < 0 or s.kube.request_timeout_seconds <= 0:
         raise bad("kube.startup_timeout_seconds", "and kube.request_timeout_seconds must be positive")
+    if s.kube.max_backoff_seconds <= 0:
+        raise bad("kube.max_backoff_seconds", f"must be positive, got {s.kube.max_backoff_seconds}")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise bad("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {s.log_level!r}")
     if not s.registry.db:

@@ -63,6 +63,7 @@ class ReportError(ValueError):
 
 _KEY_RE = re.compile(r"^([a-z0-9A-Z]([-a-z0-9A-Z_.]*[a-z0-9A-Z])?/)?[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?$")
 _VALUE_RE = re.compile(r"^([a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?)?$")
+_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _SET_RE = re.compile(r"^\s*(?P<key>[^\s!=()]+)\s+(?P<op>in|notin)\s*\((?P<values>[^()]*)\)\s*$")
 
 
@@ -153,6 +154,10 @@ def parse_selector(text: str) -> LabelSelector:
             raise ReportError(f"label selector {text!r}: empty term")
         found = _SET_RE.match(stripped)
         if found is not None:
+            if not found["values"].strip():
+                raise ReportError(
+                    f"label selector {text!r}: {found['op']} needs at least one value in {term.strip()!r}"
+                )
             values = tuple(_check_value(value.strip(), term) for value in found["values"].split(","))
             requirements.append(Requirement(_check_key(found["key"], term), found["op"], values))
             continue
@@ -190,6 +195,8 @@ class ReportFilter:
     until: datetime | None = None
 
     def problems(self) -> tuple[str, ...]:
+        if self.namespace is not None and not _NAMESPACE.match(self.namespace):
+            return (f"--namespace {self.namespace!r}: not a namespace name (lowercase letters, digits and '-')",)
         if self.since is not None and self.until is not None and self.until <= self.since:
             return (f"--until {self.until.isoformat()} is not after --since {self.since.isoformat()}",)
         return ()
@@ -709,9 +716,16 @@ async def load_records(db: str, report_filter: ReportFilter | None = None) -> tu
     registry's schema; namespace and time window are applied in SQL, the selector here.
     """
     from vk_provider.registry import migrate, open_registry
+    from vk_provider.registry.engine import sqlite_file
 
-    if "://" not in db and db != ":memory:" and not Path(db).expanduser().is_file():
-        raise ReportError(f"no registry database at {db}")
+    if not db:
+        raise ReportError("no registry database given (--db is empty)")
+    try:
+        file = sqlite_file(db)
+    except ValueError as exc:
+        raise ReportError(f"registry database {db}: {exc}") from None
+    if file is not None and not file.is_file():  # reading must never create it
+        raise ReportError(f"no registry database at {file}")
     chosen = report_filter or ReportFilter()
     try:
         revision = await migrate.current(db)

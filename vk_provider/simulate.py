@@ -37,8 +37,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from vk_provider.catalogs import CatalogError, load_catalogs
 from vk_provider.controllers.puller import Puller, PullFailed
 from vk_provider.domain.annotations import base36_digest
@@ -49,6 +47,7 @@ from vk_provider.domain.pullmodel import PullPolicy, PullSettings, plan_pod_pull
 from vk_provider.domain.records import CacheOutcome, ImagePullRecord, PodStartRecord
 from vk_provider.domain.resolver import Outcome, PodCacheFacts, Resolution, resolve
 from vk_provider.virtualtime import VirtualClock, run_virtual
+from vk_provider.yamlfile import YamlFileError, read_yaml
 
 WORKLOAD_VERSION = 1
 GIB = 1024**3
@@ -166,7 +165,11 @@ class _Problems:
 
 
 def _kind(value: object) -> str:
-    return "nothing" if value is None else type(value).__name__
+    if value is None:
+        return "nothing"
+    if isinstance(value, list | dict) and not value:
+        return f"an empty {type(value).__name__}"
+    return type(value).__name__
 
 
 def parse_duration(value: object) -> float | None:
@@ -530,15 +533,9 @@ def load_workload(path: str | Path) -> WorkloadSpec:
     """Read and parse a workload file; every problem is a :class:`WorkloadError` naming the file."""
     file = Path(path)
     try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise WorkloadError(f"cannot read workload file {path}: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise WorkloadError(f"workload file {path}{where}: invalid YAML") from None
+        data = read_yaml(file, "workload file")
+    except YamlFileError as exc:
+        raise WorkloadError(str(exc)) from None
     return parse_workload(data, source=str(path), base_dir=file.resolve().parent)
 
 

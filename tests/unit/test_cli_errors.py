@@ -91,3 +91,19 @@ def test_invalid_settings_file(tmp_path: Path, settings_text: str, needles: tupl
 def test_missing_settings_file(tmp_path: Path) -> None:
     proc = run_cli("run", "--config", str(tmp_path / "nope.yaml"), cwd=tmp_path)
     assert_one_line_error(proc, "cannot read settings file")
+
+
+@pytest.mark.parametrize(
+    ("flags", "needles"),
+    [
+        (["--time-scale", "inf"], ("--time-scale must be a positive number",)),
+        (["--time-scale", "0"], ("--time-scale must be a positive number",)),
+        (["--db", "x.db"], ("demo keeps its registry in its work directory", "--workdir")),
+    ],
+    ids=["infinite-time-scale", "zero-time-scale", "db"],
+)
+def test_demo_flags_refused_before_anything_starts(tmp_path: Path, flags: list[str], needles: tuple[str, ...]) -> None:
+    proc = run_cli("demo", *flags, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, *needles)
+    assert list(tmp_path.iterdir()) == []  # no database, no work directory, no control plane

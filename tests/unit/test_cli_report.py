@@ -149,6 +149,10 @@ def test_report_on_a_file_that_is_not_a_database(tmp_path: Path, capsys: pytest.
         (["--since", "yesterday"], ("--since 'yesterday': not an ISO 8601 time",)),
         (["--until", "2026-13-01"], ("--until",)),
         (["--since", "2026-01-02", "--until", "2026-01-01"], ("is not after --since",)),
+        (["--selector", "app in ()"], ("in needs at least one value in 'app in ()'",)),
+        (["--selector", "app notin ( )"], ("notin needs at least one value",)),
+        (["--namespace", ""], ("--namespace '': not a namespace name",)),
+        (["--namespace", "Shop"], ("--namespace 'Shop': not a namespace name",)),
     ],
 )
 def test_report_bad_filters(
@@ -175,7 +179,32 @@ def test_simulate_invalid_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str
     bad = tmp_path / "bad.yaml"
     bad.write_text("version: 1\npods: [\n")
     assert main(["simulate", str(bad), "--db", str(tmp_path / "x.db")]) == EXIT_USAGE
-    one_error(capsys, f"workload file {bad} line", "invalid YAML")
+    one_error(capsys, f"workload file {bad} line 3: expected the node content")  # the parser's own reason
+
+
+def test_simulate_workload_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(b"version: 1\nname: \xff\n")
+    assert main(["simulate", str(bad), "--db", str(tmp_path / "x.db")]) == EXIT_USAGE
+    one_error(capsys, f"workload file {bad}: not UTF-8 text")
+
+
+def test_simulate_catalog_that_is_not_utf8(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    catalog = tmp_path / "images.yaml"
+    catalog.write_bytes(b"images: \xfe\n")
+    work = tmp_path / "w.yaml"
+    work.write_text(f"version: 1\ncatalogs: [{catalog}]\npods:\n  - {{name: p, images: [nginx]}}\n")
+    assert main(["simulate", str(work), "--db", str(tmp_path / "x.db")]) == EXIT_USAGE
+    one_error(capsys, f"image catalog {catalog}: not UTF-8 text")
+
+
+def test_simulate_without_db_never_writes_the_agents_database(
+    workload: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["simulate", str(workload), "--no-chart"]) == EXIT_OK
+    assert (tmp_path / "vk-provider-sim.db").is_file()
+    assert not (tmp_path / "vk-provider.db").exists()
 
 
 def test_simulate_bad_field(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -209,3 +238,23 @@ def test_db_downgrade_to_an_unknown_revision(tmp_path: Path, capsys: pytest.Capt
 def test_db_current_on_a_missing_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["db", "current", "--db", str(tmp_path / "none.db")]) == EXIT_FAILURE
     one_error(capsys, "no registry database at")
+
+
+@pytest.mark.parametrize("command", [["report"], ["db", "current"], ["db", "downgrade", "base"]])
+def test_reading_never_creates_a_database_named_by_url(
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--db", "sqlite:///missing.db"]) == EXIT_FAILURE
+    one_error(capsys, "no registry database at missing.db")
+    assert not (tmp_path / "missing.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("command", "code"), [(["report"], EXIT_FAILURE), (["db", "current"], EXIT_USAGE), (["db", "upgrade"], EXIT_USAGE)]
+)
+def test_empty_or_unparsable_db(command: list[str], code: int, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*command, "--db", ""]) == code
+    one_error(capsys, "no registry database given (--db is empty)")
+    assert main([*command, "--db", "post gres://x"]) == code
+    one_error(capsys, "registry database post gres://x: not a path or a SQLAlchemy URL")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from vk_provider.config import ConfigError, Settings, load_settings
 
@@ -64,6 +68,15 @@ def test_env_dict_and_bool_and_float() -> None:
         ({"VK_PROVIDER_KUBELET_TLS_CERT_FILE": "/x.crt"}, "given together"),
         ({"VK_PROVIDER_LOG_LEVEL": "loud"}, "log_level"),
         ({"VK_PROVIDER_PODS_STATUS_SETTLE_SECONDS": "-1"}, "pods.status_settle_seconds must be between 0 and 10"),
+        ({"VK_PROVIDER_KUBE_QPS": "nan"}, "kube.qps must be a finite number"),
+        ({"VK_PROVIDER_CACHES_SWEEP_INTERVAL_SECONDS": "inf"}, "caches.sweep_interval_seconds must be a finite"),
+        ({"VK_PROVIDER_PULL_TIME_SCALE": "-inf"}, "pull.time_scale must be a finite number"),
+        ({"VK_PROVIDER_KUBE_MAX_BACKOFF_SECONDS": "-1"}, "kube.max_backoff_seconds must be positive"),
+        ({"VK_PROVIDER_NODE_LABELS": "{'bad key!': x}"}, "node.labels has an invalid label 'bad key!': the key's name"),
+        ({"VK_PROVIDER_NODE_LABELS": "{'Example.com/a': x}"}, "the key's prefix must be a lowercase DNS"),
+        ({"VK_PROVIDER_NODE_LABELS": "{zone: 'a b'}"}, "node.labels has an invalid label 'zone': the value"),
+        ({"VK_PROVIDER_KUBELET_BIND_ADDRESS": "not-an-ip"}, "kubelet.bind_address must be an IP address"),
+        ({"VK_PROVIDER_NODE_NAMEX": "x"}, "environment variable VK_PROVIDER_NODE_NAMEX: unknown setting node.namex"),
     ],
 )
 def test_invalid_values_name_the_setting(env: dict[str, str], message: str) -> None:
@@ -92,3 +105,48 @@ def test_bool_from_yaml_is_not_a_number(tmp_path: Path) -> None:
     f.write_text("node: {pods: true}\n")
     with pytest.raises(ConfigError, match="whole number"):
         load_settings(str(f), env={})
+
+
+def test_valid_labels_and_addresses_pass() -> None:
+    s = load_settings(
+        env={
+            "VK_PROVIDER_NODE_LABELS": "{example.com/zone: cn-hangzhou-b, tier: '', a_b.c-d: v.1_x}",
+            "VK_PROVIDER_KUBELET_BIND_ADDRESS": "::",
+        }
+    )
+    assert s.node.labels == {"example.com/zone": "cn-hangzhou-b", "tier": "", "a_b.c-d": "v.1_x"}
+    assert s.kubelet.bind_address == "::"
+
+
+def test_settings_file_that_is_not_utf8(tmp_path: Path) -> None:
+    f = tmp_path / "a.yaml"
+    f.write_bytes(b"node: {name: \xff\xfe}\n")
+    with pytest.raises(ConfigError, match=f"settings file {f}: not UTF-8 text"):
+        load_settings(str(f), env={})
+
+
+def _setting_names(cls: type, prefix: str = "") -> set[str]:
+    names: set[str] = set()
+    for f in dataclasses.fields(cls):
+        kind = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(kind):
+            names |= _setting_names(kind, f"{prefix}{f.name}.")  # type: ignore[arg-type]
+        else:
+            names.add(prefix + f.name)
+    return names
+
+
+def _file_names(data: dict[str, Any], prefix: str = "") -> set[str]:
+    names: set[str] = set()
+    for key, value in data.items():
+        if isinstance(value, dict) and value and prefix == "":
+            names |= _file_names(value, f"{key}.")
+        else:
+            names.add(prefix + key)
+    return names
+
+
+def test_example_file_spells_out_every_setting() -> None:
+    data = yaml.safe_load((Path(__file__).parents[2] / "config" / "agent.yaml").read_text())
+    missing = _setting_names(Settings) - _file_names(data)
+    assert not missing, f"config/agent.yaml does not document: {sorted(missing)}"

@@ -172,7 +172,7 @@ def test_files_that_cannot_be_read_or_parsed(tmp_path: Path) -> None:
         load_workload(tmp_path / "absent.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("pods: [\n")
-    with pytest.raises(WorkloadError, match=r"bad.yaml line \d+: invalid YAML"):
+    with pytest.raises(WorkloadError, match=r"bad.yaml line \d+: expected the node content"):
         load_workload(bad)
 
 
@@ -493,3 +493,10 @@ def test_a_cache_too_small_for_its_extracted_images_fails_its_build(tmp_path: Pa
     assert cache.phase is CachePhase.FAILED
     assert "more than the cache's imageCacheSize of 20 GiB" in cache.message
     assert [failure.reason for failure in result.failures] == ["ImageCacheNotComplete"]
+
+
+def test_an_empty_list_is_called_empty() -> None:
+    with pytest.raises(
+        WorkloadError, match=r"pods\[0\]\.images: must be a non-empty list of image references, got an empty list"
+    ):
+        workload([{**GOOD_POD, "images": []}])

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -55,6 +56,20 @@ def database_url(db: str) -> str:
         return f"sqlite+aiosqlite:///{Path(db).expanduser().resolve()}"
     scheme, rest = db.split("://", 1)
     return f"{_DRIVERS.get(scheme, scheme)}://{rest}"
+
+
+def sqlite_file(db: str) -> Path | None:
+    """The file a ``--db`` value names when it is a SQLite database on disk (a path or a sqlite URL).
+
+    Raises ValueError for a URL SQLAlchemy cannot parse.
+    """
+    try:
+        parsed = make_url(database_url(db))
+    except ArgumentError as exc:
+        raise ValueError(f"not a path or a SQLAlchemy URL: {exc}") from None
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database).expanduser()
 
 
 def is_sqlite(engine: AsyncEngine) -> bool:
