@@ -249,7 +249,8 @@ async def run(kubeconfig: str, count: int, rounds: int) -> None:
             print(
                 f"round {r}: minimal status {last['minimal']:.2f} s (through the agent's request path "
                 f"{last['lean']:.2f} s), kubelet status through the agent's request path {last['kubelet']:.2f} s, "
-                f"agent {last['agent']:.2f} s ({count / last['agent']:.0f} Pods/s)",
+                f"agent {last['agent']:.2f} s ({count / last['agent']:.0f} Pods/s); "
+                f"this round's ratio {last['agent'] / last['minimal']:.2f}",
                 flush=True,
             )
     seconds = {kind: median(s for s, _ in timed[kind]) for kind in kinds}
@@ -269,6 +270,10 @@ async def run(kubeconfig: str, count: int, rounds: int) -> None:
         print(f"CPU in the timed window, {labels[kind]}: {used}", flush=True)
     if cpu["minimal"] and cpu["agent"]:
         print(f"CPU ratio agent / minimal: {sum(cpu['agent'].values()) / sum(cpu['minimal'].values()):.2f}", flush=True)
+    # The figure is the ratio of the medians; the rounds' own ratios show how far one run can stray.
+    paired = sorted(a / m for (a, _), (m, _) in zip(timed["agent"], timed["minimal"], strict=True))
+    print(f"the rounds' own ratios (agent / minimal of the same round): {', '.join(f'{r:.2f}' for r in paired)}; "
+          f"median {median(paired):.2f}", flush=True)  # fmt: skip
     print(
         f"throughput ratio: {mine / base:.2f} "
         f"(agent {mine:.2f} s / minimal baseline {base:.2f} s for {count} Pods, medians of {rounds}; goal <= 1.25)"
