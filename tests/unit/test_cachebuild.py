@@ -166,6 +166,12 @@ def test_what_a_change_of_the_object_means(
     assert change == cb.Change(kind, is_refused)
 
 
+def test_the_same_images_in_another_order_are_no_change() -> None:
+    current = cache("c", NGINX, BUSYBOX)
+    assert cb.plan_change(current, CacheSpec((BUSYBOX, NGINX)), building=False) == cb.Change(ChangeKind.NONE, False)
+    assert cb.plan_change(current, CacheSpec((BUSYBOX,)), building=False).kind is ChangeKind.UPDATE
+
+
 def test_a_new_object_is_created() -> None:
     assert cb.plan_change(None, CacheSpec(SAME), building=False).kind is ChangeKind.CREATE
 
@@ -295,6 +301,21 @@ def test_lru_respects_keep_and_refuses_when_nothing_may_go() -> None:
     decision = cb.quota_decision(caches, automatic=True, quota=2, lru=True, keep=frozenset({"a"}))
     assert [c.name for c in decision.evict] == ["b"]
     assert cb.quota_decision(caches, automatic=True, quota=0, lru=True, keep=frozenset({"a"})).refusal
+
+
+def test_lru_never_evicts_a_cache_being_built_and_takes_failed_ones_first() -> None:
+    caches = [
+        cache("building", automatic=True, phase=CachePhase.CREATING, created_hours_ago=500),
+        cache("updating", automatic=True, phase=CachePhase.UPDATING, created_hours_ago=400),
+        cache("preparing", automatic=True, phase=CachePhase.PREPARING, created_hours_ago=300),
+        cache("ready-old", automatic=True, created_hours_ago=200),
+        cache("failed-new", automatic=True, phase=CachePhase.FAILED, created_hours_ago=1),
+    ]
+    decision = cb.quota_decision(caches, automatic=True, quota=5, lru=True)
+    assert [c.name for c in decision.evict] == ["failed-new"]
+    decision = cb.quota_decision(caches, automatic=True, quota=4, lru=True)
+    assert [c.name for c in decision.evict] == ["failed-new", "ready-old"]
+    assert cb.quota_decision(caches, automatic=True, quota=3, lru=True).refusal.startswith("QuotaFull")
 
 
 # ------------------------------------------------------------------ status

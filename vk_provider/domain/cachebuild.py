@@ -225,7 +225,8 @@ def refusal_message(phase: CachePhase) -> str:
 
 
 def images_match(cache: ImageCache, spec: CacheSpec) -> bool:
-    return [image.reference for image in cache.images] == list(spec.references)
+    """The same images, in any order: listing them in another order is no reason to rebuild."""
+    return sorted(image.reference for image in cache.images) == sorted(spec.references)
 
 
 # ------------------------------------------------------------------ building
@@ -328,15 +329,22 @@ class QuotaDecision:
     refusal: str = ""
 
 
-def _last_used(cache: ImageCache) -> tuple[datetime, datetime, str]:
-    return (cache.last_matched_at or cache.created_at, cache.created_at, cache.name)
+def _eviction_order(cache: ImageCache) -> tuple[bool, datetime, datetime, str]:
+    # Failed caches hold nothing a Pod can use: they go first; then the least recently used.
+    return (cache.phase is not CachePhase.FAILED, cache.last_matched_at or cache.created_at, cache.created_at,
+            cache.name)  # fmt: skip
+
+
+# Caches being built may not be evicted: Pods were just told they will get them (or share them).
+_BUILDING = frozenset({CachePhase.PREPARING, CachePhase.CREATING, CachePhase.UPDATING})
 
 
 def quota_decision(
     caches: Iterable[ImageCache], *, automatic: bool, quota: int, lru: bool, keep: frozenset[str] = frozenset()
 ) -> QuotaDecision:
     """Make room for one more cache of the kind ``automatic`` among ``caches`` (the cache to be
-    made is not among them). ``keep`` names caches that must not be evicted."""
+    made is not among them). ``keep`` names caches that must not be evicted, nor is a cache being
+    built; Failed caches are evicted before the least recently used."""
     same_kind = [cache for cache in caches if cache.automatic == automatic]
     excess = len(same_kind) + 1 - quota
     if excess <= 0:
@@ -347,7 +355,7 @@ def quota_decision(
             refusal=f"QuotaFull: the quota of {quota} {kind} image caches is used up "
             "(delete a cache, or turn on LRU elimination with caches.lru_for_manual)"
         )
-    candidates = sorted((c for c in same_kind if c.name not in keep), key=_last_used)
+    candidates = sorted((c for c in same_kind if c.name not in keep and c.phase not in _BUILDING), key=_eviction_order)
     if len(candidates) < excess:
         return QuotaDecision(refusal=f"QuotaFull: the quota of {quota} {kind} image caches is used up")
     return QuotaDecision(evict=tuple(candidates[:excess]))
