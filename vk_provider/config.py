@@ -24,13 +24,13 @@ from typing import Any, Literal
 import yaml
 
 from vk_provider import netinfo
+from vk_provider.domain.labels import is_label_name, is_label_value
 from vk_provider.domain.pullmodel import PullSettings
 from vk_provider.yamlfile import YamlFileError, read_yaml
 
 ENV_PREFIX = "VK_PROVIDER_"
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _DNS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
-_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")  # a label value; a key's name part
 
 
 class ConfigError(Exception):
@@ -402,9 +402,9 @@ def label_problem(key: str, value: str) -> str:
     prefix, slash, name = key.rpartition("/")
     if slash and (not prefix or len(prefix) > 253 or not _DNS_NAME.match(prefix)):
         return "the key's prefix must be a lowercase DNS subdomain"
-    if not name or len(name) > 63 or not _LABEL_NAME.match(name):
+    if not is_label_name(name):
         return "the key's name must be 1-63 letters, digits, '-', '_' or '.', starting and ending alphanumeric"
-    if len(value) > 63 or not _LABEL_NAME.match(value):
+    if not is_label_value(value):
         return "the value must be at most 63 letters, digits, '-', '_' or '.', starting and ending alphanumeric"
     return ""
 

@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vk_provider.domain.labels import is_label_name, is_label_value
 from vk_provider.domain.records import CacheOutcome, PodStartRecord
 
 PERCENTILE_METHOD = "nearest-rank"
@@ -61,8 +62,7 @@ class ReportError(ValueError):
 
 # ---- filters -----------------------------------------------------------------------------------
 
-_KEY_RE = re.compile(r"^([a-z0-9A-Z]([-a-z0-9A-Z_.]*[a-z0-9A-Z])?/)?[a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?$")
-_VALUE_RE = re.compile(r"^([a-zA-Z0-9]([-a-zA-Z0-9_.]*[a-zA-Z0-9])?)?$")
+_KEY_PREFIX = re.compile(r"^[a-z0-9A-Z]([-a-z0-9A-Z_.]*[a-z0-9A-Z])?$")
 _NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _SET_RE = re.compile(r"^\s*(?P<key>[^\s!=()]+)\s+(?P<op>in|notin)\s*\((?P<values>[^()]*)\)\s*$")
 
@@ -129,13 +129,14 @@ def _split_terms(text: str) -> list[str]:
 
 
 def _check_key(key: str, term: str) -> str:
-    if not _KEY_RE.match(key) or len(key.rsplit("/", 1)[-1]) > 63:
+    prefix, slash, name = key.rpartition("/")
+    if (slash and not _KEY_PREFIX.match(prefix)) or not is_label_name(name):
         raise ReportError(f"label selector {term.strip()!r}: invalid label key {key!r}")
     return key
 
 
 def _check_value(value: str, term: str) -> str:
-    if len(value) > 63 or not _VALUE_RE.match(value):
+    if not is_label_value(value):
         raise ReportError(f"label selector {term.strip()!r}: invalid label value {value!r}")
     return value
 

@@ -40,7 +40,7 @@ from typing import Any
 from vk_provider.catalogs import CatalogError, load_catalogs
 from vk_provider.controllers.puller import Puller, PullFailed
 from vk_provider.domain.annotations import base36_digest
-from vk_provider.domain.catalog import Catalog, manifest_for
+from vk_provider.domain.catalog import Catalog, kind_of, manifest_for
 from vk_provider.domain.images import InvalidReference, parse_reference
 from vk_provider.domain.model import CachedImage, CachePhase, ImageCache, ImageManifest
 from vk_provider.domain.pullmodel import PullPolicy, PullSettings, plan_pod_pull
@@ -164,14 +164,6 @@ class _Problems:
         self.found.append(f"{where}: {message}")
 
 
-def _kind(value: object) -> str:
-    if value is None:
-        return "nothing"
-    if isinstance(value, list | dict) and not value:
-        return f"an empty {type(value).__name__}"
-    return type(value).__name__
-
-
 def parse_duration(value: object) -> float | None:
     """Seconds from a number or a string like ``90s``, ``1h30m``, ``250ms``, ``2d``; None if invalid
     or negative."""
@@ -204,7 +196,7 @@ def _string_map(raw: object, where: str, problems: _Problems) -> tuple[tuple[str
     if raw is None:
         return ()
     if not isinstance(raw, dict):
-        problems.add(where, f"must be a mapping of strings, got {_kind(raw)}")
+        problems.add(where, f"must be a mapping of strings, got {kind_of(raw)}")
         return ()
     out: list[tuple[str, str]] = []
     for key, value in raw.items():
@@ -219,14 +211,14 @@ def _string_map(raw: object, where: str, problems: _Problems) -> tuple[tuple[str
 
 def _images(raw: object, where: str, problems: _Problems, maximum: int | None = None) -> tuple[str, ...]:
     if not isinstance(raw, list) or not raw:
-        problems.add(where, f"must be a non-empty list of image references, got {_kind(raw)}")
+        problems.add(where, f"must be a non-empty list of image references, got {kind_of(raw)}")
         return ()
     if maximum is not None and len(raw) > maximum:
         problems.add(where, f"at most {maximum} images, got {len(raw)}")
     images: list[str] = []
     for index, image in enumerate(raw):
         if not isinstance(image, str):
-            problems.add(f"{where}[{index}]", f"must be an image reference, got {_kind(image)}")
+            problems.add(f"{where}[{index}]", f"must be an image reference, got {kind_of(image)}")
             continue
         parsed = parse_reference(image)
         if isinstance(parsed, InvalidReference):
@@ -275,7 +267,7 @@ def _name_field(raw: Mapping[str, Any], where: str, problems: _Problems) -> str:
 
 def _parse_cache(raw: object, where: str, problems: _Problems) -> CacheSpec | None:
     if not isinstance(raw, dict):
-        problems.add(where, f"must be a mapping, got {_kind(raw)}")
+        problems.add(where, f"must be a mapping, got {kind_of(raw)}")
         return None
     _unknown(raw, ("name", "id", "images", "size_gib", "at", "build", "retention_days", "labels"), where, problems)
     name = _name_field(raw, where, problems)
@@ -306,7 +298,7 @@ def _parse_arrival(raw: object, count: int | None, where: str, problems: _Proble
     if raw is None:
         return Arrival()
     if not isinstance(raw, dict):
-        problems.add(where, f"must be a mapping (at, times, interval or rate), got {_kind(raw)}")
+        problems.add(where, f"must be a mapping (at, times, interval or rate), got {kind_of(raw)}")
         return Arrival()
     _unknown(raw, ("at", "start", "times", "interval", "rate"), where, problems)
     chosen = [key for key in ("at", "times", "interval", "rate") if key in raw]
@@ -318,7 +310,7 @@ def _parse_arrival(raw: object, count: int | None, where: str, problems: _Proble
     if "times" in raw:
         listed = raw["times"]
         if not isinstance(listed, list) or not listed:
-            problems.add(f"{where}.times", f"must be a non-empty list of seconds, got {_kind(listed)}")
+            problems.add(f"{where}.times", f"must be a non-empty list of seconds, got {kind_of(listed)}")
             return Arrival(start)
         times: list[float] = []
         for index, value in enumerate(listed):
@@ -347,7 +339,7 @@ def _parse_arrival(raw: object, count: int | None, where: str, problems: _Proble
 
 def _parse_group(raw: object, where: str, problems: _Problems) -> PodGroupSpec | None:
     if not isinstance(raw, dict):
-        problems.add(where, f"must be a mapping, got {_kind(raw)}")
+        problems.add(where, f"must be a mapping, got {kind_of(raw)}")
         return None
     _unknown(
         raw,
@@ -392,7 +384,7 @@ def _parse_pull(raw: object, problems: _Problems) -> PullSettings:
     if raw is None:
         return PullSettings()
     if not isinstance(raw, dict):
-        problems.add("pull", f"must be a mapping of pull settings, got {_kind(raw)}")
+        problems.add("pull", f"must be a mapping of pull settings, got {kind_of(raw)}")
         return PullSettings()
     if "time_scale" in raw:
         problems.add("pull.time_scale", "not used by simulate: it runs on virtual time, a day takes seconds")
@@ -440,7 +432,7 @@ def parse_workload(data: object, source: str = "workload", base_dir: Path | None
     """
     problems = _Problems()
     if not isinstance(data, dict):
-        raise WorkloadError(f"{source}: must be a YAML mapping with 'version: 1' and 'pods', got {_kind(data)}")
+        raise WorkloadError(f"{source}: must be a YAML mapping with 'version: 1' and 'pods', got {kind_of(data)}")
     _unknown(data, _TOP_FIELDS, "", problems)
     if data.get("version") != WORKLOAD_VERSION:
         problems.add("version", f"must be {WORKLOAD_VERSION}, got {data.get('version')!r}")
@@ -482,7 +474,7 @@ def parse_workload(data: object, source: str = "workload", base_dir: Path | None
     caches: list[CacheSpec] = []
     caches_raw = data.get("caches", [])
     if not isinstance(caches_raw, list):
-        problems.add("caches", f"must be a list, got {_kind(caches_raw)}")
+        problems.add("caches", f"must be a list, got {kind_of(caches_raw)}")
         caches_raw = []
     for index, raw in enumerate(caches_raw):
         parsed_cache = _parse_cache(raw, f"caches[{index}]", problems)
@@ -494,7 +486,7 @@ def parse_workload(data: object, source: str = "workload", base_dir: Path | None
     groups: list[PodGroupSpec] = []
     pods_raw = data.get("pods")
     if not isinstance(pods_raw, list) or not pods_raw:
-        problems.add("pods", f"must be a non-empty list of Pod groups, got {_kind(pods_raw)}")
+        problems.add("pods", f"must be a non-empty list of Pod groups, got {kind_of(pods_raw)}")
         pods_raw = []
     for index, raw in enumerate(pods_raw):
         group = _parse_group(raw, f"pods[{index}]", problems)

@@ -97,7 +97,7 @@ def parse_catalog(data: object, source: str = "catalog") -> Catalog:
     if data is None:
         return Catalog()
     if not isinstance(data, Mapping):
-        problem("", "", f"the catalog must be a mapping with an 'images' key, got {_kind(data)}")
+        problem("", "", f"the catalog must be a mapping with an 'images' key, got {kind_of(data)}")
         return Catalog(problems=tuple(problems))
     for key in data:
         if key not in ("version", "images") and not (isinstance(key, str) and key.startswith("x-")):
@@ -110,7 +110,7 @@ def parse_catalog(data: object, source: str = "catalog") -> Catalog:
     if entries is None:
         entries = {}
     if not isinstance(entries, Mapping):
-        problem("", "images", f"must be a mapping of image reference to manifest, got {_kind(entries)}")
+        problem("", "images", f"must be a mapping of image reference to manifest, got {kind_of(entries)}")
         return Catalog(problems=tuple(problems))
 
     images: dict[str, ImageManifest] = {}
@@ -208,7 +208,7 @@ def _parse_image(
     problem: _Report,
 ) -> ImageManifest | None:
     if not isinstance(entry, Mapping):
-        problem("", f"must be a mapping with 'layers', got {_kind(entry)}")
+        problem("", f"must be a mapping with 'layers', got {kind_of(entry)}")
         return None
     for key in entry:
         if key not in _IMAGE_KEYS:
@@ -217,10 +217,10 @@ def _parse_image(
     if not isinstance(approximate, bool):
         problem("approximate", f"must be true or false, got {approximate!r}")
     if "note" in entry and not isinstance(entry["note"], str):
-        problem("note", f"must be text, got {_kind(entry['note'])}")
+        problem("note", f"must be text, got {kind_of(entry['note'])}")
     raw_layers = entry.get("layers")
     if not isinstance(raw_layers, list) or not raw_layers:
-        problem("layers", f"must be a non-empty list of layers, got {_kind(raw_layers)}")
+        problem("layers", f"must be a non-empty list of layers, got {kind_of(raw_layers)}")
         return None
     layers: list[Layer] = []
     for index, raw_layer in enumerate(raw_layers):
@@ -241,7 +241,7 @@ def _parse_image(
 
 def _parse_layer(raw: object, where: str, problem: _Report) -> Layer | None:
     if not isinstance(raw, Mapping):
-        problem(where, f"must be a mapping with digest, size and uncompressed_size, got {_kind(raw)}")
+        problem(where, f"must be a mapping with digest, size and uncompressed_size, got {kind_of(raw)}")
         return None
     ok = True
     for key in raw:
@@ -300,5 +300,10 @@ def _layers_conflict(
     return conflict
 
 
-def _kind(value: object) -> str:
-    return "nothing" if value is None else type(value).__name__
+def kind_of(value: object) -> str:
+    """What a user wrote where something else was expected, for an error message: "list", "an empty dict"."""
+    if value is None:
+        return "nothing"
+    if isinstance(value, list | dict) and not value:
+        return f"an empty {type(value).__name__}"
+    return type(value).__name__

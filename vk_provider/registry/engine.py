@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -67,9 +67,15 @@ def sqlite_file(db: str) -> Path | None:
         parsed = make_url(database_url(db))
     except ArgumentError as exc:
         raise ValueError(f"not a path or a SQLAlchemy URL: {exc}") from None
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+    return _file_of(parsed)
+
+
+def _file_of(url: URL) -> Path | None:
+    # The path as SQLite opens it: a plain --db path was made absolute (and ~ expanded) by
+    # database_url; a URL's path is taken as written.
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         return None
-    return Path(parsed.database).expanduser()
+    return Path(url.database)
 
 
 def is_sqlite(engine: AsyncEngine) -> bool:
@@ -80,8 +86,9 @@ def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
     """An AsyncEngine for ``url`` (see ``database_url``); for SQLite, with the pragmas above."""
     url = database_url(url)
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    file = _file_of(parsed)
+    if file is not None:
+        file.parent.mkdir(parents=True, exist_ok=True)
     if parsed.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
     engine = create_async_engine(url, **kwargs)

@@ -1,0 +1,20 @@
+"""Kubernetes label syntax. PURE.
+
+A label value, and the name part of a label key, are at most 63 letters, digits, '-', '_' or '.',
+starting and ending with a letter or digit (a value may also be empty).
+"""
+
+from __future__ import annotations
+
+import re
+
+_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+
+
+def is_label_value(value: str) -> bool:
+    return len(value) <= 63 and _NAME.match(value) is not None
+
+
+def is_label_name(name: str) -> bool:
+    """The part of a label key after its optional ``prefix/``."""
+    return bool(name) and is_label_value(name)
