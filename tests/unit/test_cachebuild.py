@@ -303,7 +303,7 @@ def test_lru_respects_keep_and_refuses_when_nothing_may_go() -> None:
     assert cb.quota_decision(caches, automatic=True, quota=0, lru=True, keep=frozenset({"a"})).refusal
 
 
-def test_lru_never_evicts_a_cache_being_built_and_takes_failed_ones_first() -> None:
+def test_lru_never_evicts_a_cache_being_built_and_failed_caches_take_no_slot() -> None:
     caches = [
         cache("building", automatic=True, phase=CachePhase.CREATING, created_hours_ago=500),
         cache("updating", automatic=True, phase=CachePhase.UPDATING, created_hours_ago=400),
@@ -311,11 +311,18 @@ def test_lru_never_evicts_a_cache_being_built_and_takes_failed_ones_first() -> N
         cache("ready-old", automatic=True, created_hours_ago=200),
         cache("failed-new", automatic=True, phase=CachePhase.FAILED, created_hours_ago=1),
     ]
-    decision = cb.quota_decision(caches, automatic=True, quota=5, lru=True)
-    assert [c.name for c in decision.evict] == ["failed-new"]
+    assert cb.quota_decision(caches, automatic=True, quota=5, lru=True) == cb.QuotaDecision()
     decision = cb.quota_decision(caches, automatic=True, quota=4, lru=True)
-    assert [c.name for c in decision.evict] == ["failed-new", "ready-old"]
+    assert [c.name for c in decision.evict] == ["ready-old"]
     assert cb.quota_decision(caches, automatic=True, quota=3, lru=True).refusal.startswith("QuotaFull")
+
+
+def test_a_manual_cache_refused_for_the_quota_does_not_keep_the_next_one_out() -> None:
+    ready = [cache("a", created_hours_ago=3), cache("b", created_hours_ago=2)]
+    refused = cache("c", phase=CachePhase.FAILED, created_hours_ago=1)
+    assert cb.quota_decision([*ready, refused], automatic=False, quota=2, lru=False).refusal.startswith("QuotaFull")
+    # One Ready cache deleted: the refused one does not hold the freed slot.
+    assert cb.quota_decision([ready[1], refused], automatic=False, quota=2, lru=False) == cb.QuotaDecision()
 
 
 # ------------------------------------------------------------------ status

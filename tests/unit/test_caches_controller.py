@@ -480,6 +480,29 @@ async def test_automatic_caches_at_quota_evict_the_least_recently_used() -> None
     assert first not in w.store.rows
 
 
+async def test_a_failed_automatic_cache_is_not_made_again_for_the_same_images(world: World) -> None:
+    auto = {AUTO_IMAGE_CACHE_SEED: "true"}
+    first = await world.manager.resolve(pod("a", ["nowhere/nothing:1"], auto))
+    assert [e.reason for e in first.events] == ["ImageCacheMissed", "ImageCacheAutoCreated"]
+    await world.deliver_created()
+    await world.clock.advance(1)
+    (failed,) = world.controller.caches.values()
+    assert failed.phase is CachePhase.FAILED
+    # The rest of the Deployment: no cache per Pod, each failing the same way.
+    for name in ("b", "c"):
+        decision = await world.manager.resolve(pod(name, ["nowhere/nothing:1"], auto))
+        assert decision.outcome == "miss"
+        assert [e.reason for e in decision.events] == ["ImageCacheMissed"]
+        assert failed.imc_id in decision.explanation
+        assert "cannot be resolved" in decision.explanation  # the build's own reason
+    assert world.api.created == []
+    assert list(world.controller.caches) == [failed.name]
+    # Deleted (or expired), it no longer stands in the way.
+    await world.controller.remove(failed.name)
+    again = await world.manager.resolve(pod("d", ["nowhere/nothing:1"], auto))
+    assert [e.reason for e in again.events] == ["ImageCacheMissed", "ImageCacheAutoCreated"]
+
+
 async def test_an_automatic_cache_that_cannot_be_created_is_forgotten(world: World) -> None:
     auto = {AUTO_IMAGE_CACHE_SEED: "true"}
 

@@ -323,11 +323,20 @@ CASES = [
         pod(annotations={AUTO_IMC: "true"}),
         (
             cache("imc-expired", (NGINX, MB), expires_in_hours=-2),
-            cache("imc-failed", (NGINX, MB), phase=CachePhase.FAILED, automatic=True),
+            cache("imc-failed", (NGINX, MB), phase=CachePhase.FAILED),
+            cache("imc-updating", (NGINX, MB), phase=CachePhase.UPDATING),
         ),
         Outcome.MISS,
         (MISSED, auto_created(AUTO_ID)),
         to_pull=(NGINX,),
+    ),
+    Case(
+        "no automatic cache while one of the same images has failed to build",
+        pod(("redis:7", "nginx:1.7.9"), annotations={AUTO_IMC: "true"}),
+        (cache("imc-failed", (NGINX, MB), (REDIS, MB), phase=CachePhase.FAILED, automatic=True, expires_in_hours=20),),
+        Outcome.MISS,
+        (MISSED,),
+        to_pull=(REDIS, NGINX),
     ),
     Case(
         "a miss shares the automatic cache being built with the same images",
@@ -362,6 +371,37 @@ def test_resolve(case: Case) -> None:
     assert resolution.failure_reason == (case.outcome.value if case.outcome.is_failure else None)
 
 
+def failed_auto(images: tuple[tuple[str, int], ...], *, expires_in_hours: int = 20, message: str = "") -> ImageCache:
+    return replace(
+        cache("imc-failed", *images, phase=CachePhase.FAILED, automatic=True, expires_in_hours=expires_in_hours),
+        message=message,
+    )
+
+
+def test_a_failed_automatic_cache_stops_more_of_the_same_until_it_goes() -> None:
+    facts = pod(("nginx:1.7.9",), annotations={AUTO_IMC: "true"})
+    failed = failed_auto(((NGINX, MB),), message="the images need 41 GiB; the cache holds 30 GiB")
+    resolution = resolve(facts, [failed], NOW, default_auto=False)
+    assert resolution.auto_create is None
+    assert resolution.shared_with is None
+    assert "imc-failed" in resolution.explanation
+    assert "41 GiB" in resolution.explanation
+    assert "deleting it lets the next Pod try again" in resolution.explanation
+    # Once it has expired (or is deleted), or for another image set, a cache is created again.
+    assert resolve(facts, [failed_auto(((NGINX, MB),), expires_in_hours=-1)], NOW, default_auto=False).auto_create
+    assert resolve(facts, [], NOW, default_auto=False).auto_create
+    other = failed_auto(((NGINX, MB), (REDIS, MB)))
+    assert resolve(facts, [other], NOW, default_auto=False).auto_create
+
+
+def test_a_cache_refused_for_the_quota_does_not_stop_the_next_automatic_one() -> None:
+    facts = pod(("nginx:1.7.9",), annotations={AUTO_IMC: "true"})
+    refused = failed_auto(((NGINX, MB),), message="QuotaFull: the quota of 100 automatic image caches is used up")
+    resolution = resolve(facts, [refused], NOW, default_auto=False)
+    assert resolution.auto_create is not None
+    assert resolution.auto_create.images == (NGINX,)
+
+
 def test_auto_create_spec_on_a_miss() -> None:
     facts = pod(("busybox:1.36", "redis:7", "docker.io/library/redis:7"), annotations={AUTO_IMC: "true"})
     resolution = resolve(facts, [READY_NGINX], NOW, default_auto=False)
@@ -380,7 +420,7 @@ def test_auto_create_spec_on_a_miss() -> None:
 @pytest.mark.parametrize(
     "building",
     [
-        pytest.param(cache("imc-x", (NGINX, MB), phase=CachePhase.FAILED, automatic=True), id="failed"),
+        pytest.param(cache("imc-x", (NGINX, MB), phase=CachePhase.FAILED), id="failed-manual"),
         pytest.param(cache("imc-x", (NGINX, MB), phase=CachePhase.UPDATE_FAILED, automatic=True), id="update-failed"),
         pytest.param(
             cache("imc-x", (NGINX, MB), phase=CachePhase.CREATING, automatic=True, expires_in_hours=-1), id="expired"

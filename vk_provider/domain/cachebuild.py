@@ -20,7 +20,8 @@ Decisions beyond ECI's documentation:
 - A change of ``spec.images`` while the cache is not Ready or UpdateFailed is refused: the
   object keeps the new spec, the cache keeps its images, and ``status.message`` says why.
 - Quotas: automatic caches at quota evict the least recently used automatic caches; manual
-  caches at quota fail with ``QuotaFull`` unless LRU elimination is on for them too.
+  caches at quota fail with ``QuotaFull`` unless LRU elimination is on for them too. Failed
+  caches take no slot (a decision: they hold no snapshot, and expire 24 h after failing).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from vk_provider.domain.images import InvalidReference, parse_reference
-from vk_provider.domain.model import CachePhase, ImageCache, ImageManifest
+from vk_provider.domain.model import QUOTA_FULL, CachePhase, ImageCache, ImageManifest
 from vk_provider.domain.records import MAX_CACHE_EVENTS, CacheEvent
 
 GIB = 1 << 30
@@ -329,10 +330,9 @@ class QuotaDecision:
     refusal: str = ""
 
 
-def _eviction_order(cache: ImageCache) -> tuple[bool, datetime, datetime, str]:
-    # Failed caches hold nothing a Pod can use: they go first; then the least recently used.
-    return (cache.phase is not CachePhase.FAILED, cache.last_matched_at or cache.created_at, cache.created_at,
-            cache.name)  # fmt: skip
+def _eviction_order(cache: ImageCache) -> tuple[datetime, datetime, str]:
+    # The least recently used first (never matched: by creation).
+    return cache.last_matched_at or cache.created_at, cache.created_at, cache.name
 
 
 # Caches being built may not be evicted: Pods were just told they will get them (or share them).
@@ -344,20 +344,21 @@ def quota_decision(
 ) -> QuotaDecision:
     """Make room for one more cache of the kind ``automatic`` among ``caches`` (the cache to be
     made is not among them). ``keep`` names caches that must not be evicted, nor is a cache being
-    built; Failed caches are evicted before the least recently used."""
-    same_kind = [cache for cache in caches if cache.automatic == automatic]
+    built. Failed caches hold no snapshot and take no slot (they expire 24 h after failing): a
+    refused cache does not keep the next one out once a slot is free."""
+    same_kind = [cache for cache in caches if cache.automatic == automatic and cache.phase is not CachePhase.FAILED]
     excess = len(same_kind) + 1 - quota
     if excess <= 0:
         return QuotaDecision()
     kind = "automatic" if automatic else "manual"
     if not lru:
         return QuotaDecision(
-            refusal=f"QuotaFull: the quota of {quota} {kind} image caches is used up "
+            refusal=f"{QUOTA_FULL}: the quota of {quota} {kind} image caches is used up "
             "(delete a cache, or turn on LRU elimination with caches.lru_for_manual)"
         )
     candidates = sorted((c for c in same_kind if c.name not in keep and c.phase not in _BUILDING), key=_eviction_order)
     if len(candidates) < excess:
-        return QuotaDecision(refusal=f"QuotaFull: the quota of {quota} {kind} image caches is used up")
+        return QuotaDecision(refusal=f"{QUOTA_FULL}: the quota of {quota} {kind} image caches is used up")
     return QuotaDecision(evict=tuple(candidates[:excess]))
 
 

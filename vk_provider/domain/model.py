@@ -55,6 +55,10 @@ class CachePhase(enum.StrEnum):
     UPDATE_FAILED = "UpdateFailed"
 
 
+# The first word of the message of a cache refused because its kind's quota was used up.
+QUOTA_FULL = "QuotaFull"
+
+
 @dataclass(frozen=True, slots=True)
 class CachedImage:
     """An image held by a cache: its normalised reference, digest and compressed size."""

@@ -16,6 +16,11 @@ Decisions beyond ECI's documentation:
   (Preparing/Creating/Updating, unexpired) is shared instead of creating another one, so a burst
   of Pods with the same images makes one cache. The caller must make a cache it creates visible
   to later ``resolve`` calls (resolve and create serially) for this to work.
+- On a miss, no automatic cache is created while an automatic cache with exactly the Pod's image
+  set has failed to build and has not expired (Failed caches are kept 24 h): building the same
+  images again would fail again, and a Deployment of such Pods would otherwise leave one Failed
+  cache per Pod. Deleting the Failed cache lets the next Pod try again. A cache refused for the
+  quota (``QuotaFull``) does not count: the quota may have room by the next Pod.
 - The automatic cache's id is derived from the Pod's instance id, so the ``ImageCacheAutoCreated``
   Event can be decided here; the caller creates the cache with ``AutoCreateSpec.imc_id``.
 - No automatic cache is created for a Pod with no valid images, or with more images than a cache
@@ -41,7 +46,7 @@ from vk_provider.domain.annotations import (
 )
 from vk_provider.domain.images import ImageRef, InvalidReference, matches, parse_reference, shorten
 from vk_provider.domain.matching import MatchResult, format_bytes, rank_caches
-from vk_provider.domain.model import CachePhase, ImageCache
+from vk_provider.domain.model import QUOTA_FULL, CachePhase, ImageCache
 
 EVENT_SOURCE = "EciService"
 INVALID_ANNOTATION_REASON = "InvalidImageCacheAnnotation"
@@ -211,7 +216,15 @@ def resolve(
         )
 
     auto_create: AutoCreateSpec | None = None
-    if not all_refs:
+    failed = _failed_cache_with(frozenset(all_refs), caches, now) if all_refs else None
+    if failed is not None:
+        until = f" until {failed.expires_at:%Y-%m-%d %H:%M} UTC" if failed.expires_at else ""
+        why = f" ({failed.message})" if failed.message else ""
+        tail = (
+            f"no automatic cache created: {failed.imc_id}, an automatic cache of the same images, "
+            f"failed to build{why}; it is kept{until}, and deleting it lets the next Pod try again"
+        )
+    elif not all_refs:
         tail = "no automatic cache created: the Pod has no valid images"
     elif len(all_refs) > MAX_CACHE_IMAGES:
         tail = f"no automatic cache created: {len(all_refs)} images exceed the {MAX_CACHE_IMAGES} a cache holds"
@@ -336,9 +349,30 @@ def _building_cache_with(refs: frozenset[str], caches: Sequence[ImageCache], now
     for cache in caches:
         if not cache.automatic or cache.phase not in _BUILDING_PHASES or cache.is_expired(now):
             continue
-        if len(cache.images) < len(refs) or frozenset(image.reference for image in cache.images) != refs:
+        if not _holds_exactly(cache, refs):
             continue
         if best is None or (cache.created_at, cache.imc_id) < (best.created_at, best.imc_id):
+            best = cache
+    return best
+
+
+def _holds_exactly(cache: ImageCache, refs: frozenset[str]) -> bool:
+    """Whether the cache's image set is ``refs`` (order and repeats aside)."""
+    return len(cache.images) >= len(refs) and frozenset(image.reference for image in cache.images) == refs
+
+
+def _failed_cache_with(refs: frozenset[str], caches: Sequence[ImageCache], now: datetime) -> ImageCache | None:
+    """The newest unexpired automatic cache with exactly ``refs`` whose build failed (not one
+    refused for the quota, which may have room by now)."""
+    best: ImageCache | None = None
+    for cache in caches:
+        if not cache.automatic or cache.phase is not CachePhase.FAILED or cache.is_expired(now):
+            continue
+        if cache.message.startswith(QUOTA_FULL):
+            continue
+        if not _holds_exactly(cache, refs):
+            continue
+        if best is None or (cache.created_at, cache.imc_id) > (best.created_at, best.imc_id):
             best = cache
     return best
 
