@@ -302,6 +302,67 @@ async def test_pull_errors(clock: FakeClock) -> None:
         assert h.api.last("fine")["phase"] == "Running"
 
 
+def two_containers(name: str, first_image: str) -> dict[str, Any]:
+    body = pod(name)
+    body["spec"]["containers"] = [{"name": "first", "image": first_image}, {"name": "second", "image": "nginx:1.7.9"}]
+    return body
+
+
+def container_states(status: dict[str, Any]) -> dict[str, str]:
+    """Each container's state (running, or the waiting reason)."""
+    return {
+        c["name"]: "running" if "running" in c["state"] else c["state"]["waiting"]["reason"]
+        for c in status["containerStatuses"]
+    }
+
+
+class Starts:
+    def __init__(self) -> None:
+        self.starts: list[PodStart] = []
+
+    async def record(self, start: PodStart) -> None:
+        self.starts.append(start)
+
+
+async def test_a_failing_image_does_not_hold_up_the_next_container(clock: FakeClock) -> None:
+    images = Images(clock, broken={"flaky": ImagePullError("ErrImagePull", "registry said no")})
+    h = Harness(clock, images)
+    h.ctl.records = records = Starts()
+    async with h.running():
+        await h.ctl.resync([two_containers("a", "flaky")])
+        # first: failed at 0 s, back-off 10 s; second: pulled, started at 11 s; first again at 11 s
+        # (its back-off is over), failed, back-off 20 s
+        await clock.advance(12)
+        status = h.api.last("a")
+        assert container_states(status) == {"first": "ImagePullBackOff", "second": "running"}
+        assert status["phase"] == "Pending"  # a container still waits, as the kubelet reports it
+        assert records.starts == []
+        images.broken.clear()  # the registry recovers: the retry at 31 s pulls (10 s), then starts (1 s)
+        await clock.advance(35)
+        status = h.api.last("a")
+        assert container_states(status) == {"first": "running", "second": "running"}
+        assert status["phase"] == "Running"
+        assert images.pulls == ["flaky", "nginx:1.7.9", "flaky", "flaky"]
+        (start,) = records.starts
+        assert start.startup_seconds == pytest.approx(42)
+        assert [image for image, _ in start.images] == ["nginx:1.7.9", "flaky"]
+        assert h.ctl.started_total == 1
+
+
+async def test_an_image_that_can_never_be_pulled_leaves_the_other_containers_running(clock: FakeClock) -> None:
+    bad = ImagePullError("InvalidImageName", "couldn't parse image reference", retry=False)
+    h = Harness(clock, Images(clock, broken={"bad": bad}))
+    h.ctl.records = records = Starts()
+    async with h.running():
+        await h.ctl.resync([two_containers("a", "bad")])
+        await clock.advance(60)
+        status = h.api.last("a")
+        assert container_states(status) == {"first": "InvalidImageName", "second": "running"}
+        assert status["phase"] == "Pending"
+        assert records.starts == []  # the Pod never started: nothing to compare
+        assert h.events.reasons("a") == ["Pulling", "InspectFailed", "Pulling", "Pulled", "Created", "Started"]
+
+
 async def test_room_freed_by_an_ended_pod_admits_the_next(clock: FakeClock) -> None:
     h = Harness(clock, Images(clock), pods=2)
     async with h.running():
@@ -356,16 +417,9 @@ async def test_a_pod_its_cache_fails_is_failed_and_recorded_as_failed(clock: Fak
             why = "The specified image cache imc-gone does not exist."
             return CacheDecision(failure=("ImageCacheNotFound", why), outcome="failed", imc_id="imc-gone")
 
-    class Records:
-        def __init__(self) -> None:
-            self.starts: list[PodStart] = []
-
-        async def record(self, start: PodStart) -> None:
-            self.starts.append(start)
-
     h = Harness(clock, Images(clock))
     h.ctl.caches = Caches()
-    h.ctl.records = records = Records()
+    h.ctl.records = records = Starts()
     taken = clock.now()
     async with h.running():
         await h.ctl.resync([pod("a"), pod("b")])

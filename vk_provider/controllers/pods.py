@@ -372,8 +372,12 @@ class PodController:
 # ------------------------------------------------------------------ one Pod
 
 
-class _Stop(Exception):
-    pass
+class _RetryPull(Exception):
+    """A pull failed; it may be tried again after ``delay`` simulated seconds."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__(delay)
+        self.delay = delay
 
 
 class PodWorker:
@@ -548,23 +552,59 @@ class PodWorker:
         for spec in f.init_containers:
             if not await self._run_init(spec, images, start):
                 return
+        # Like the kubelet's sync: each main container in order gets one try at pull, create and
+        # start; one whose image fails does not hold up the next (it waits out its back-off and
+        # tries again), and one whose image can never be pulled stays Waiting with the reason.
+        mains = f.main_containers
         started: list[ContainerSpec] = []
-        for spec in f.main_containers:
-            if not await self._pull_create_start(spec, images, start):
-                return  # an image that can never be pulled: the Pod stays Pending with the reason
-            started.append(spec)
-        started_at = clock.now()
-        start.started_at = started_at
+        retrying: list[tuple[ContainerSpec, float]] = []  # and when its back-off ends (loop time)
+        for spec in mains:
+            try:
+                if await self._pull_create_start(spec, images, start, attempt=0):
+                    started.append(spec)
+            except _RetryPull as retry:
+                retrying.append((spec, clock.monotonic() + retry.delay / self.ctl.timing.time_scale))
+        if len(started) == len(mains):
+            await self._all_started(start, t0)
+            if len(started) == 1:
+                await self._live(started[0], images)  # the usual Pod: no task of its own for gather to make
+                return
+        unstarted = [len(mains) - len(started)]
+        turn = asyncio.Lock()  # the retries pull one image at a time too
+
+        async def retry_then_live(spec: ContainerSpec, due: float) -> None:
+            attempt = 1
+            while True:
+                # The back-off counts from the failure, not from the end of the others' turns.
+                if due > clock.monotonic():
+                    await clock.sleep(due - clock.monotonic())
+                try:
+                    async with turn:
+                        if not await self._pull_create_start(spec, images, start, attempt=attempt):
+                            return
+                    break
+                except _RetryPull as retry:
+                    attempt, due = attempt + 1, clock.monotonic() + retry.delay / self.ctl.timing.time_scale
+            unstarted[0] -= 1
+            if unstarted[0] == 0 and len(started) + len(retrying) == len(mains):
+                await self._all_started(start, t0)
+            await self._live(spec, images)
+
+        await asyncio.gather(
+            *(self._live(spec, images) for spec in started),
+            *(retry_then_live(spec, due) for spec, due in retrying),
+        )
+
+    async def _all_started(self, start: PodStart, t0: float) -> None:
+        """Every main container has started: the Pod's start is complete and recorded."""
+        clock = self.ctl.clock
+        start.started_at = clock.now()
         # Simulated seconds from the node taking the Pod to all containers started. (The Pod's
         # creationTimestamp has whole-second precision, too coarse to add the watch delay before
         # the node saw the Pod once time runs faster than real time.)
         start.startup_seconds = (clock.monotonic() - t0) * self.ctl.timing.time_scale
         self.ctl.started_total += 1
         await self._record(start)
-        if len(started) == 1:
-            await self._live(started[0], images)  # the usual Pod: no task of its own for gather to make
-        else:
-            await asyncio.gather(*(self._live(spec, images) for spec in started))
 
     async def _record(self, start: PodStart) -> None:
         try:
@@ -593,63 +633,76 @@ class PodWorker:
 
     async def _pull(self, spec: ContainerSpec, images: PodImages, start: PodStart | None) -> ImageResult:
         """Pull until it works (with the kubelet's image back-off); raise only for hopeless cases."""
-        f = self.facts
-        path = container_field_path(spec.name, spec.init)
         attempt = 0
         while True:
             try:
-                if images.will_pull(spec):
-                    self.ctl.emit(f, "Pulling", f'Pulling image "{spec.image}"', field_path=path)
-                    self._log(spec.name, f'pulling image "{spec.image}"')
-                result = await images.pull(spec)
-            except ImagePullError as exc:
-                now = self.ctl.clock.now()
-                if exc.reason == "InvalidImageName":
-                    self.ctl.emit(f, "InspectFailed", exc.message, type="Warning", field_path=path)
-                    self._set(lc.waiting(self._state, spec.name, exc.reason, exc.message, now))
-                    raise
-                if exc.reason == "ErrImageNeverPull":
-                    self.ctl.emit(f, "ErrImageNeverPull", exc.message, type="Warning", field_path=path)
-                    self._set(lc.waiting(self._state, spec.name, exc.reason, exc.message, now))
-                    raise
-                self.ctl.emit(f, "Failed", f'Failed to pull image "{spec.image}": {exc.message}', type="Warning",
-                              field_path=path)  # fmt: skip
-                self.ctl.emit(f, "Failed", "Error: ErrImagePull", type="Warning", field_path=path)
-                self._set(lc.waiting(self._state, spec.name, "ErrImagePull", exc.message, now))
-                if not exc.retry:
-                    raise
+                return await self._pull_attempt(spec, images, start, attempt)
+            except _RetryPull as retry:
                 attempt += 1
-                delay = min(self.ctl.timing.pull_backoff_max, self.ctl.timing.pull_backoff_base * 2 ** (attempt - 1))
-                self.ctl.emit(f, "BackOff", f'Back-off pulling image "{spec.image}"', field_path=path)
-                self._set(
-                    lc.waiting(
-                        self._state,
-                        spec.name,
-                        "ImagePullBackOff",
-                        f'Back-off pulling image "{spec.image}"',
-                        self.ctl.clock.now(),
-                    )
-                )
-                await self._sleep(delay)
-                continue
-            if result.present:
-                message = f'Container image "{spec.image}" already present on machine'
-            else:
-                message = (
-                    f'Successfully pulled image "{spec.image}" in {result.seconds:.3f}s '
-                    f"({result.seconds:.3f}s including waiting). Image size: {result.size} bytes."
-                )
-            self.ctl.emit(f, "Pulled", message, field_path=path)
-            self._log(spec.name, message)
-            if start is not None:
-                start.images.append((spec.image, result))
-            return result
+                await self._sleep(retry.delay)
 
-    async def _pull_create_start(self, spec: ContainerSpec, images: PodImages, start: PodStart | None) -> bool:
+    async def _pull_attempt(
+        self, spec: ContainerSpec, images: PodImages, start: PodStart | None, attempt: int
+    ) -> ImageResult:
+        """One try (the ``attempt``-th retry); raises ImagePullError when it is hopeless, and
+        _RetryPull with the back-off to wait (the status then says ImagePullBackOff)."""
         f = self.facts
         path = container_field_path(spec.name, spec.init)
         try:
-            result = await self._pull(spec, images, start)
+            if images.will_pull(spec):
+                self.ctl.emit(f, "Pulling", f'Pulling image "{spec.image}"', field_path=path)
+                self._log(spec.name, f'pulling image "{spec.image}"')
+            result = await images.pull(spec)
+        except ImagePullError as exc:
+            now = self.ctl.clock.now()
+            if exc.reason == "InvalidImageName":
+                self.ctl.emit(f, "InspectFailed", exc.message, type="Warning", field_path=path)
+                self._set(lc.waiting(self._state, spec.name, exc.reason, exc.message, now))
+                raise
+            if exc.reason == "ErrImageNeverPull":
+                self.ctl.emit(f, "ErrImageNeverPull", exc.message, type="Warning", field_path=path)
+                self._set(lc.waiting(self._state, spec.name, exc.reason, exc.message, now))
+                raise
+            self.ctl.emit(f, "Failed", f'Failed to pull image "{spec.image}": {exc.message}', type="Warning",
+                          field_path=path)  # fmt: skip
+            self.ctl.emit(f, "Failed", "Error: ErrImagePull", type="Warning", field_path=path)
+            self._set(lc.waiting(self._state, spec.name, "ErrImagePull", exc.message, now))
+            if not exc.retry:
+                raise
+            delay = min(self.ctl.timing.pull_backoff_max, self.ctl.timing.pull_backoff_base * 2**attempt)
+            self.ctl.emit(f, "BackOff", f'Back-off pulling image "{spec.image}"', field_path=path)
+            self._set(
+                lc.waiting(
+                    self._state, spec.name, "ImagePullBackOff", f'Back-off pulling image "{spec.image}"',
+                    self.ctl.clock.now(),
+                )
+            )  # fmt: skip
+            raise _RetryPull(delay) from exc
+        if result.present:
+            message = f'Container image "{spec.image}" already present on machine'
+        else:
+            message = (
+                f'Successfully pulled image "{spec.image}" in {result.seconds:.3f}s '
+                f"({result.seconds:.3f}s including waiting). Image size: {result.size} bytes."
+            )
+        self.ctl.emit(f, "Pulled", message, field_path=path)
+        self._log(spec.name, message)
+        if start is not None:
+            start.images.append((spec.image, result))
+        return result
+
+    async def _pull_create_start(
+        self, spec: ContainerSpec, images: PodImages, start: PodStart | None, *, attempt: int | None = None
+    ) -> bool:
+        """False if the image can never be pulled. Pulls until it works; or, given ``attempt``,
+        tries once and raises _RetryPull when the pull may be tried again."""
+        f = self.facts
+        path = container_field_path(spec.name, spec.init)
+        try:
+            if attempt is None:
+                result = await self._pull(spec, images, start)
+            else:
+                result = await self._pull_attempt(spec, images, start, attempt)
         except ImagePullError:
             return False
         t0 = self.ctl.clock.monotonic()
