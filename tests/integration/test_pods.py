@@ -196,7 +196,8 @@ def test_agent_killed_mid_start_then_restarted_runs_every_pod_once(
     slow = {"pull": {"time_scale": 1, "jitter": 0}}
     agent = start_agent(cluster, workdir, slow, node=node)
     names = [f"p{i}" for i in range(20)]
-    manifests = [pod_manifest(n, node, image="nginx:1.7.9") for n in names]
+    auto = {"k8s.aliyun.com/eci-image-cache": "true"}  # each misses; one automatic cache is made for all
+    manifests = [pod_manifest(n, node, image="nginx:1.7.9", annotations=auto) for n in names]
     apply(cluster, namespace, {"apiVersion": "v1", "kind": "List", "items": manifests})
 
     def creating() -> bool:
@@ -205,7 +206,12 @@ def test_agent_killed_mid_start_then_restarted_runs_every_pod_once(
             p["status"].get("phase") == "Pending" and p["status"].get("podIP") for p in items
         )
 
+    def missed() -> bool:
+        events = cluster.get_json("events", "-n", namespace)["items"]
+        return {e["involvedObject"]["name"] for e in events if e["reason"] == "ImageCacheMissed"} == set(names)
+
     wait_for(creating, timeout=20, what="20 Pods taken and pulling")
+    wait_for(missed, timeout=20, what="the misses told")
     assert agent.stop(signal.SIGKILL) != 0
     assert any(phase(cluster, namespace, n) == "Pending" for n in names)
 
@@ -216,6 +222,10 @@ def test_agent_killed_mid_start_then_restarted_runs_every_pod_once(
         for n in names:
             [cs] = pod(cluster, namespace, n)["status"]["containerStatuses"]  # type: ignore[index]
             assert cs["restartCount"] == 0
+            # Taken again, a Pod keeps its decision (a miss, though the cache may be Ready by now):
+            # not resolved, told or counted a second time.
+            told = [r for r in reasons(cluster, namespace, n) if r.startswith(("ImageCache", "SuccessfulHit"))]
+            assert told == ["ImageCacheMissed", "ImageCacheAutoCreated"]
         started_before = {n: running_since(cluster, namespace, n) for n in names}
         assert restarted.stop() == 0
         # A second restart keeps Running Pods as they are: same startedAt, no restarts.

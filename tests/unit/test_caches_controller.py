@@ -431,6 +431,35 @@ async def test_a_miss_creates_one_automatic_cache_shared_by_a_burst(world: World
     assert world.controller.by_id(imc_id).last_matched_at == now  # type: ignore[union-attr]
 
 
+async def test_a_pod_taken_again_after_a_restart_keeps_its_decision(world: World) -> None:
+    await world.add(obj("web", ["nginx:1.7.9"]))
+    await world.clock.advance(30)
+    ready_id = world.status("web")["imageCacheId"]
+    auto = {AUTO_IMAGE_CACHE_SEED: "true"}
+    first = await world.manager.resolve(pod("a", ["nginx:1.7.9"], auto))
+    assert first.outcome == "auto_hit"
+    assert await world.manager.flush_hits()
+    assert len(world.store.matched) == 1
+    # The next agent run takes the Pod, with what the first wrote with its status.
+    again = await world.manager.resolve(pod("a", ["nginx:1.7.9"], {**auto, **first.annotations}))
+    assert again.outcome == "auto_hit"
+    assert again.imc_id == ready_id
+    assert again.present_images == frozenset({NGINX})
+    assert again.events == ()
+    assert dict(again.annotations) == {}
+    assert "after an agent restart" in again.explanation
+    await world.manager.flush_hits()
+    assert len(world.store.matched) == 1  # the hit is not counted twice
+    # A miss taken again creates no second automatic cache.
+    missed = await world.manager.resolve(pod("b", ["busybox"], auto))
+    assert len(world.api.created) == 1
+    world.api.created.clear()
+    again = await world.manager.resolve(pod("b", ["busybox"], {**auto, **missed.annotations}))
+    assert again.outcome == "miss"
+    assert again.events == ()
+    assert world.api.created == []
+
+
 async def test_explicit_ids_hit_or_fail(world: World) -> None:
     await world.add(obj("web", ["nginx:1.7.9"]))
     await world.add(obj("slow", ["huge:1"], imageCacheSize=30))

@@ -29,6 +29,7 @@ from vk_provider.domain.resolver import (
     Resolution,
     auto_cache_id_for,
     resolve,
+    resume,
 )
 
 NOW = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -529,3 +530,53 @@ def test_auto_hit_explanation_says_why() -> None:
         default_auto=False,
     )
     assert resolution.explanation == f"imc-both matched 2/2 images (386 MB); beat {READY_ID} on match degree (1/2)"
+
+
+# ------------------------------------------------------------------ taken again after a restart
+
+
+def test_resume_reads_back_a_hit_without_events_or_writes() -> None:
+    images = ("nginx:1.7.9", "redis:7")
+    first = resolve(pod(images, {AUTO_IMC: "true"}), [READY_NGINX], NOW, default_auto=False)
+    assert first.outcome is Outcome.AUTO_HIT
+    # What the node wrote with the Pod's status, as the next agent run finds it.
+    again = resume(pod(images, {AUTO_IMC: "true", **first.annotations}), [READY_NGINX], default_auto=False)
+    assert again is not None
+    assert again.outcome is Outcome.AUTO_HIT
+    assert again.cache == READY_NGINX
+    assert again.covered_images == first.covered_images == (NGINX,)
+    assert again.images_to_pull == (REDIS,)
+    assert again.events == ()
+    assert dict(again.annotations) == {}
+    assert again.auto_create is None
+    assert f"matched {READY_ID}" in again.explanation
+
+
+def test_resume_of_an_explicit_hit_whose_cache_is_gone_pulls_everything() -> None:
+    written = {IMAGE_SNAPSHOT_ID_SEED: READY_ID, INSTANCE_ID: INSTANCE, MATCHED_IMAGE_CACHE: READY_ID}
+    again = resume(pod(annotations=written), [], default_auto=False)
+    assert again is not None
+    assert again.outcome is Outcome.EXPLICIT_HIT
+    assert again.cache is None
+    assert again.covered_images == ()
+    assert again.images_to_pull == (NGINX,)
+    assert "gone" in again.explanation
+
+
+@pytest.mark.parametrize(
+    ("annotations", "outcome"),
+    [({AUTO_IMC: "true"}, Outcome.MISS), ({}, Outcome.NO_CACHE), ({AUTO_IMC: "false"}, Outcome.NO_CACHE)],
+)
+def test_resume_of_a_miss_or_no_cache_creates_nothing(annotations: dict[str, str], outcome: Outcome) -> None:
+    again = resume(pod(annotations={**annotations, INSTANCE_ID: INSTANCE}), [], default_auto=False)
+    assert again is not None
+    assert again.outcome is outcome
+    assert again.auto_create is None
+    assert again.events == ()
+    assert again.images_to_pull == (NGINX,)
+
+
+def test_no_resume_for_a_pod_never_resolved_or_with_another_pods_annotations() -> None:
+    assert resume(pod(annotations={AUTO_IMC: "true"}), [READY_NGINX], default_auto=False) is None
+    copied = {INSTANCE_ID: instance_id_for("another-uid"), MATCHED_IMAGE_CACHE: READY_ID}
+    assert resume(pod(annotations=copied), [READY_NGINX], default_auto=False) is None

@@ -44,6 +44,7 @@ from vk_provider.controllers.clock import Clock
 from vk_provider.controllers.pods import CacheDecision, ImagePullError
 from vk_provider.controllers.puller import CacheBuildResult, ProgressHandler
 from vk_provider.domain import cachebuild as cb
+from vk_provider.domain.annotations import INSTANCE_ID
 from vk_provider.domain.cachebuild import CacheSpec, ChangeKind
 from vk_provider.domain.events import EventSpec
 from vk_provider.domain.images import InvalidReference
@@ -51,7 +52,7 @@ from vk_provider.domain.lifecycle import parse_time
 from vk_provider.domain.model import CachedImage, CachePhase, ImageCache, ImageManifest
 from vk_provider.domain.podspec import PodFacts
 from vk_provider.domain.records import CacheEvent
-from vk_provider.domain.resolver import AutoCreateSpec, Outcome, PodCacheFacts, Resolution, resolve
+from vk_provider.domain.resolver import AutoCreateSpec, Outcome, PodCacheFacts, Resolution, resolve, resume
 
 log = logging.getLogger(__name__)
 JSON = dict[str, Any]
@@ -931,6 +932,11 @@ class CacheManager:
 
     async def resolve(self, pod: PodFacts) -> CacheDecision:
         images = tuple(c.image for c in pod.containers)
+        if any(key == INSTANCE_ID for key, _ in pod.annotations):  # resolved before an agent restart?
+            facts = PodCacheFacts(pod.uid, pod.namespace, pod.name, pod.annotation_map(), images)
+            resumed = resume(facts, list(self.controller.caches.values()), default_auto=self.default_auto)
+            if resumed is not None:
+                return self._decision(pod, resumed, "")
         sizes = self._sizes(images)
         async with self._lock:
             now = self.clock.now()

@@ -26,7 +26,8 @@ Decisions beyond ECI's documentation:
 - No automatic cache is created for a Pod with no valid images, or with more images than a cache
   may hold (``MAX_CACHE_IMAGES``); the miss is still reported.
 - The instance-id annotation is written for every Pod that is not failed; the matched-cache
-  annotation only on a hit.
+  annotation only on a hit. Read back (``resume``), they let a Pod taken again after an agent
+  restart keep its decision instead of being resolved (and counted, and told) twice.
 """
 
 from __future__ import annotations
@@ -248,6 +249,46 @@ def resolve(
         match=result,
         instance_id=instance_id,
         request=request,
+        invalid_images=invalid,
+    )
+
+
+def resume(pod: PodCacheFacts, caches: Sequence[ImageCache], *, default_auto: bool) -> Resolution | None:
+    """The decision an earlier run of the node made for ``pod``, read back from the annotations
+    it wrote with the Pod's status (the instance id; the matched cache on a hit), or ``None`` if
+    none was made. A Pod taken again after an agent restart keeps that decision: its Events were
+    posted and its hit counted then, so the resumed one has no Events, writes nothing and creates
+    no cache."""
+    instance_id = instance_id_for(pod.uid)
+    if pod.annotations.get(keys.INSTANCE_ID) != instance_id:
+        return None  # never resolved, or annotations copied from another Pod
+    request = parse_cache_annotations(pod.annotations, default_auto)
+    wanted, invalid = _parse_images(pod.images)
+    all_refs = tuple(ref.normalized for ref in wanted)
+    matched = pod.annotations.get(keys.MATCHED_IMAGE_CACHE, "")
+    if not matched:
+        used = request.explicit_id is not None or request.auto
+        return Resolution(
+            outcome=Outcome.MISS if used else Outcome.NO_CACHE,
+            instance_id=instance_id,
+            request=request,
+            explanation="taken again after an agent restart: it had "
+            + ("missed every image cache" if used else "asked for no image cache"),
+            images_to_pull=all_refs,
+            invalid_images=invalid,
+        )
+    cache = next((c for c in caches if c.imc_id == matched), None)
+    held = cache.images if cache is not None else ()
+    covered = tuple(ref.normalized for ref in wanted if any(matches(image, ref) for image in held))
+    gone = "" if cache is not None else ", which is gone since: every image is pulled"
+    return Resolution(
+        outcome=Outcome.EXPLICIT_HIT if request.explicit_id is not None else Outcome.AUTO_HIT,
+        instance_id=instance_id,
+        request=request,
+        explanation=f"taken again after an agent restart: it had matched {matched}{gone}",
+        cache=cache,
+        covered_images=covered,
+        images_to_pull=tuple(ref for ref in all_refs if ref not in covered),
         invalid_images=invalid,
     )
 
