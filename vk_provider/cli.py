@@ -290,19 +290,13 @@ def _simulate(args: argparse.Namespace) -> int:
 
 def _db(args: argparse.Namespace) -> int:
     from vk_provider.registry import migrate
-    from vk_provider.registry.engine import sqlite_file
+    from vk_provider.registry.engine import DatabaseArgumentError, existing_sqlite_file
 
-    if not args.db:
-        _error("no registry database given (--db is empty)")
-        return EXIT_USAGE
     try:
-        file = sqlite_file(args.db)
-    except ValueError as exc:
-        _error(f"registry database {args.db}: {exc}")
-        return EXIT_USAGE
-    if file is not None and args.db_command != "upgrade" and not file.is_file():  # never created by reading
-        _error(f"no registry database at {file}")
-        return EXIT_FAILURE
+        existing_sqlite_file(args.db, must_exist=args.db_command != "upgrade")
+    except DatabaseArgumentError as exc:
+        _error(str(exc))
+        return EXIT_USAGE if exc.usage else EXIT_FAILURE
     try:
         if args.db_command == "upgrade":
             migrate.upgrade_sync(args.db)

@@ -717,16 +717,12 @@ async def load_records(db: str, report_filter: ReportFilter | None = None) -> tu
     registry's schema; namespace and time window are applied in SQL, the selector here.
     """
     from vk_provider.registry import migrate, open_registry
-    from vk_provider.registry.engine import sqlite_file
+    from vk_provider.registry.engine import DatabaseArgumentError, existing_sqlite_file
 
-    if not db:
-        raise ReportError("no registry database given (--db is empty)")
     try:
-        file = sqlite_file(db)
-    except ValueError as exc:
-        raise ReportError(f"registry database {db}: {exc}") from None
-    if file is not None and not file.is_file():  # reading must never create it
-        raise ReportError(f"no registry database at {file}")
+        existing_sqlite_file(db)
+    except DatabaseArgumentError as exc:
+        raise ReportError(str(exc)) from None
     chosen = report_filter or ReportFilter()
     try:
         revision = await migrate.current(db)

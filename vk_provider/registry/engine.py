@@ -70,6 +70,30 @@ def sqlite_file(db: str) -> Path | None:
     return _file_of(parsed)
 
 
+class DatabaseArgumentError(ValueError):
+    """A ``--db`` value that names no usable registry; ``usage`` is true when the value itself is
+    malformed (empty, not a URL), false when it names a SQLite file that is not there."""
+
+    def __init__(self, message: str, *, usage: bool) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+def existing_sqlite_file(db: str, *, must_exist: bool = True) -> Path | None:
+    """Check a ``--db`` value before it is opened: the SQLite file it names (``None`` for a
+    database server), which with ``must_exist`` has to be there already, since reading a
+    registry must never create an empty one. Raises :class:`DatabaseArgumentError`."""
+    if not db:
+        raise DatabaseArgumentError("no registry database given (--db is empty)", usage=True)
+    try:
+        file = sqlite_file(db)
+    except ValueError as exc:
+        raise DatabaseArgumentError(f"registry database {db}: {exc}", usage=True) from None
+    if must_exist and file is not None and not file.is_file():
+        raise DatabaseArgumentError(f"no registry database at {file}", usage=False)
+    return file
+
+
 def _file_of(url: URL) -> Path | None:
     # The path as SQLite opens it: a plain --db path was made absolute (and ~ expanded) by
     # database_url; a URL's path is taken as written.
