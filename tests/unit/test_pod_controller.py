@@ -324,12 +324,19 @@ class Starts:
         self.starts.append(start)
 
 
-async def test_a_failing_image_does_not_hold_up_the_next_container(clock: FakeClock) -> None:
+@contextlib.asynccontextmanager
+async def flaky_first_container(clock: FakeClock) -> AsyncIterator[tuple[Harness, Images, Starts]]:
+    """Pod "a" taken: its first container's image fails to pull (retryable), its second is fine."""
     images = Images(clock, broken={"flaky": ImagePullError("ErrImagePull", "registry said no")})
     h = Harness(clock, images)
     h.ctl.records = records = Starts()
     async with h.running():
         await h.ctl.resync([two_containers("a", "flaky")])
+        yield h, images, records
+
+
+async def test_a_failing_image_does_not_hold_up_the_next_container(clock: FakeClock) -> None:
+    async with flaky_first_container(clock) as (h, images, records):
         # first: failed at 0 s, back-off 10 s; second: pulled, started at 11 s; first again at 11 s
         # (its back-off is over), failed, back-off 20 s
         await clock.advance(12)
@@ -347,6 +354,34 @@ async def test_a_failing_image_does_not_hold_up_the_next_container(clock: FakeCl
         assert start.startup_seconds == pytest.approx(42)
         assert [image for image, _ in start.images] == ["nginx:1.7.9", "flaky"]
         assert h.ctl.started_total == 1
+
+
+async def test_a_retry_that_turns_hopeless_leaves_the_pod_pending(clock: FakeClock) -> None:
+    async with flaky_first_container(clock) as (h, images, records):
+        await clock.advance(5)
+        images.broken["flaky"] = ImagePullError("ErrImagePull", "manifest unknown", retry=False)
+        await clock.advance(100)
+        status = h.api.last("a")
+        assert container_states(status) == {"first": "ErrImagePull", "second": "running"}
+        assert status["phase"] == "Pending"
+        assert images.pulls.count("flaky") == 2  # no more tries once it is hopeless
+        assert records.starts == []
+        assert h.ctl.started_total == 0
+
+
+async def test_deleting_a_pod_while_a_container_waits_out_its_back_off(clock: FakeClock) -> None:
+    async with flaky_first_container(clock) as (h, images, records):
+        await clock.advance(12)
+        body = two_containers("a", "flaky")
+        body["metadata"].update(deletionTimestamp="2026-01-01T00:00:30Z", deletionGracePeriodSeconds=30)
+        await h.ctl.upsert(body)
+        await clock.advance(60)
+        assert h.api.deleted == ["a"]
+        killing = [e.message for e in h.events.items if e.reason == "Killing"]
+        assert killing == ["Stopping container second"]  # the waiting one never ran
+        assert images.pulls.count("flaky") == 2  # the retry at 11 s; none after the deletion
+        assert records.starts == []
+        assert h.ctl.started_total == 0
 
 
 async def test_an_image_that_can_never_be_pulled_leaves_the_other_containers_running(clock: FakeClock) -> None:

@@ -15,16 +15,22 @@ from typing import Any
 import pytest
 
 from vk_provider.controllers.clock import FakeClock
+from vk_provider.controllers.images import PlannedPodImages
+from vk_provider.controllers.pods import ImagePullError
 from vk_provider.controllers.puller import (
     BandwidthPool,
     ImagePullEvent,
     ImagePullEventKind,
+    ImagePullOutcome,
     PodPullResult,
     Puller,
+    PullFailed,
 )
 from vk_provider.domain.model import ImageManifest, Layer
+from vk_provider.domain.podspec import ContainerSpec
 from vk_provider.domain.pullmodel import (
     MB,
+    ImagePullStep,
     PodPullPlan,
     PullPolicy,
     PullSettings,
@@ -322,3 +328,65 @@ class _LoopClock:
 
     def now(self) -> Any:  # pragma: no cover - the pool never asks for wall time
         raise AssertionError("the bandwidth pool must not read the wall clock")
+
+
+# ------------------------------------------------------------------ a Pod's images pulled out of order
+
+
+class FailFirstPull(Puller):
+    """A puller whose first pull of ``image`` fails (a registry hiccup)."""
+
+    def __init__(self, image: str) -> None:
+        super().__init__(NO_JITTER, random.Random(1))
+        self.image = image
+        self.fetched: list[tuple[str, int]] = []
+
+    async def pull_step(self, step: ImagePullStep, group: object) -> ImagePullOutcome | PullFailed:
+        if step.reference == self.image and not any(ref == self.image for ref, _ in self.fetched):
+            self.fetched.append((step.reference, -1))
+            return PullFailed(step.reference, "ErrImagePull", "registry hiccup")
+        outcome = await super().pull_step(step, group)
+        if isinstance(outcome, ImagePullOutcome):
+            self.fetched.append((step.reference, outcome.bytes_downloaded))
+        return outcome
+
+
+BASE = layer("base", 30.0)
+F1 = layer("f1", 5.0)
+K1 = layer("k1", 7.0)
+FRONT = image("front:1", BASE, F1)
+BACK = image("back:1", BASE, K1)
+
+
+@pytest.mark.parametrize(
+    ("second", "policy", "second_gets", "first_gets"),
+    [
+        # The shared base was not there yet: the second fetches it, the first then only its own layer.
+        (BACK, PullPolicy.IF_NOT_PRESENT, BASE.size + K1.size, F1.size),
+        # The same image: not "already present" for the second; present for the first's retry.
+        (FRONT, PullPolicy.IF_NOT_PRESENT, FRONT.size, 0),
+        # Nothing pulled yet: Never is ErrImageNeverPull, not a free start.
+        (FRONT, PullPolicy.NEVER, "ErrImageNeverPull", FRONT.size),
+    ],
+    ids=["shared-base", "same-image", "never"],
+)
+def test_a_container_pulling_before_an_earlier_failed_one_gets_what_it_really_needs(
+    second: ImageManifest, policy: PullPolicy, second_gets: int | str, first_gets: int
+) -> None:
+    first_spec = ContainerSpec("first", FRONT.reference, "IfNotPresent")
+    second_spec = ContainerSpec("second", second.reference, policy.value)
+    plan = plan_pod_pull([(FRONT, PullPolicy.IF_NOT_PRESENT), (second, policy)], present_layers=(), cached_images=())
+
+    async def main() -> tuple[int | str, int]:
+        images = PlannedPodImages(
+            FailFirstPull(FRONT.reference), plan, dict(zip(("first", "second"), plan.steps, strict=True)), {}
+        )
+        with pytest.raises(ImagePullError):
+            await images.pull(first_spec)  # fails; the kubelet goes on to the next container
+        try:
+            got: int | str = (await images.pull(second_spec)).downloaded
+        except ImagePullError as exc:
+            got = exc.reason
+        return got, (await images.pull(first_spec)).downloaded  # the first again, after its back-off
+
+    assert run_virtual(main) == (second_gets, first_gets)

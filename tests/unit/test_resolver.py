@@ -69,6 +69,16 @@ def cache(
     )
 
 
+def failed_auto(images: tuple[tuple[str, int], ...], *, failed_minutes_ago: float = 1, message: str = "") -> ImageCache:
+    """An automatic cache whose build failed that long ago (Failed caches expire 24 h after)."""
+    failed_at = NOW - timedelta(minutes=failed_minutes_ago)
+    return replace(
+        cache("imc-failed", *images, phase=CachePhase.FAILED, automatic=True),
+        expires_at=failed_at + timedelta(hours=24),
+        message=message,
+    )
+
+
 def hit_event(imc_id: str) -> PodEvent:
     return PodEvent(
         "SuccessfulHitImageCache",
@@ -334,7 +344,7 @@ CASES = [
     Case(
         "no automatic cache while one of the same images has failed to build",
         pod(("redis:7", "nginx:1.7.9"), annotations={AUTO_IMC: "true"}),
-        (cache("imc-failed", (NGINX, MB), (REDIS, MB), phase=CachePhase.FAILED, automatic=True, expires_in_hours=20),),
+        (failed_auto(((NGINX, MB), (REDIS, MB))),),
         Outcome.MISS,
         (MISSED,),
         to_pull=(REDIS, NGINX),
@@ -372,24 +382,18 @@ def test_resolve(case: Case) -> None:
     assert resolution.failure_reason == (case.outcome.value if case.outcome.is_failure else None)
 
 
-def failed_auto(images: tuple[tuple[str, int], ...], *, expires_in_hours: int = 20, message: str = "") -> ImageCache:
-    return replace(
-        cache("imc-failed", *images, phase=CachePhase.FAILED, automatic=True, expires_in_hours=expires_in_hours),
-        message=message,
-    )
-
-
-def test_a_failed_automatic_cache_stops_more_of_the_same_until_it_goes() -> None:
+def test_a_failed_automatic_cache_stops_more_of_the_same_for_five_minutes() -> None:
     facts = pod(("nginx:1.7.9",), annotations={AUTO_IMC: "true"})
-    failed = failed_auto(((NGINX, MB),), message="the images need 41 GiB; the cache holds 30 GiB")
+    failed = failed_auto(((NGINX, MB),), failed_minutes_ago=4, message="the images need 41 GiB; the cache holds 30 GiB")
     resolution = resolve(facts, [failed], NOW, default_auto=False)
     assert resolution.auto_create is None
     assert resolution.shared_with is None
     assert "imc-failed" in resolution.explanation
-    assert "41 GiB" in resolution.explanation
-    assert "deleting it lets the next Pod try again" in resolution.explanation
-    # Once it has expired (or is deleted), or for another image set, a cache is created again.
-    assert resolve(facts, [failed_auto(((NGINX, MB),), expires_in_hours=-1)], NOW, default_auto=False).auto_create
+    assert "failed to build 240 s ago (the images need 41 GiB" in resolution.explanation
+    assert "5 minutes after that failure (or once it is deleted)" in resolution.explanation
+    # Five minutes after the failure (a registry error of a moment may be over), once it is
+    # deleted, or for another image set, a cache is created again.
+    assert resolve(facts, [failed_auto(((NGINX, MB),), failed_minutes_ago=5)], NOW, default_auto=False).auto_create
     assert resolve(facts, [], NOW, default_auto=False).auto_create
     other = failed_auto(((NGINX, MB), (REDIS, MB)))
     assert resolve(facts, [other], NOW, default_auto=False).auto_create
@@ -560,6 +564,7 @@ def test_resume_of_an_explicit_hit_whose_cache_is_gone_pulls_everything() -> Non
     assert again.cache is None
     assert again.covered_images == ()
     assert again.images_to_pull == (NGINX,)
+    assert again.matched_id == READY_ID  # recorded as the cache it used
     assert "gone" in again.explanation
 
 

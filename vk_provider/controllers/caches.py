@@ -991,7 +991,7 @@ class CacheManager:
         outcome = _OUTCOMES[resolution.outcome]
         if resolution.outcome.is_hit and resolution.images_to_pull:
             outcome = "partial"
-        imc_id = ""
+        imc_id = resolution.matched_id
         if resolution.cache is not None:
             imc_id = resolution.cache.imc_id
         elif resolution.outcome.is_failure:

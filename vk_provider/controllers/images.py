@@ -322,7 +322,8 @@ class PlannedPodImages:
 
     A container whose image could not be read from its registry (``retryable``) gets its image
     resolved again on each later pull attempt; once it resolves, its step is planned on top of
-    what the Pod has made present so far.
+    what the Pod has made present so far. So is a container's step when it pulls before an earlier
+    container (whose pull failed and is waiting out its back-off).
     """
 
     def __init__(
@@ -355,11 +356,28 @@ class PlannedPodImages:
     async def attach_snapshot(self) -> float:
         return await self._puller.attach_snapshot(self._plan) if self._plan.attach_snapshot else 0.0
 
+    def _step(self, name: str) -> ImagePullStep:
+        """The container's step, as planned when the containers before it have pulled and none
+        after it has (the kubelet's order); else planned again on what is present now (a pull
+        failed and the next container went first)."""
+        step = self._steps[name]
+        before = True
+        for other, planned in self._steps.items():
+            if other == name:
+                before = False
+            elif (planned.reference in self._done) is not before:
+                return plan_pod_pull(
+                    [(step.manifest, step.policy)],
+                    present_layers=self._present_layers,
+                    cached_images=self._cached_images,
+                ).steps[0]
+        return step
+
     def will_pull(self, container: ContainerSpec) -> bool:
         problem = self._problems.get(container.name)
         if problem is not None:
             return problem.reason == "ErrImagePull"
-        step = self._steps[container.name]
+        step = self._step(container.name)
         if step.reference in self._done:
             return step.policy is PullPolicy.ALWAYS
         return step.action is StepAction.PULL
@@ -368,7 +386,7 @@ class PlannedPodImages:
         problem = self._problems.get(container.name)
         if problem is not None:
             await self._resolve_again(container, problem)
-        step = self._steps[container.name]
+        step = self._step(container.name)
         image_id = _image_id(step.manifest)
         size = step.manifest.size
         if step.reference in self._done and step.action is not StepAction.NEVER_PULL:

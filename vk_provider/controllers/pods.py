@@ -569,8 +569,8 @@ class PodWorker:
             if len(started) == 1:
                 await self._live(started[0], images)  # the usual Pod: no task of its own for gather to make
                 return
-        unstarted = [len(mains) - len(started)]
-        turn = asyncio.Lock()  # the retries pull one image at a time too
+        unstarted = [len(mains) - len(started)]  # one that can never be pulled keeps it above 0
+        turn = asyncio.Lock()  # retries take turns (pull, create, start), as the first pass did
 
         async def retry_then_live(spec: ContainerSpec, due: float) -> None:
             attempt = 1
@@ -586,14 +586,16 @@ class PodWorker:
                 except _RetryPull as retry:
                     attempt, due = attempt + 1, clock.monotonic() + retry.delay / self.ctl.timing.time_scale
             unstarted[0] -= 1
-            if unstarted[0] == 0 and len(started) + len(retrying) == len(mains):
+            if unstarted[0] == 0:
                 await self._all_started(start, t0)
             await self._live(spec, images)
 
-        await asyncio.gather(
-            *(self._live(spec, images) for spec in started),
-            *(retry_then_live(spec, due) for spec, due in retrying),
-        )
+        # A TaskGroup: an unexpected error in one container's task stops the others with it.
+        async with asyncio.TaskGroup() as group:
+            for spec in started:
+                group.create_task(self._live(spec, images))
+            for spec, due in retrying:
+                group.create_task(retry_then_live(spec, due))
 
     async def _all_started(self, start: PodStart, t0: float) -> None:
         """Every main container has started: the Pod's start is complete and recorded."""
@@ -791,7 +793,9 @@ class PodWorker:
                 lives.append(self._live(spec, images, ran_for=ran))
             elif isinstance(c.state, lc.Waiting) and c.last_state is not None:
                 lives.append(self._restart_then_live(spec, images))
-        await asyncio.gather(*lives)
+        async with asyncio.TaskGroup() as group:
+            for live in lives:
+                group.create_task(live)
 
     async def _restart_then_live(self, spec: ContainerSpec, images: PodImages) -> None:
         if await self._pull_create_start(spec, images, None):

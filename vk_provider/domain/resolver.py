@@ -17,10 +17,11 @@ Decisions beyond ECI's documentation:
   of Pods with the same images makes one cache. The caller must make a cache it creates visible
   to later ``resolve`` calls (resolve and create serially) for this to work.
 - On a miss, no automatic cache is created while an automatic cache with exactly the Pod's image
-  set has failed to build and has not expired (Failed caches are kept 24 h): building the same
-  images again would fail again, and a Deployment of such Pods would otherwise leave one Failed
-  cache per Pod. Deleting the Failed cache lets the next Pod try again. A cache refused for the
-  quota (``QuotaFull``) does not count: the quota may have room by the next Pod.
+  set failed to build less than ``AUTO_RETRY_AFTER_FAILURE`` (5 minutes) ago: a Deployment of
+  Pods whose images cannot be cached would otherwise leave one Failed cache per Pod, while a
+  registry error of a moment should not stop caching for the 24 h a Failed cache is kept.
+  Deleting the Failed cache lets the next Pod try at once. A cache refused for the quota
+  (``QuotaFull``) does not count: the quota may have room by the next Pod.
 - The automatic cache's id is derived from the Pod's instance id, so the ``ImageCacheAutoCreated``
   Event can be decided here; the caller creates the cache with ``AutoCreateSpec.imc_id``.
 - No automatic cache is created for a Pod with no valid images, or with more images than a cache
@@ -35,7 +36,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from types import MappingProxyType
 
 from vk_provider.domain import annotations as keys
@@ -45,6 +46,7 @@ from vk_provider.domain.annotations import (
     instance_id_for,
     parse_cache_annotations,
 )
+from vk_provider.domain.cachebuild import FAILED_RETENTION
 from vk_provider.domain.images import ImageRef, InvalidReference, matches, parse_reference, shorten
 from vk_provider.domain.matching import MatchResult, format_bytes, rank_caches
 from vk_provider.domain.model import QUOTA_FULL, CachePhase, ImageCache
@@ -55,6 +57,10 @@ AUTO_CACHE_SIZE_GIB = 30
 MAX_CACHE_IMAGES = 20
 
 _BUILDING_PHASES = frozenset({CachePhase.PREPARING, CachePhase.CREATING, CachePhase.UPDATING})
+# After an automatic cache fails to build, misses with the same images make no new one for this
+# long (the kubelet's longest image pull back-off): one Failed cache per burst, not one per Pod,
+# and a registry that failed for a moment is tried again soon.
+AUTO_RETRY_AFTER_FAILURE = timedelta(minutes=5)
 
 
 class Outcome(enum.StrEnum):
@@ -133,6 +139,8 @@ class Resolution:
     events: tuple[PodEvent, ...] = ()
     annotations: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     match: MatchResult | None = None
+    matched_id: str = ""
+    """A resumed hit (``resume``): the id of the cache it had matched, even if that cache is gone."""
 
     @property
     def failure_reason(self) -> str | None:
@@ -219,11 +227,12 @@ def resolve(
     auto_create: AutoCreateSpec | None = None
     failed = _failed_cache_with(frozenset(all_refs), caches, now) if all_refs else None
     if failed is not None:
-        until = f" until {failed.expires_at:%Y-%m-%d %H:%M} UTC" if failed.expires_at else ""
         why = f" ({failed.message})" if failed.message else ""
+        ago = (now - _failed_at(failed)).total_seconds()
         tail = (
             f"no automatic cache created: {failed.imc_id}, an automatic cache of the same images, "
-            f"failed to build{why}; it is kept{until}, and deleting it lets the next Pod try again"
+            f"failed to build {ago:.0f} s ago{why}; another is tried "
+            f"{AUTO_RETRY_AFTER_FAILURE.total_seconds() / 60:.0f} minutes after that failure (or once it is deleted)"
         )
     elif not all_refs:
         tail = "no automatic cache created: the Pod has no valid images"
@@ -272,8 +281,7 @@ def resume(pod: PodCacheFacts, caches: Sequence[ImageCache], *, default_auto: bo
             outcome=Outcome.MISS if used else Outcome.NO_CACHE,
             instance_id=instance_id,
             request=request,
-            explanation="taken again after an agent restart: it had "
-            + ("missed every image cache" if used else "asked for no image cache"),
+            explanation="taken again after an agent restart: no image cache had been matched",
             images_to_pull=all_refs,
             invalid_images=invalid,
         )
@@ -290,6 +298,7 @@ def resume(pod: PodCacheFacts, caches: Sequence[ImageCache], *, default_auto: bo
         covered_images=covered,
         images_to_pull=tuple(ref for ref in all_refs if ref not in covered),
         invalid_images=invalid,
+        matched_id=matched,
     )
 
 
@@ -403,19 +412,24 @@ def _holds_exactly(cache: ImageCache, refs: frozenset[str]) -> bool:
 
 
 def _failed_cache_with(refs: frozenset[str], caches: Sequence[ImageCache], now: datetime) -> ImageCache | None:
-    """The newest unexpired automatic cache with exactly ``refs`` whose build failed (not one
-    refused for the quota, which may have room by now)."""
+    """The newest automatic cache with exactly ``refs`` whose build failed less than
+    ``AUTO_RETRY_AFTER_FAILURE`` ago (not one refused for the quota, which may have room now)."""
     best: ImageCache | None = None
     for cache in caches:
         if not cache.automatic or cache.phase is not CachePhase.FAILED or cache.is_expired(now):
             continue
-        if cache.message.startswith(QUOTA_FULL):
+        if cache.message.startswith(QUOTA_FULL) or now - _failed_at(cache) >= AUTO_RETRY_AFTER_FAILURE:
             continue
         if not _holds_exactly(cache, refs):
             continue
         if best is None or (cache.created_at, cache.imc_id) > (best.created_at, best.imc_id):
             best = cache
     return best
+
+
+def _failed_at(cache: ImageCache) -> datetime:
+    # A Failed cache expires FAILED_RETENTION after it failed (cachebuild.expiry_when_failed).
+    return cache.expires_at - FAILED_RETENTION if cache.expires_at is not None else cache.created_at
 
 
 def _hit_event(imc_id: str) -> PodEvent:
