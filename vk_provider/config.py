@@ -273,10 +273,18 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
             out[rest] = _EnvValue(key, value)
             continue
         group, _, name = rest.partition("_")
-        if group not in groups or not name:
-            continue  # not ours (e.g. VK_PROVIDER_TEST_*)
-        out.setdefault(group, {})[name] = _EnvValue(key, value)
+        if group in groups and name:
+            out.setdefault(group, {})[name] = _EnvValue(key, value)
+        elif rest not in _OTHER_ENV and not rest.startswith(_OTHER_ENV_PREFIXES):
+            out[rest] = _EnvValue(key, value)  # a mistyped group: reported as an unknown setting
     return out
+
+
+# VK_PROVIDER_* variables that are not settings: the migrations' older name for the database,
+# VK_PROVIDER_TEST_* (the test suite's), and the ones Kubernetes puts in every container of a
+# namespace with a Service named vk-provider (VK_PROVIDER_SERVICE_HOST, VK_PROVIDER_PORT_443_TCP...).
+_OTHER_ENV = frozenset({"db", "port"})
+_OTHER_ENV_PREFIXES = ("test_", "service_", "port_")
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,11 @@ def test_env_dict_and_bool_and_float() -> None:
             "VK_PROVIDER_KUBE_QPS": "5.5",
             "VK_PROVIDER_LOG_LEVEL": "warning",
             "VK_PROVIDER_TEST_SOMETHING": "ignored",
+            "VK_PROVIDER_DB": "ignored: the migrations' own variable",
+            # What Kubernetes sets in a namespace with a Service named vk-provider:
+            "VK_PROVIDER_SERVICE_HOST": "10.96.0.10",
+            "VK_PROVIDER_PORT": "tcp://10.96.0.10:443",
+            "VK_PROVIDER_PORT_443_TCP_ADDR": "10.96.0.10",
         }
     )
     assert s.node.labels == {"zone": "a", "tier": "1"}
@@ -77,6 +82,9 @@ def test_env_dict_and_bool_and_float() -> None:
         ({"VK_PROVIDER_NODE_LABELS": "{zone: 'a b'}"}, "node.labels has an invalid label 'zone': the value"),
         ({"VK_PROVIDER_KUBELET_BIND_ADDRESS": "not-an-ip"}, "kubelet.bind_address must be an IP address"),
         ({"VK_PROVIDER_NODE_NAMEX": "x"}, "environment variable VK_PROVIDER_NODE_NAMEX: unknown setting node.namex"),
+        ({"VK_PROVIDER_NODENAME": "vk-1"}, "environment variable VK_PROVIDER_NODENAME: unknown setting nodename"),
+        ({"VK_PROVIDER_LOGLEVEL": "DEBUG"}, "environment variable VK_PROVIDER_LOGLEVEL: unknown setting loglevel"),
+        ({"VK_PROVIDER_IMAGE_UNKNOWN_IMAGES": "x"}, "VK_PROVIDER_IMAGE_UNKNOWN_IMAGES: unknown setting image_"),
     ],
 )
 def test_invalid_values_name_the_setting(env: dict[str, str], message: str) -> None:
