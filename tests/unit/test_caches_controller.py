@@ -266,6 +266,21 @@ async def test_a_new_cache_is_built_to_ready_with_progress_and_events(world: Wor
     assert world.controller.caches["web"] == row
 
 
+async def test_an_image_listed_twice_is_held_and_counted_once(world: World) -> None:
+    await world.add(obj("dup", ["nginx:1.7.9", "docker.io/library/nginx:1.7.9", "nginx:1.7.9", "busybox"]))
+    await world.clock.advance(100)
+    status = world.status("dup")
+    assert status["phase"] == "Ready"
+    row = world.store.rows["dup"]
+    assert [i.reference for i in row.images] == [NGINX, BUSYBOX]
+    assert row.image_bytes == CATALOG[NGINX].size + CATALOG[BUSYBOX].size
+    pulled = [e["message"] for e in status["events"] if e["message"].startswith("Successfully pulled")]
+    assert [m.split(" in ")[0] for m in pulled] == [
+        f"Successfully pulled image {NGINX}",
+        f"Successfully pulled image {BUSYBOX}",
+    ]
+
+
 async def test_too_big_or_unknown_images_fail_with_a_message_and_24_hours(world: World) -> None:
     await world.add(obj("big", ["huge:1"]))
     await world.add(obj("unknown", ["nowhere/nothing:1"]))

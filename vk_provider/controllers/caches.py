@@ -597,14 +597,15 @@ class ImageCacheController:
             self._start_build(name, spec, update=False)
 
     def _cached_images(self, spec: CacheSpec) -> tuple[CachedImage, ...]:
-        out: list[CachedImage] = []
+        """The images the cache holds, each once (``nginx`` and ``docker.io/library/nginx`` are one)."""
+        out: dict[str, CachedImage] = {}
         for image, reference in zip(spec.images, spec.references, strict=True):
             found = self.manifests.manifest(image)
             if isinstance(found, ImageManifest):
-                out.append(CachedImage(found.reference, found.size, found.digest))
+                out.setdefault(found.reference, CachedImage(found.reference, found.size, found.digest))
             else:
-                out.append(CachedImage(reference, 0))
-        return tuple(out)
+                out.setdefault(reference, CachedImage(reference, 0))
+        return tuple(out.values())
 
     async def _forget(self, name: str) -> None:
         task = self._builds.pop(name, None)

@@ -259,7 +259,8 @@ def check_build(
             return BuildCheck(
                 (), f"image {image!r} cannot be resolved: {found or 'no such image in the image catalog'}"
             )
-        manifests.append(found)
+        if all(m.reference != found.reference for m in manifests):  # an image listed twice is built once
+            manifests.append(found)
     layers = {layer.digest: layer for manifest in manifests for layer in manifest.layers}
     compressed = sum(layer.size for layer in layers.values())
     uncompressed = sum(layer.uncompressed_size for layer in layers.values())
