@@ -345,9 +345,22 @@ async def test_image_changes_are_refused_while_building_and_applied_when_ready(w
 async def test_a_failed_update_keeps_the_old_images(world: World) -> None:
     await world.add(obj("web", ["busybox"]))
     await world.clock.advance(100)
+    resolve = world.manifests.resolve
+
+    async def resolve_slowly(image: str, **kwargs: Any) -> ImageManifest | InvalidReference | ImagePullError:
+        await world.clock.sleep(5)  # a registry takes its time
+        return await resolve(image, **kwargs)
+
+    world.manifests.resolve = resolve_slowly  # type: ignore[method-assign]
     await world.add(obj("web", ["huge:1"], status=world.status("web")))
+    await world.clock.settle()
+    assert world.status("web")["phase"] == "Updating"
+    # The watch brings the object back with the agent's own Updating status: the spec asks for
+    # exactly what is being built, which is no refused change.
+    await world.controller.upsert(world.api.objects["web"])
     await world.clock.advance(100)
     assert world.status("web")["phase"] == "UpdateFailed"
+    assert "imageCacheSize of 20 GiB" in world.status("web")["message"]  # the update's own reason
     assert [i.reference for i in world.store.rows["web"].images] == [BUSYBOX]
 
 

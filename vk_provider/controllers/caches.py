@@ -206,6 +206,7 @@ class ImageCacheController:
         self.synced = asyncio.Event()
         self._loaded = False
         self._builds: dict[str, asyncio.Task[None]] = {}
+        self._building_images: dict[str, tuple[str, ...]] = {}  # what each build makes (while building)
         self._specs: dict[str, CacheSpec] = {}
         self._statuses: dict[str, JSON] = {}
         self._events: dict[str, tuple[CacheEvent, ...]] = {}
@@ -300,7 +301,13 @@ class ImageCacheController:
             # Restarted agent: a refusal written before is still in force.
             self._refused[name] = (spec.references, str(status["message"]))
         refused = self._refused.get(name)
-        change = cb.plan_change(current, spec, building=self.building(name), refused=refused[0] if refused else None)
+        change = cb.plan_change(
+            current,
+            spec,
+            building=self.building(name),
+            refused=refused[0] if refused else None,
+            building_images=self._building_images.get(name),
+        )
         if change.refused:
             if refused is None or refused[0] != spec.references:
                 self._refused[name] = (spec.references, cb.refusal_message(current.phase))
@@ -608,6 +615,7 @@ class ImageCacheController:
         return tuple(out.values())
 
     async def _forget(self, name: str) -> None:
+        self._building_images.pop(name, None)
         task = self._builds.pop(name, None)
         if task is not None and not task.done():
             task.cancel()
@@ -638,6 +646,7 @@ class ImageCacheController:
             return
         task = asyncio.create_task(self._build(name, spec, update), name=f"imagecache-build:{name}")
         self._builds[name] = task
+        self._building_images[name] = spec.references
 
     async def _build(self, name: str, spec: CacheSpec, update: bool) -> None:
         try:

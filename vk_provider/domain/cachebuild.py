@@ -201,17 +201,19 @@ def plan_change(
     *,
     building: bool,
     refused: tuple[str, ...] | None = None,
+    building_images: tuple[str, ...] | None = None,
 ) -> Change:
     """What an ImageCache object (new, or changed) asks of the cache ``current`` (None: no cache).
 
-    ``building``: a build of it is running now. ``refused``: the images of a change refused
-    before; while the spec still asks for exactly those, they stay refused (a refusal is not
-    applied later behind the user's back; a new change, in Ready or UpdateFailed, is).
+    ``building``: a build of it is running now, making ``building_images`` (an update's new
+    images; a spec asking for exactly those asks for nothing more). ``refused``: the images of a
+    change refused before; while the spec still asks for exactly those, they stay refused (a
+    refusal is not applied later behind the user's back; a new change, in Ready or UpdateFailed, is).
     """
     if current is None:
         return Change(ChangeKind.CREATE)
     resume = ChangeKind.RESUME if not building and current.phase in BUILDING else ChangeKind.NONE
-    if images_match(current, spec):
+    if images_match(current, spec) or (building and building_images == spec.references):
         return Change(resume)
     if refused == spec.references or building or current.phase not in _CHANGEABLE:
         return Change(resume, refused=True)
