@@ -281,6 +281,7 @@ def test_agent_with_only_the_service_account_registers_runs_pods_and_serves_logs
         (("watch", "pods", "--all-namespaces"), True),
         (("patch", "pods", "--subresource=status", "-n", "default"), True),
         (("create", "events", "-n", "default"), True),
+        (("patch", "events", "-n", "default"), True),
         (("create", "tokenreviews.authentication.k8s.io"), True),
         (("create", "subjectaccessreviews.authorization.k8s.io"), True),
         (("watch", "imagecaches.eci.alibabacloud.com"), True),

@@ -8,6 +8,8 @@ import contextlib
 import gzip
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -25,6 +27,7 @@ class Server:
         self.answers: list[tuple[int, dict[str, str]]] = []
         self.calls = 0
         self.posted: list[dict[str, Any]] = []
+        self.patched: list[tuple[str, dict[str, Any]]] = []
         self.seen: list[web.Request] = []
 
     async def handle(self, request: web.Request) -> web.Response:
@@ -32,6 +35,8 @@ class Server:
         self.seen.append(request)
         if request.method == "POST":
             self.posted.append(await request.json())
+        elif request.method == "PATCH" and request.path.split("/")[-2] == "events":
+            self.patched.append((request.path.rsplit("/", 1)[-1], await request.json()))
         status, headers = self.answers.pop(0) if self.answers else (200, {})
         reason = {404: "NotFound", 429: "TooManyRequests"}.get(status, "ServiceUnavailable")
         body = f'{{"kind": "Status", "reason": "{reason}", "message": "no"}}' if status >= 400 else "{}"
@@ -111,6 +116,38 @@ async def test_events_give_way_to_status_but_not_for_ever(served: tuple[Server, 
         assert [e["reason"] for e in server.posted] == ["Pulled", "Started"]
         assert server.posted[0]["involvedObject"]["fieldPath"] == "spec.containers{c}"
         assert server.posted[0]["metadata"]["name"] < server.posted[1]["metadata"]["name"]
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_a_repeated_event_is_one_object_with_a_count(served: tuple[Server, KubeSession]) -> None:
+    server, session = served
+    recorder = EventRecorder(session, host="vk")
+    back_off = EventSpec("ns", "p", "uid-p", "BackOff", 'Back-off pulling image "x"', "Normal", "spec.containers{c}")
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    for i in range(3):  # before the first is posted: one object, count 3
+        recorder.record(back_off, t0 + timedelta(seconds=10 * i))
+    recorder.record(replace(back_off, pod_uid="uid-other"), t0)  # another Pod's is its own
+    runner = asyncio.create_task(recorder.run(workers=1))
+    try:
+        await until(lambda: len(server.posted) == 2)
+        first = server.posted[0]
+        assert (first["count"], first["firstTimestamp"], first["lastTimestamp"]) == (
+            3,
+            "2026-01-01T00:00:00Z",
+            "2026-01-01T00:00:20Z",
+        )
+        assert server.posted[1]["count"] == 1
+        recorder.record(back_off, t0 + timedelta(seconds=80))  # later: a patch of the same object
+        await until(lambda: len(server.patched) == 1)
+        assert server.patched[0] == (first["metadata"]["name"], {"count": 4, "lastTimestamp": "2026-01-01T00:01:20Z"})
+        server.answers = [(404, {})]  # expired meanwhile: a new object carries the count on
+        recorder.record(back_off, t0 + timedelta(seconds=160))
+        await until(lambda: len(server.posted) == 3)
+        assert server.posted[2]["count"] == 5
+        assert server.posted[2]["metadata"]["name"] != first["metadata"]["name"]
+        assert (recorder.posted, recorder.repeats) == (3, 1)
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)

@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from vk_provider.domain.events import EventSpec
@@ -59,17 +61,35 @@ class PodClient:
                 raise
 
 
+@dataclass(slots=True, eq=False)
+class _Series:
+    """One Event object and how often it happened: a repeat of the same Event (same Pod, reason,
+    message, type, container) raises its ``count`` and ``lastTimestamp`` instead of making another
+    object, as the kubelet's recorder does (``kubectl describe`` shows "x5 over 2m")."""
+
+    spec: EventSpec
+    name: str
+    first: datetime
+    last: datetime
+    count: int = 1
+    sent: int = 0  # the count the API server has
+    exists: bool = False  # the object was created
+    settled: asyncio.Event = field(default_factory=asyncio.Event)  # its creation was tried
+
+
 class EventRecorder:
     """Posts core/v1 Events in the order they are recorded, without blocking the caller.
 
     Event names follow the kubelet (``<pod>.<hex nanoseconds>``), strictly increasing, so that
     ``kubectl describe`` (which sorts by time, then name) lists them in the order they happened.
-    Posting failures are logged and dropped: an Event is never worth stalling a Pod. Events give
-    way to Pod status: with ``give_way`` (e.g. the status reporter's ``wait_idle``), each post
-    first waits until no status write is waiting, like the kubelet whose Events travel on a
-    separate, slower budget than status; but an Event waits at most ``max_delay`` seconds after it
-    was recorded, so a long burst of Pods does not starve them. When the queue is full, new Events
-    are dropped and counted, as the kubelet's recorder drops them under load.
+    A repeat of an Event seen recently (the last ``max_series`` kept) patches its count and last
+    timestamp instead of posting another object, like the kubelet's Event correlator. Posting
+    failures are logged and dropped: an Event is never worth stalling a Pod. Events give way to
+    Pod status: with ``give_way`` (e.g. the status reporter's ``wait_idle``), each post first waits
+    until no status write is waiting, like the kubelet whose Events travel on a separate, slower
+    budget than status; but an Event waits at most ``max_delay`` seconds after it was recorded, so
+    a long burst of Pods does not starve them. When the queue is full, new Events are dropped and
+    counted, as the kubelet's recorder drops them under load.
     """
 
     def __init__(
@@ -80,24 +100,37 @@ class EventRecorder:
         give_way: Callable[[], Awaitable[object]] | None = None,
         max_delay: float = 5.0,
         on_drop: Callable[[], None] | None = None,
+        max_series: int = 4096,
     ) -> None:
         self._s = session
         self._on_drop = on_drop
         self._host = host
         self._give_way = give_way
         self._max_delay = max_delay
-        # (what, when it happened, name stamp, loop time it was queued)
-        self._queue: asyncio.Queue[tuple[EventSpec, datetime, int, float]] = asyncio.Queue(maxsize=max_queue)
+        # (the Event's series, the count it brings, loop time it was queued)
+        self._queue: asyncio.Queue[tuple[_Series, int, float]] = asyncio.Queue(maxsize=max_queue)
+        self._series: OrderedDict[EventSpec, _Series] = OrderedDict()
+        self._max_series = max_series
         self._last_ns = 0
         self.posted = 0
+        self.repeats = 0  # repeats written as a count on an existing Event
         self.dropped = 0
 
     def record(self, spec: EventSpec, now: datetime | None = None) -> None:
         moment = now or datetime.now(UTC)
-        stamp = max(time.time_ns(), self._last_ns + 1)
-        self._last_ns = stamp
+        series = self._series.get(spec)
+        if series is None:
+            stamp = max(time.time_ns(), self._last_ns + 1)
+            self._last_ns = stamp
+            series = self._series[spec] = _Series(spec, f"{spec.pod_name}.{stamp:x}", moment, moment)
+            if len(self._series) > self._max_series:
+                self._series.popitem(last=False)
+        else:
+            self._series.move_to_end(spec)
+            series.count += 1
+            series.last = max(series.last, moment)
         try:
-            self._queue.put_nowait((spec, moment, stamp, asyncio.get_running_loop().time()))
+            self._queue.put_nowait((series, series.count, asyncio.get_running_loop().time()))
         except asyncio.QueueFull:
             self.dropped += 1
             if self._on_drop is not None:
@@ -121,7 +154,8 @@ class EventRecorder:
 
     async def _worker(self) -> None:
         while True:
-            spec, moment, stamp, queued = await self._queue.get()
+            series, count, queued = await self._queue.get()
+            spec = series.spec
             try:
                 patience = self._max_delay - (asyncio.get_running_loop().time() - queued)
                 if self._give_way is not None and patience > 0:
@@ -130,8 +164,14 @@ class EventRecorder:
                     with contextlib.suppress(TimeoutError):  # waited long enough: post it anyway
                         async with asyncio.timeout(patience):
                             await self._give_way()
-                await self._post(spec, moment, stamp)
-                self.posted += 1
+                if count == 1:
+                    try:
+                        await self._post(series)
+                    finally:
+                        series.settled.set()
+                else:
+                    await series.settled.wait()  # the repeat of an Event being created: after it
+                    await self._repeat(series)
             except KubeError as exc:
                 if not exc.is_not_found:  # the namespace is gone: nothing to tell
                     log.warning(
@@ -142,7 +182,33 @@ class EventRecorder:
             finally:
                 self._queue.task_done()
 
-    async def _post(self, spec: EventSpec, moment: datetime, stamp: int) -> None:
+    async def _repeat(self, series: _Series) -> None:
+        """Bring the Event's count and last timestamp up to date (one write for repeats queued together)."""
+        if series.sent >= series.count:
+            return
+        if not series.exists:
+            await self._post(series)  # its creation failed: make it now, with the count so far
+            return
+        count = series.count
+        body = {"count": count, "lastTimestamp": rfc3339(series.last)}
+        path = f"/api/v1/namespaces/{series.spec.namespace}/events/{series.name}"
+        try:
+            await self._s.request("PATCH", path, body=body, content_type=MERGE_PATCH, want_body=False)
+        except KubeError as exc:
+            if not exc.is_not_found:
+                raise
+            # Gone (Events expire after an hour): a new object carries on the count.
+            stamp = max(time.time_ns(), self._last_ns + 1)
+            self._last_ns = stamp
+            series.name = f"{series.spec.pod_name}.{stamp:x}"
+            await self._post(series)
+            return
+        series.sent = max(series.sent, count)
+        self.repeats += 1
+
+    async def _post(self, series: _Series) -> None:
+        spec = series.spec
+        count = series.count
         involved: JSON = {
             "apiVersion": "v1",
             "kind": "Pod",
@@ -152,20 +218,22 @@ class EventRecorder:
         }
         if spec.field_path:
             involved["fieldPath"] = spec.field_path
-        when = rfc3339(moment)
         body = {
             "apiVersion": "v1",
             "kind": "Event",
-            "metadata": {"name": f"{spec.pod_name}.{stamp:x}", "namespace": spec.namespace},
+            "metadata": {"name": series.name, "namespace": spec.namespace},
             "involvedObject": involved,
             "reason": spec.reason,
             "message": spec.message[:1024],
             "type": spec.type,
             "source": {"component": spec.component, "host": spec.host or self._host},
-            "firstTimestamp": when,
-            "lastTimestamp": when,
-            "count": 1,
+            "firstTimestamp": rfc3339(series.first),
+            "lastTimestamp": rfc3339(series.last),
+            "count": count,
             "reportingComponent": spec.component,
             "reportingInstance": spec.host or self._host,
         }
         await self._s.request("POST", f"/api/v1/namespaces/{spec.namespace}/events", body=body)
+        series.exists = True
+        series.sent = max(series.sent, count)
+        self.posted += 1
