@@ -366,15 +366,20 @@ BACK = image("back:1", BASE, K1)
         # The same image: not "already present" for the second; present for the first's retry.
         (FRONT, PullPolicy.IF_NOT_PRESENT, FRONT.size, 0),
         # Nothing pulled yet: Never is ErrImageNeverPull, not a free start.
-        (FRONT, PullPolicy.NEVER, "ErrImageNeverPull", FRONT.size),
+        (
+            FRONT,
+            PullPolicy.NEVER,
+            'ErrImageNeverPull: Container image "front:1" is not present with pull policy of Never',
+            FRONT.size,
+        ),
     ],
     ids=["shared-base", "same-image", "never"],
 )
 def test_a_container_pulling_before_an_earlier_failed_one_gets_what_it_really_needs(
     second: ImageManifest, policy: PullPolicy, second_gets: int | str, first_gets: int
 ) -> None:
-    first_spec = ContainerSpec("first", FRONT.reference, "IfNotPresent")
-    second_spec = ContainerSpec("second", second.reference, policy.value)
+    first_spec = ContainerSpec("first", "front:1", "IfNotPresent")  # as the Pod spells them
+    second_spec = ContainerSpec("second", second.reference.rsplit("/", 1)[-1], policy.value)
     plan = plan_pod_pull([(FRONT, PullPolicy.IF_NOT_PRESENT), (second, policy)], present_layers=(), cached_images=())
 
     async def main() -> tuple[int | str, int]:
@@ -386,7 +391,7 @@ def test_a_container_pulling_before_an_earlier_failed_one_gets_what_it_really_ne
         try:
             got: int | str = (await images.pull(second_spec)).downloaded
         except ImagePullError as exc:
-            got = exc.reason
+            got = f"{exc.reason}: {exc.message}"
         return got, (await images.pull(first_spec)).downloaded  # the first again, after its back-off
 
     assert run_virtual(main) == (second_gets, first_gets)

@@ -26,7 +26,14 @@ from vk_provider.domain.catalog import Catalog, synthetic_manifest
 from vk_provider.domain.images import ImageRef, InvalidReference, parse_reference
 from vk_provider.domain.model import ImageManifest
 from vk_provider.domain.podspec import ContainerSpec, PodFacts
-from vk_provider.domain.pullmodel import ImagePullStep, PodPullPlan, PullPolicy, StepAction, plan_pod_pull
+from vk_provider.domain.pullmodel import (
+    ErrImageNeverPull,
+    ImagePullStep,
+    PodPullPlan,
+    PullPolicy,
+    StepAction,
+    plan_pod_pull,
+)
 from vk_provider.oci.client import RegistryError
 from vk_provider.oci.credentials import Credentials, lookup
 
@@ -397,7 +404,10 @@ class PlannedPodImages:
             return ImageResult(image_id, size, present=True)
         outcome = await self._puller.pull_step(step, self._group)
         if isinstance(outcome, PullFailed):
-            raise ImagePullError(outcome.reason, outcome.message, retry=outcome.reason != "ErrImageNeverPull")
+            if outcome.reason == "ErrImageNeverPull":  # named as the Pod spells it, as the kubelet does
+                message = ErrImageNeverPull(container.image).message
+                raise ImagePullError(outcome.reason, message, retry=False)
+            raise ImagePullError(outcome.reason, outcome.message)
         self._done.add(step.reference)
         self._present_layers.update(layer.digest for layer in step.manifest.layers)
         return ImageResult(
