@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import math
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 DEFAULT_DB = "vk-provider.db"
 # Simulated Pod starts and caches must not mix into the registry a running agent uses.
 SIMULATION_DB = "vk-provider-sim.db"
@@ -139,7 +141,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("report", "simulate", "db"):
         # Offline commands: no agent settings, no cluster.
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-        return {"report": _report, "simulate": _simulate, "db": _db}[args.command](args)
+        try:
+            return {"report": _report, "simulate": _simulate, "db": _db}[args.command](args)
+        except KeyboardInterrupt:
+            _error(f"{args.command} interrupted")
+            return EXIT_INTERRUPTED
     try:
         settings = settings_from_args(args)
     except ConfigError as exc:
@@ -199,12 +205,20 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_comparison(comparison: Comparison, args: argparse.Namespace, db: str, preamble: Sequence[str] = ()) -> None:
-    from vk_provider.report import default_chart_path, render_csv, render_json, render_text, write_chart
+def _write_chart(comparison: Comparison, args: argparse.Namespace, db: str) -> Path | None:
+    """The HTML chart, where the flags say (None with --no-chart). Raises OSError."""
+    from vk_provider.report import default_chart_path, write_chart
 
-    chart = (
-        None if args.no_chart else write_chart(comparison, Path(args.chart) if args.chart else default_chart_path(db))
-    )
+    if args.no_chart:
+        return None
+    return write_chart(comparison, Path(args.chart) if args.chart else default_chart_path(db))
+
+
+def _print_comparison(
+    comparison: Comparison, args: argparse.Namespace, chart: Path | None, preamble: Sequence[str] = ()
+) -> None:
+    from vk_provider.report import render_csv, render_json, render_text
+
     if args.json:
         sys.stdout.write(render_json(comparison))
     elif args.csv:
@@ -251,12 +265,13 @@ def _report(args: argparse.Namespace) -> int:
     except ReportError as exc:
         _error(str(exc))
         return EXIT_FAILURE
+    comparison = build_comparison(records, report_filter)
     try:
-        _print_comparison(build_comparison(records, report_filter), args, args.db)
+        chart = _write_chart(comparison, args, args.db)
     except OSError as exc:
         _error(f"cannot write the chart: {exc.strerror or exc}")
         return EXIT_FAILURE
-    return EXIT_OK
+    return _output(comparison, args, chart)
 
 
 def _simulate(args: argparse.Namespace) -> int:
@@ -270,6 +285,12 @@ def _simulate(args: argparse.Namespace) -> int:
     except WorkloadError as exc:
         _error(str(exc))
         return EXIT_USAGE
+    comparison = build_comparison(result.records, ReportFilter())
+    try:  # before the database: a chart that cannot be written leaves nothing half done
+        chart = _write_chart(comparison, args, args.db)
+    except OSError as exc:
+        _error(f"cannot write the chart: {exc.strerror or exc}")
+        return EXIT_FAILURE
     try:
         stored = asyncio.run(store(result, args.db))
     except CacheConflictError as exc:
@@ -278,13 +299,16 @@ def _simulate(args: argparse.Namespace) -> int:
     except Exception as exc:  # a database that cannot be opened or written
         _error(f"cannot write registry database {args.db}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
         return EXIT_FAILURE
+    return _output(comparison, args, chart, summary_lines(result, stored))
+
+
+def _output(comparison: Comparison, args: argparse.Namespace, chart: Path | None, preamble: Sequence[str] = ()) -> int:
     try:
-        _print_comparison(
-            build_comparison(result.records, ReportFilter()), args, args.db, summary_lines(result, stored)
-        )
-    except OSError as exc:
-        _error(f"cannot write the chart: {exc.strerror or exc}")
-        return EXIT_FAILURE
+        _print_comparison(comparison, args, chart, preamble)
+        sys.stdout.flush()
+    except BrokenPipeError:  # e.g. `| head`: the reader has gone, which is no error of ours
+        # Python would report the pipe again when it flushes stdout at exit: point stdout elsewhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
 
 

@@ -31,7 +31,7 @@ import math
 import random
 import re
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -496,6 +496,14 @@ def parse_workload(data: object, source: str = "workload", base_dir: Path | None
     total = sum(group.count for group in groups)
     if total > MAX_PODS:
         problems.add("pods", f"{total} Pods in all; at most {MAX_PODS}")
+    elif not problems.found:  # the Pods' own names (<group>-<i>) may meet another group's
+        owner: dict[tuple[str, str], int] = {}
+        for i, g in enumerate(groups):
+            for pod in pod_names(g):
+                first = owner.setdefault((g.namespace, pod), i)
+                if first != i:
+                    problems.add(f"pods[{i}]", f"its Pod {g.namespace}/{pod} has the name of a Pod of pods[{first}]")
+                    break
     if problems.found:
         raise WorkloadError(f"{source}: " + "; ".join(problems.found))
     return WorkloadSpec(
@@ -715,7 +723,7 @@ class _Simulation:
 
     def arrive(self, arrival: _PodArrival) -> None:
         group = arrival.group
-        name = group.name if group.count == 1 else f"{group.name}-{arrival.index}"
+        name = pod_name(group, arrival.index)
         uid = pod_uid(self.workload, self.seed, group.namespace, name)
         now = self.clock.now()
         manifests = [self.manifest(image) for image in group.images]
@@ -828,7 +836,22 @@ def simulate(workload: WorkloadSpec, catalog: Catalog | None = None, *, seed: in
     injection and Poisson arrivals. Same workload, catalog and seed: same result."""
     chosen = workload.seed if seed is None else seed
     simulation = _Simulation(workload, catalog if catalog is not None else load_workload_catalog(workload), chosen)
-    return run_virtual(simulation.run)
+    try:
+        return run_virtual(simulation.run)
+    except OverflowError:  # a timestamp past datetime's range
+        raise WorkloadError(
+            f"{workload.source}: simulated time runs past the year 9999 (start {workload.start:%Y-%m-%d} "
+            "plus the arrivals and durations); use an earlier start or shorter times"
+        ) from None
+
+
+def pod_name(group: PodGroupSpec, index: int) -> str:
+    """The name of a group's ``index``-th Pod: the group's own name when it has one Pod."""
+    return group.name if group.count == 1 else f"{group.name}-{index}"
+
+
+def pod_names(group: PodGroupSpec) -> Iterator[str]:
+    return (pod_name(group, i) for i in range(group.count))
 
 
 @dataclass(frozen=True, slots=True)

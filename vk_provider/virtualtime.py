@@ -14,6 +14,7 @@ database writes outside the virtual run.
 from __future__ import annotations
 
 import asyncio
+import math
 import selectors
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
@@ -32,6 +33,7 @@ class _VirtualSelector(selectors.DefaultSelector):
     def __init__(self) -> None:
         super().__init__()
         self.now = 0.0
+        self.next_timer: Callable[[], float | None] = lambda: None
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         ready: list[tuple[selectors.SelectorKey, int]] = super().select(0)
@@ -39,7 +41,10 @@ class _VirtualSelector(selectors.DefaultSelector):
             return ready
         if timeout is None:
             raise DeadlockError("virtual-time loop would wait forever: nothing is scheduled (deadlock)")
-        self.now += timeout
+        if timeout > 0:
+            # Straight to the next timer: asyncio caps a wait at a day, which would make a timer
+            # years away cost a loop turn per simulated day.
+            self.now = max(self.now + timeout, self.next_timer() or 0.0)
         return []
 
 
@@ -49,9 +54,25 @@ class VirtualTimeLoop(asyncio.SelectorEventLoop):
     def __init__(self) -> None:
         self._virtual = _VirtualSelector()
         super().__init__(self._virtual)
+        self._virtual.next_timer = self._next_timer
+
+    def _next_timer(self) -> float | None:
+        scheduled = self._scheduled  # type: ignore[attr-defined]  # asyncio's own timer heap
+        return float(scheduled[0]._when) if scheduled else None
 
     def time(self) -> float:
         return self._virtual.now
+
+    # asyncio runs the timers due before time() + _clock_resolution (the machine clock's, 1e-9 s).
+    # Past 2**24 s of virtual time 1e-9 is lost in rounding, so a timer due exactly now would never
+    # run and the loop would spin: the resolution grows with the clock's own step.
+    @property
+    def _clock_resolution(self) -> float:
+        return max(1e-9, 4 * math.ulp(self._virtual.now))
+
+    @_clock_resolution.setter
+    def _clock_resolution(self, value: float) -> None:
+        pass  # set by asyncio's __init__ from the machine clock; virtual time has its own
 
 
 def run_virtual(main: Callable[[], Awaitable[_T]]) -> _T:
@@ -71,7 +92,15 @@ def run_virtual(main: Callable[[], Awaitable[_T]]) -> _T:
         async def wrapper() -> _T:
             return await main()
 
-        result = loop.run_until_complete(wrapper())
+        try:
+            result = loop.run_until_complete(wrapper())
+        except BaseException:  # e.g. Ctrl-C: stop every task, or each one left complains when collected
+            pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            raise
         # Cancelled timers finish on the next iteration; anything still pending after that leaked.
         loop.run_until_complete(asyncio.sleep(0))
         leaked = [task for task in asyncio.all_tasks(loop) if not task.done()]

@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -258,3 +261,28 @@ def test_empty_or_unparsable_db(command: list[str], code: int, capsys: pytest.Ca
     one_error(capsys, "no registry database given (--db is empty)")
     assert main([*command, "--db", "post gres://x"]) == code
     one_error(capsys, "registry database post gres://x: not a path or a SQLAlchemy URL")
+
+
+def test_simulate_with_a_chart_it_cannot_write_stores_nothing(
+    tmp_path: Path, workload: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = tmp_path / "never.db"
+    assert main(["simulate", str(workload), "--db", str(db), "--chart", str(tmp_path)]) == EXIT_FAILURE
+    one_error(capsys, "cannot write the chart")
+    assert not db.exists()  # a second try is not told its Pods were "already recorded"
+
+
+def test_output_to_a_reader_that_has_gone_is_no_error(filled: Path) -> None:
+    read, write = os.pipe()
+    os.close(read)  # like `| head` that has stopped reading: every write is a broken pipe
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "vk_provider", "report", "--db", str(filled), "--no-chart", "--csv"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == EXIT_OK
+    assert done.stderr == b""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 from dataclasses import replace
 from typing import Any
 
@@ -395,3 +396,37 @@ def test_a_container_pulling_before_an_earlier_failed_one_gets_what_it_really_ne
         return got, (await images.pull(first_spec)).downloaded  # the first again, after its back-off
 
     assert run_virtual(main) == (second_gets, first_gets)
+
+
+def test_virtual_time_keeps_running_timers_however_far_it_goes() -> None:
+    async def main() -> float:
+        for _ in range(200):
+            await asyncio.sleep(86400)  # 200 days: past 2**24 s, where a 1e-9 s step is lost in rounding
+        await asyncio.sleep(1e12)  # ~31,700 years: one jump, not a loop turn per simulated day
+        return asyncio.get_running_loop().time()
+
+    results: list[float] = []
+    runner = threading.Thread(target=lambda: results.append(run_virtual(main)), daemon=True)
+    runner.start()
+    runner.join(10)  # a deadline, not a wait: it takes milliseconds, or spins for ever
+    assert results == [200 * 86400 + 1e12]
+
+
+def test_an_interrupted_virtual_run_stops_its_tasks() -> None:
+    stopped: list[str] = []
+
+    async def pulling(name: str) -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            stopped.append(name)
+
+    async def main() -> None:
+        for name in ("a", "b"):
+            asyncio.get_running_loop().create_task(pulling(name))
+        await asyncio.sleep(1)
+        raise KeyboardInterrupt  # Ctrl-C during `vk-provider simulate`
+
+    with pytest.raises(KeyboardInterrupt):
+        run_virtual(main)
+    assert sorted(stopped) == ["a", "b"]  # cancelled, not left to complain when collected

@@ -500,3 +500,33 @@ def test_an_empty_list_is_called_empty() -> None:
         WorkloadError, match=r"pods\[0\]\.images: must be a non-empty list of image references, got an empty list"
     ):
         workload([{**GOOD_POD, "images": []}])
+
+
+def test_pod_names_may_not_meet_across_groups() -> None:
+    pods = [{"name": "a-0", "images": ["nginx:1.7.9"]}, {"name": "a", "count": 2, "images": ["nginx:1.7.9"]}]
+    with pytest.raises(
+        WorkloadError, match=r"w\.yaml: pods\[1\]: its Pod default/a-0 has the name of a Pod of pods\[0\]"
+    ):
+        workload(pods)
+    workload([pods[0], {**pods[1], "namespace": "other"}])  # another namespace: another Pod
+
+
+@pytest.mark.parametrize(
+    "top",
+    [
+        # The year 9999 and then some: one clear error, not a traceback.
+        {"start": "9999-12-31T23:59:59Z"},
+        {"pull": {"container_start_seconds": 1.0e300}},
+    ],
+)
+def test_simulated_time_past_the_year_9999_is_a_workload_error(top: dict[str, Any]) -> None:
+    spec = workload([{**GOOD_POD, "arrival": {"at": 10}}], **top)
+    with pytest.raises(WorkloadError, match="simulated time runs past the year 9999"):
+        run(spec)
+
+
+def test_a_workload_running_for_years_of_simulated_time_finishes() -> None:
+    spec = workload([{**GOOD_POD, "count": 200, "arrival": {"interval": "1d"}}])  # past 2**24 s
+    result = run(spec)
+    assert len(result.records) == 200
+    assert result.simulated_seconds > 199 * 86400
