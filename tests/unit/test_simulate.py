@@ -503,7 +503,10 @@ def test_an_empty_list_is_called_empty() -> None:
 
 
 def test_pod_names_may_not_meet_across_groups() -> None:
-    pods = [{"name": "a-0", "images": ["nginx:1.7.9"]}, {"name": "a", "count": 2, "images": ["nginx:1.7.9"]}]
+    pods: list[dict[str, Any]] = [
+        {"name": "a-0", "images": ["nginx:1.7.9"]},
+        {"name": "a", "count": 2, "images": ["nginx:1.7.9"]},
+    ]
     with pytest.raises(
         WorkloadError, match=r"w\.yaml: pods\[1\]: its Pod default/a-0 has the name of a Pod of pods\[0\]"
     ):
