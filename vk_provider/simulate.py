@@ -572,7 +572,7 @@ class SimulationResult:
     seed: int
     records: tuple[PodStartRecord, ...]
     caches: tuple[ImageCache, ...]
-    hits: tuple[tuple[str, datetime], ...]
+    hits: tuple[tuple[str, datetime, str], ...]  # (cache id, when, the Pod's UID)
     failures: tuple[PodFailure, ...]
     manifests: tuple[ImageManifest, ...]
     simulated_seconds: float
@@ -617,7 +617,7 @@ class _Simulation:
         self.caches: dict[str, ImageCache] = {}
         self.manifests: dict[str, ImageManifest] = {}
         self.records: list[PodStartRecord] = []
-        self.hits: list[tuple[str, datetime]] = []
+        self.hits: list[tuple[str, datetime, str]] = []
         self.failures: list[PodFailure] = []
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -743,7 +743,7 @@ class _Simulation:
             return
         cache = resolution.cache
         if cache is not None and resolution.outcome.is_hit:
-            self.hits.append((cache.imc_id, now))
+            self.hits.append((cache.imc_id, now, uid))
             changes: dict[str, Any] = {"last_matched_at": now}
             if cache.automatic:
                 changes["expires_at"] = now + timedelta(days=AUTO_USED_DAYS)
@@ -873,16 +873,22 @@ async def store(result: SimulationResult, db: str) -> StoreSummary:
             await registry.save_manifest(manifest, resolved_at=result.workload.start)
         end = result.workload.start + timedelta(seconds=result.simulated_seconds)
         await registry.upsert_caches(result.caches, now=end)
-        recorded = 0
+        new: list[bool] = []
         for start in range(0, len(result.records), 500):  # a transaction per 500 starts
-            recorded += sum(await registry.record_pod_starts(result.records[start : start + 500]))
-        if recorded == len(result.records):
-            # One write per cache: its hit count grows by its hits, its last match is the last one.
-            hits: dict[str, tuple[int, datetime]] = {}
-            for imc_id, moment in result.hits:
+            new += await registry.record_pod_starts(result.records[start : start + 500])
+        recorded = sum(new)
+        # A hit counts once: with its Pod's start when that is recorded now; a Pod that never
+        # started (no record to tell a re-run by) only when nothing of the run was there before.
+        fresh = {record.pod_uid for record, is_new in zip(result.records, new, strict=True) if is_new}
+        all_new = recorded == len(result.records)
+        started = {record.pod_uid for record in result.records}
+        # One write per cache: its hit count grows by its hits, its last match is the last one.
+        hits: dict[str, tuple[int, datetime]] = {}
+        for imc_id, moment, uid in result.hits:
+            if uid in fresh or (all_new and uid not in started):
                 hits[imc_id] = (hits.get(imc_id, (0, moment))[0] + 1, moment)
-            for imc_id, (count, last) in hits.items():
-                await registry.mark_cache_matched(imc_id, last, count=count)
+        for imc_id, (count, last) in hits.items():
+            await registry.mark_cache_matched(imc_id, last, count=count)
     finally:
         await registry.close()
     return StoreSummary(recorded=recorded, already_recorded=len(result.records) - recorded)
@@ -914,6 +920,6 @@ def summary_lines(result: SimulationResult, stored: StoreSummary | None = None) 
     if stored is not None and stored.already_recorded:
         lines.append(
             f"{stored.already_recorded} of these Pod starts were already in the database "
-            "(the same workload and seed ran before); they were left as they were"
+            "(a workload of the same name ran before with the same seed); they were left as they were"
         )
     return lines

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sqlite3
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -406,7 +407,7 @@ async def _store_twice(result: SimulationResult, db: str) -> None:
         await registry.close()
     assert sorted(stored, key=lambda r: r.pod_uid) == sorted(result.records, key=lambda r: r.pod_uid)
     assert cache is not None
-    assert cache.last_matched_at == max(moment for _, moment in result.hits)
+    assert cache.last_matched_at == max(moment for _, moment, _ in result.hits)
     assert manifest is not None
     again = await store(result, db)
     assert (again.recorded, again.already_recorded) == (0, 8)
@@ -533,3 +534,16 @@ def test_a_workload_running_for_years_of_simulated_time_finishes() -> None:
     result = run(spec)
     assert len(result.records) == 200
     assert result.simulated_seconds > 199 * 86400
+
+
+def test_a_group_added_to_a_workload_counts_its_own_hits(tmp_path: Path) -> None:
+    web = {"name": "web", "count": 3, "images": ["nginx:1.7.9"], "annotations": EXPLICIT}
+    first = workload([web], caches=[NGINX_CACHE])
+    more = workload([web, {**web, "name": "api", "count": 2}], caches=[NGINX_CACHE])
+    db = tmp_path / "sim.db"
+    assert asyncio.run(store(run(first), str(db))).recorded == 3
+    again = asyncio.run(store(run(more), str(db)))
+    assert (again.recorded, again.already_recorded) == (2, 3)  # web's 3 were there: only api's are new
+    with sqlite3.connect(db) as conn:
+        (hits,) = conn.execute("SELECT hit_count FROM caches WHERE name = 'nginx-cache'").fetchone()
+    assert hits == 5  # web's 3 once, and api's 2
