@@ -232,7 +232,9 @@ def _print_comparison(
         if chart is not None:
             print(f"chart: {chart}")
         return
-    # Machine output stays clean on stdout; people still learn where the chart went.
+    # Machine output stays clean on stdout; people still learn what the run said and where the chart went.
+    for line in preamble:
+        print(f"vk-provider: {line}", file=sys.stderr)
     if chart is not None:
         print(f"vk-provider: chart written to {chart}", file=sys.stderr)
 

@@ -241,7 +241,8 @@ def _duration_field(raw: Mapping[str, Any], key: str, where: str, problems: _Pro
     seconds = parse_duration(raw[key])
     if seconds is None:
         problems.add(
-            f"{where}.{key}", f"must be zero or more seconds (a number, or e.g. '90s', '1h30m'), got {raw[key]!r}"
+            f"{where}.{key}" if where else key,
+            f"must be zero or more seconds (a number, or e.g. '90s', '1h30m'), got {raw[key]!r}",
         )
         return default
     return seconds

@@ -89,6 +89,11 @@ def test_simulate_twice_with_one_seed_prints_identical_json(
     assert json.loads(outputs[0])["pods"] == 10
     assert main(["simulate", str(workload), "--db", str(tmp_path / "c.db"), "--json", "--no-chart", "--seed", "4"]) == 0
     assert capsys.readouterr().out != outputs[0]
+    # Run again on a database that has it: the JSON stays clean; the summary says so on stderr.
+    assert main(["simulate", str(workload), "--db", str(tmp_path / "a.db"), "--json", "--no-chart"]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert captured.out == outputs[0]
+    assert "vk-provider: 10 of these Pod starts were already in the database" in captured.err
 
 
 def test_report_reads_what_simulate_wrote(filled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -133,6 +133,16 @@ def test_settings_file_that_is_not_utf8(tmp_path: Path) -> None:
         load_settings(str(f), env={})
 
 
+def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path: Path) -> None:
+    f = tmp_path / "a.yaml"
+    f.write_text("node:\n  name: vk-1\n  name: vk-2\n")
+    with pytest.raises(ConfigError, match=f"settings file {f} line 3: the key 'name' is given twice in one mapping"):
+        load_settings(str(f), env={})
+    f.write_text("node: {name: vk-1}\nkube: {name: x}\n")  # the same key in two mappings is fine
+    with pytest.raises(ConfigError, match=r"unknown setting kube\.name"):
+        load_settings(str(f), env={})
+
+
 def _setting_names(cls: type, prefix: str = "") -> set[str]:
     names: set[str] = set()
     for f in dataclasses.fields(cls):
