@@ -282,6 +282,40 @@ async def test_running_pod_is_adopted_not_restarted(harness: Harness, clock: Fak
     assert "10.234.0.9" not in {harness.ctl.ips.allocate() for _ in range(3)}  # its IP stays reserved
 
 
+async def test_a_pending_pod_with_a_running_container_is_adopted_and_carries_on(
+    harness: Harness, clock: FakeClock
+) -> None:
+    from vk_provider.domain import lifecycle as lc
+
+    t0 = clock.now()
+    state = lc.accepted(restart_policy="Always", init_containers=[],
+                        containers=[("first", "nginx:1.7.9"), ("second", "nginx:1.7.9")],
+                        host_ip="10.0.0.1", pod_ip="10.234.0.9", now=t0)  # fmt: skip
+    state = lc.waiting(state, "first", "ImagePullBackOff", 'Back-off pulling image "nginx:1.7.9"', t0)
+    state = lc.became_ready(lc.started(state, "second", "uid-a", "x", t0), "second", t0)
+    pending = lc.render_status(state)  # what the last run wrote: one container up, one in back-off
+    assert pending["phase"] == "Pending"
+    await clock.advance(100)
+    await harness.ctl.resync([{**two_containers("a", "nginx:1.7.9"), "status": pending}])
+    await clock.advance(60)
+    status = harness.api.last("a")
+    assert container_states(status) == {"first": "running", "second": "running"}
+    assert status["phase"] == "Running"
+    second = next(c for c in status["containerStatuses"] if c["name"] == "second")
+    assert second["state"]["running"]["startedAt"] == pending["startTime"]  # not started again
+    assert second["restartCount"] == 0
+    assert harness.events.reasons("a") == ["Pulling", "Pulled", "Created", "Started"]  # the first's only
+    assert [e.field_path for e in harness.events.items if e.reason == "Started"] == ["spec.containers{first}"]
+
+
+def test_a_pending_pod_that_never_ran_is_not_adopted(clock: FakeClock) -> None:
+    from vk_provider.domain import lifecycle as lc
+
+    state = lc.accepted(restart_policy="Always", init_containers=[], containers=[("c", "nginx:1.7.9")],
+                        host_ip="10.0.0.1", pod_ip="10.234.0.9", now=clock.now())  # fmt: skip
+    assert lc.adopt(lc.render_status(state), "Always", clock.now()) is None  # started from the beginning
+
+
 async def test_pull_errors(clock: FakeClock) -> None:
     images = Images(
         clock,

@@ -777,11 +777,16 @@ class PodWorker:
         self._log(name, "container is ready")
 
     async def _continue_adopted(self, state: PodState) -> None:
-        """After an agent restart: containers keep running where they are (same startedAt)."""
+        """After an agent restart: containers keep running where they are (same startedAt); one
+        still waiting (to restart, or to start at all because its image failed) carries on."""
         if state.terminal:
             return
         now = self.ctl.clock.now()
-        images = await self.ctl.images.for_pod(self.facts, CacheDecision())
+        waiting = any(isinstance(c.state, lc.Waiting) for c in state.containers if not c.init)
+        # The cache decision the first run wrote on the Pod, for the images still to pull (read
+        # back, not made again: no Events, no hit counted); none needed when every one runs.
+        decision = await self.ctl.caches.resolve(self.facts) if waiting else CacheDecision()
+        images = await self.ctl.images.for_pod(self.facts, decision)
         lives = []
         for spec in self.facts.main_containers:
             try:
@@ -791,7 +796,7 @@ class PodWorker:
             if isinstance(c.state, lc.Running):
                 ran = (now - c.state.started_at).total_seconds() * self.ctl.timing.time_scale
                 lives.append(self._live(spec, images, ran_for=ran))
-            elif isinstance(c.state, lc.Waiting) and c.last_state is not None:
+            elif isinstance(c.state, lc.Waiting):
                 lives.append(self._restart_then_live(spec, images))
         async with asyncio.TaskGroup() as group:
             for live in lives:

@@ -435,9 +435,10 @@ def adopt(status: JSON, restart_policy: str, fallback: datetime) -> PodState | N
     """Rebuild the state of a Pod this node was already running (agent restart).
 
     Returns ``None`` when the status is not one we can continue from (never started, or
-    incomplete): such a Pod is started again from the beginning.
+    incomplete): such a Pod is started again from the beginning. A Pending Pod is continued when
+    one of its main containers has started (another one's image is failing): those keep running.
     """
-    if status.get("phase") not in ("Running", "Succeeded", "Failed"):
+    if status.get("phase") not in ("Running", "Succeeded", "Failed", "Pending"):
         return None
     members: list[Container] = []
     try:
@@ -460,6 +461,10 @@ def adopt(status: JSON, restart_policy: str, fallback: datetime) -> PodState | N
         return None
     if not any(not c.init for c in members):
         return None
+    if status["phase"] == "Pending" and not any(
+        not c.init and (not isinstance(c.state, Waiting) or c.last_state is not None) for c in members
+    ):
+        return None  # nothing has run yet: start from the beginning
     conditions = tuple(
         Condition(c["type"], c["status"], parse_time(c.get("lastTransitionTime")) or fallback, c.get("reason", ""))
         for c in status.get("conditions") or ()
