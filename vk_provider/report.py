@@ -724,14 +724,14 @@ async def load_records(db: str, report_filter: ReportFilter | None = None) -> tu
     except DatabaseArgumentError as exc:
         raise ReportError(str(exc)) from None
     chosen = report_filter or ReportFilter()
+    registry = await open_registry(db, read_only=True)  # a report never changes the file it reads
     try:
-        revision = await migrate.current(db)
-    except Exception as exc:  # a file that is not SQLite, a server that refuses us
-        raise ReportError(f"cannot read registry database {db}: {str(exc).splitlines()[0]}") from None
-    if revision is None:
-        raise ReportError(f"{db} has no registry schema (run `vk-provider db upgrade --db {db}`)")
-    registry = await open_registry(db)
-    try:
+        try:
+            revision = await migrate.current(registry.engine)
+        except Exception as exc:  # a file that is not SQLite, a server that refuses us
+            raise ReportError(f"cannot read registry database {db}: {str(exc).splitlines()[0]}") from None
+        if revision is None:
+            raise ReportError(f"{db} has no registry schema (run `vk-provider db upgrade --db {db}`)")
         records = await registry.list_pod_starts(namespace=chosen.namespace, since=chosen.since, until=chosen.until)
     finally:
         await registry.close()

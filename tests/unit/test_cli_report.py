@@ -291,3 +291,23 @@ def test_output_to_a_reader_that_has_gone_is_no_error(filled: Path) -> None:
         os.close(write)
     assert done.returncode == EXIT_OK
     assert done.stderr == b""
+
+
+def test_a_report_leaves_the_file_it_reads_as_it_was(
+    filled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    plain = tmp_path / "copy of the registry.db"  # in rollback-journal mode, as other tools leave it
+    with sqlite3.connect(filled) as source, sqlite3.connect(plain) as copy:
+        source.backup(copy)
+        copy.execute("PRAGMA journal_mode = DELETE")
+    before = plain.read_bytes()
+    assert main(["report", "--db", str(plain), "--no-chart"]) == EXIT_OK
+    assert "speed-up" in capsys.readouterr().out
+    assert plain.read_bytes() == before
+    with sqlite3.connect(plain) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    assert main(["report", "--db", str(empty)]) == EXIT_FAILURE
+    one_error(capsys, "has no registry schema")
+    assert empty.stat().st_size == 0  # not turned into a database

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from sqlalchemy import event
 from sqlalchemy.engine import URL, Connection, make_url
@@ -106,22 +107,29 @@ def is_sqlite(engine: AsyncEngine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def create_engine(url: str, **kwargs: Any) -> AsyncEngine:
-    """An AsyncEngine for ``url`` (see ``database_url``); for SQLite, with the pragmas above."""
+def create_engine(url: str, *, read_only: bool = False, **kwargs: Any) -> AsyncEngine:
+    """An AsyncEngine for ``url`` (see ``database_url``); for SQLite, with the pragmas above.
+
+    ``read_only``: a SQLite file is opened read-only and left as it is (no directory made, no
+    switch to WAL, an empty file not turned into a database), for commands that only read it.
+    """
     url = database_url(url)
     parsed = make_url(url)
     file = _file_of(parsed)
-    if file is not None:
+    if file is not None and read_only:
+        # SQLite's URI form (file:...?mode=ro) through the driver's uri option.
+        parsed = parsed.set(database=f"file:{quote(str(file))}?mode=ro", query={**parsed.query, "uri": "true"})
+    elif file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
     if parsed.get_backend_name() != "sqlite":
         kwargs.setdefault("pool_pre_ping", True)
-    engine = create_async_engine(url, **kwargs)
+    engine = create_async_engine(parsed, **kwargs)
     if is_sqlite(engine):
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, read_only=read_only)
     return engine
 
 
-def _configure_sqlite(engine: AsyncEngine) -> None:
+def _configure_sqlite(engine: AsyncEngine, *, read_only: bool = False) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
         # None: the driver must not emit BEGIN itself; _on_begin does.
@@ -130,7 +138,8 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         try:
             # busy_timeout first: switching to WAL needs a lock another process may hold.
             cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-            cursor.execute("PRAGMA journal_mode = WAL")
+            if not read_only:
+                cursor.execute("PRAGMA journal_mode = WAL")
             cursor.execute("PRAGMA synchronous = NORMAL")
             cursor.execute("PRAGMA foreign_keys = ON")
         finally:
@@ -146,12 +155,13 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         connection.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
 
-async def open_registry(url: str) -> Registry:
-    """Open the registry at ``url`` (a path or URL, see ``database_url``).
+async def open_registry(url: str, *, read_only: bool = False) -> Registry:
+    """Open the registry at ``url`` (a path or URL, see ``database_url``; ``read_only``: see
+    ``create_engine``).
 
     The schema is not touched: the agent calls ``migrate.upgrade(registry.engine)`` on start.
     ``await registry.close()`` releases every connection.
     """
     from vk_provider.registry.repository import Registry  # repository is above engine; avoids a cycle
 
-    return Registry(create_engine(url))
+    return Registry(create_engine(url, read_only=read_only))
