@@ -14,6 +14,7 @@ database writes outside the virtual run.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import selectors
 from collections.abc import Awaitable, Callable
@@ -99,7 +100,8 @@ def run_virtual(main: Callable[[], Awaitable[_T]]) -> _T:
             for task in pending:
                 task.cancel()
             if pending:
-                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                with contextlib.suppress(Exception):  # a task that will not stop must not hide the cause
+                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             raise
         # Cancelled timers finish on the next iteration; anything still pending after that leaked.
         loop.run_until_complete(asyncio.sleep(0))

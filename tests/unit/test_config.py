@@ -138,6 +138,9 @@ def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path: Path)
     f.write_text("node:\n  name: vk-1\n  name: vk-2\n")
     with pytest.raises(ConfigError, match=f"settings file {f} line 3: the key 'name' is given twice in one mapping"):
         load_settings(str(f), env={})
+    f.write_text("base: &b {cpu: '8'}\nnode:\n  <<: *b\n  name: vk-1\n")  # a merge key is no repeat
+    with pytest.raises(ConfigError, match="unknown setting base"):
+        load_settings(str(f), env={})
     f.write_text("node: {name: vk-1}\nkube: {name: x}\n")  # the same key in two mappings is fine
     with pytest.raises(ConfigError, match=r"unknown setting kube\.name"):
         load_settings(str(f), env={})

@@ -153,6 +153,26 @@ async def test_a_repeated_event_is_one_object_with_a_count(served: tuple[Server,
         await asyncio.gather(runner, return_exceptions=True)
 
 
+async def test_a_repeat_of_a_dropped_event_is_posted_not_waited_for(served: tuple[Server, KubeSession]) -> None:
+    server, session = served
+    recorder = EventRecorder(session, host="vk", max_queue=1)
+    pulled = EventSpec("ns", "p", "uid-p", "Pulled", "pulled")
+    failed = EventSpec("ns", "p", "uid-p", "Failed", "no")
+    recorder.record(pulled)
+    recorder.record(failed)  # the queue is full: dropped, never created
+    assert recorder.dropped == 1
+    runner = asyncio.create_task(recorder.run(workers=1))
+    try:
+        await until(lambda: len(server.posted) == 1)
+        recorder.record(failed)  # again: a new Event, not a repeat of one that will never exist
+        await until(lambda: len(server.posted) == 2)
+        assert [(e["reason"], e["count"]) for e in server.posted] == [("Pulled", 1), ("Failed", 1)]
+        await recorder.flush(timeout=2)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
 async def test_events_beyond_the_queue_are_dropped_and_counted(served: tuple[Server, KubeSession]) -> None:
     server, session = served
     metrics = NodeMetrics()

@@ -295,9 +295,16 @@ async def test_a_pending_pod_with_a_running_container_is_adopted_and_carries_on(
     state = lc.became_ready(lc.started(state, "second", "uid-a", "x", t0), "second", t0)
     pending = lc.render_status(state)  # what the last run wrote: one container up, one in back-off
     assert pending["phase"] == "Pending"
+    harness.ctl.records = records = Starts()
     await clock.advance(100)
     await harness.ctl.resync([{**two_containers("a", "nginx:1.7.9"), "status": pending}])
     await clock.advance(60)
+    # Its start is recorded once the last container starts: from its startTime (taken by the first
+    # run) to now, pull 10 s and start 1 s after the restart at 100 s.
+    (recorded,) = records.starts
+    assert recorded.startup_seconds == pytest.approx(111)
+    assert [image for image, _ in recorded.images] == ["nginx:1.7.9"]
+    assert harness.ctl.started_total == 1
     status = harness.api.last("a")
     assert container_states(status) == {"first": "running", "second": "running"}
     assert status["phase"] == "Running"

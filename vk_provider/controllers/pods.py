@@ -28,7 +28,7 @@ from vk_provider.controllers.reporter import StatusReporter
 from vk_provider.domain import lifecycle as lc
 from vk_provider.domain.events import EventSpec, container_field_path
 from vk_provider.domain.ipam import IpPool, PoolExhausted
-from vk_provider.domain.lifecycle import PodState
+from vk_provider.domain.lifecycle import Phase, PodState
 from vk_provider.domain.podspec import ContainerSpec, PodFacts, pod_facts
 from vk_provider.domain.workload import Workload, parse_workload
 
@@ -781,12 +781,31 @@ class PodWorker:
         still waiting (to restart, or to start at all because its image failed) carries on."""
         if state.terminal:
             return
-        now = self.ctl.clock.now()
+        clock = self.ctl.clock
+        now = clock.now()
         waiting = any(isinstance(c.state, lc.Waiting) for c in state.containers if not c.init)
         # The cache decision the first run wrote on the Pod, for the images still to pull (read
         # back, not made again: no Events, no hit counted); none needed when every one runs.
         decision = await self.ctl.caches.resolve(self.facts) if waiting else CacheDecision()
         images = await self.ctl.images.for_pod(self.facts, decision)
+        # A Pod that had not started yet is recorded when its last main container starts, with
+        # its start-up counted from when the first run took it (its startTime).
+        start: PodStart | None = None
+        unstarted = [0]
+        taken = state.start_time or now
+        t0 = clock.monotonic() - max(0.0, (now - taken).total_seconds())
+        if state.phase is Phase.PENDING:
+            start = PodStart(pod=self.facts, node=self.ctl.node_name, decision=decision)
+            unstarted[0] = sum(1 for c in state.containers if not c.init and isinstance(c.state, lc.Waiting))
+
+        async def start_then_live(spec: ContainerSpec) -> None:
+            if not await self._pull_create_start(spec, images, start):
+                return
+            unstarted[0] -= 1
+            if start is not None and unstarted[0] == 0:
+                await self._all_started(start, t0)
+            await self._live(spec, images)
+
         lives = []
         for spec in self.facts.main_containers:
             try:
@@ -797,14 +816,10 @@ class PodWorker:
                 ran = (now - c.state.started_at).total_seconds() * self.ctl.timing.time_scale
                 lives.append(self._live(spec, images, ran_for=ran))
             elif isinstance(c.state, lc.Waiting):
-                lives.append(self._restart_then_live(spec, images))
+                lives.append(start_then_live(spec))
         async with asyncio.TaskGroup() as group:
             for live in lives:
                 group.create_task(live)
-
-    async def _restart_then_live(self, spec: ContainerSpec, images: PodImages) -> None:
-        if await self._pull_create_start(spec, images, None):
-            await self._live(spec, images)
 
     async def _terminate(self) -> None:
         """Stop within the grace period, report the final status, then remove the Pod."""

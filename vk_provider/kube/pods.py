@@ -75,6 +75,7 @@ class _Series:
     sent: int = 0  # the count the API server has
     exists: bool = False  # the object was created
     settled: asyncio.Event = field(default_factory=asyncio.Event)  # its creation was tried
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one write of it at a time, in order
 
 
 class EventRecorder:
@@ -132,6 +133,8 @@ class EventRecorder:
         try:
             self._queue.put_nowait((series, series.count, asyncio.get_running_loop().time()))
         except asyncio.QueueFull:
+            if series.count == 1:  # never to be created: a repeat must not wait for it
+                self._series.pop(spec, None)
             self.dropped += 1
             if self._on_drop is not None:
                 self._on_drop()
@@ -166,12 +169,14 @@ class EventRecorder:
                             await self._give_way()
                 if count == 1:
                     try:
-                        await self._post(series)
+                        async with series.lock:
+                            await self._post(series)
                     finally:
                         series.settled.set()
                 else:
                     await series.settled.wait()  # the repeat of an Event being created: after it
-                    await self._repeat(series)
+                    async with series.lock:  # two workers' repeats: the later count is written last
+                        await self._repeat(series)
             except KubeError as exc:
                 if not exc.is_not_found:  # the namespace is gone: nothing to tell
                     log.warning(

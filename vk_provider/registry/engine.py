@@ -118,7 +118,8 @@ def create_engine(url: str, *, read_only: bool = False, **kwargs: Any) -> AsyncE
     file = _file_of(parsed)
     if file is not None and read_only:
         # SQLite's URI form (file:...?mode=ro) through the driver's uri option.
-        parsed = parsed.set(database=f"file:{quote(str(file))}?mode=ro", query={**parsed.query, "uri": "true"})
+        query = {key: value for key, value in parsed.query.items() if key != "mode"}  # ours is ro
+        parsed = parsed.set(database=f"file:{quote(str(file))}?mode=ro", query={**query, "uri": "true"})
     elif file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
     if parsed.get_backend_name() != "sqlite":
