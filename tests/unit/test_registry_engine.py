@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.dialects import sqlite
 
-from vk_provider.registry.engine import database_url
+from vk_provider.registry.engine import database_url, sqlite_file
 from vk_provider.registry.schema import UtcDateTime
 
 
@@ -30,6 +30,11 @@ def test_database_url(db: str, expected: str) -> None:
 
 def test_database_url_expands_home() -> None:
     assert database_url("~/r.db") == f"sqlite+aiosqlite:///{Path.home() / 'r.db'}"
+
+
+@pytest.mark.parametrize("path", ["/tmp/a?b.db", "/tmp/odd dir #1/r%20x.db", "/tmp/100%.db"])
+def test_a_path_with_url_characters_names_its_own_file(path: str) -> None:
+    assert sqlite_file(path) == Path(path)  # not cut at ? or #, nor %-decoded
 
 
 EAST = timezone(timedelta(hours=8))

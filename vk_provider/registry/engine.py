@@ -54,7 +54,9 @@ def database_url(db: str) -> str:
     if "://" not in db:
         if db == ":memory:":
             return "sqlite+aiosqlite:///:memory:"
-        return f"sqlite+aiosqlite:///{Path(db).expanduser().resolve()}"
+        # URL.create quotes what a URL would misread (?, #, %) in the path; make_url decodes it.
+        path = str(Path(db).expanduser().resolve())
+        return URL.create("sqlite+aiosqlite", database=path).render_as_string(hide_password=False)
     scheme, rest = db.split("://", 1)
     return f"{_DRIVERS.get(scheme, scheme)}://{rest}"
 
