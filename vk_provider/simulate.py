@@ -39,7 +39,7 @@ from typing import Any
 
 from vk_provider.catalogs import CatalogError, load_catalogs
 from vk_provider.controllers.puller import Puller, PullFailed
-from vk_provider.domain.annotations import base36_digest
+from vk_provider.domain.annotations import base36_digest, parse_cache_annotations
 from vk_provider.domain.catalog import Catalog, kind_of, manifest_for
 from vk_provider.domain.images import InvalidReference, parse_reference
 from vk_provider.domain.model import CachedImage, CachePhase, ImageCache, ImageManifest
@@ -493,6 +493,10 @@ def parse_workload(data: object, source: str = "workload", base_dir: Path | None
         group = _parse_group(raw, f"pods[{index}]", problems)
         if group is not None:
             groups.append(group)
+            # The agent posts these as InvalidImageCacheAnnotation Warnings and goes on; a workload
+            # file is the user's own experiment, so they are errors here, not silently ignored.
+            for problem in parse_cache_annotations(dict(group.annotations), default_auto).problems:
+                problems.add(f"pods[{index}].annotations", problem.removesuffix("; ignored"))
     _check_unique([(f"{g.namespace}/{g.name}", i) for i, g in enumerate(groups)], "pods", "name", problems)
     total = sum(group.count for group in groups)
     if total > MAX_PODS:

@@ -547,3 +547,18 @@ def test_a_group_added_to_a_workload_counts_its_own_hits(tmp_path: Path) -> None
     with sqlite3.connect(db) as conn:
         (hits,) = conn.execute("SELECT hit_count FROM caches WHERE name = 'nginx-cache'").fetchone()
     assert hits == 5  # web's 3 once, and api's 2
+
+
+@pytest.mark.parametrize(
+    ("annotations", "message"),
+    [
+        ({"k8s.aliyun.com/imc-match-count-request": "abc"}, 'imc-match-count-request="abc" is not a whole number'),
+        ({"k8s.aliyun.com/imc-perfect-match": "yes"}, 'imc-perfect-match="yes" is not "true" or "false"'),
+        ({"k8s.aliyun.com/eci-auto-imc": "maybe"}, 'eci-auto-imc="maybe" is not "true" or "false"'),
+    ],
+)
+def test_malformed_cache_annotations_are_workload_errors(annotations: dict[str, str], message: str) -> None:
+    with pytest.raises(WorkloadError, match=r"pods\[0\]\.annotations: annotation k8s\.aliyun\.com/") as caught:
+        workload([{**GOOD_POD, "annotations": annotations}])
+    assert message in str(caught.value)
+    assert "ignored" not in str(caught.value)
