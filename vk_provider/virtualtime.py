@@ -96,24 +96,27 @@ def run_virtual(main: Callable[[], Awaitable[_T]]) -> _T:
         try:
             result = loop.run_until_complete(wrapper())
         except BaseException:  # e.g. Ctrl-C: stop every task, or each one left complains when collected
-            pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
-            for task in pending:
-                task.cancel()
-            if pending:
-                with contextlib.suppress(Exception):  # a task that will not stop must not hide the cause
-                    loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            with contextlib.suppress(Exception):  # a task that will not stop must not hide the cause
+                _stop_running(loop)
             raise
         # Cancelled timers finish on the next iteration; anything still pending after that leaked.
         loop.run_until_complete(asyncio.sleep(0))
-        leaked = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        leaked = _stop_running(loop)
         if leaked:
-            for task in leaked:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*leaked, return_exceptions=True))
             raise RuntimeError(f"tasks left running after the virtual run: {[t.get_name() for t in leaked]}")
         return result
     finally:
         loop.close()
+
+
+def _stop_running(loop: asyncio.AbstractEventLoop) -> list[asyncio.Task[object]]:
+    """Cancel the loop's unfinished tasks and let them end; returns them."""
+    running = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in running:
+        task.cancel()
+    if running:
+        loop.run_until_complete(asyncio.gather(*running, return_exceptions=True))
+    return running
 
 
 class VirtualClock:

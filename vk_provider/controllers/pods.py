@@ -451,6 +451,10 @@ class PodWorker:
             "status": lc.render_status(self.state) if self.state else {"phase": "Pending"},
         }
 
+    def _due(self, simulated: float) -> float:
+        """The loop time ``simulated`` seconds from now."""
+        return self.ctl.clock.monotonic() + simulated / self.ctl.timing.time_scale
+
     async def _sleep(self, simulated: float) -> None:
         if simulated > 0:
             await self.ctl.clock.sleep(simulated / self.ctl.timing.time_scale)
@@ -563,7 +567,7 @@ class PodWorker:
                 if await self._pull_create_start(spec, images, start, attempt=0):
                     started.append(spec)
             except _RetryPull as retry:
-                retrying.append((spec, clock.monotonic() + retry.delay / self.ctl.timing.time_scale))
+                retrying.append((spec, self._due(retry.delay)))
         if len(started) == len(mains):
             await self._all_started(start, t0)
             if len(started) == 1:
@@ -584,7 +588,7 @@ class PodWorker:
                             return
                     break
                 except _RetryPull as retry:
-                    attempt, due = attempt + 1, clock.monotonic() + retry.delay / self.ctl.timing.time_scale
+                    attempt, due = attempt + 1, self._due(retry.delay)
             unstarted[0] -= 1
             if unstarted[0] == 0:
                 await self._all_started(start, t0)
@@ -783,7 +787,7 @@ class PodWorker:
             return
         clock = self.ctl.clock
         now = clock.now()
-        waiting = any(isinstance(c.state, lc.Waiting) for c in state.containers if not c.init)
+        waiting = sum(1 for c in state.containers if not c.init and isinstance(c.state, lc.Waiting))
         # The cache decision the first run wrote on the Pod, for the images still to pull (read
         # back, not made again: no Events, no hit counted); none needed when every one runs.
         decision = await self.ctl.caches.resolve(self.facts) if waiting else CacheDecision()
@@ -796,7 +800,7 @@ class PodWorker:
         t0 = clock.monotonic() - max(0.0, (now - taken).total_seconds())
         if state.phase is Phase.PENDING:
             start = PodStart(pod=self.facts, node=self.ctl.node_name, decision=decision)
-            unstarted[0] = sum(1 for c in state.containers if not c.init and isinstance(c.state, lc.Waiting))
+            unstarted[0] = waiting
 
         async def start_then_live(spec: ContainerSpec) -> None:
             if not await self._pull_create_start(spec, images, start):

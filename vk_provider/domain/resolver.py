@@ -49,7 +49,7 @@ from vk_provider.domain.annotations import (
 from vk_provider.domain.cachebuild import FAILED_RETENTION
 from vk_provider.domain.images import ImageRef, InvalidReference, matches, parse_reference, shorten
 from vk_provider.domain.matching import MatchResult, format_bytes, rank_caches
-from vk_provider.domain.model import QUOTA_FULL, CachePhase, ImageCache
+from vk_provider.domain.model import QUOTA_FULL, CachedImage, CachePhase, ImageCache
 
 EVENT_SOURCE = "EciService"
 INVALID_ANNOTATION_REASON = "InvalidImageCacheAnnotation"
@@ -286,8 +286,7 @@ def resume(pod: PodCacheFacts, caches: Sequence[ImageCache], *, default_auto: bo
             invalid_images=invalid,
         )
     cache = next((c for c in caches if c.imc_id == matched), None)
-    held = cache.images if cache is not None else ()
-    covered = tuple(ref.normalized for ref in wanted if any(matches(image, ref) for image in held))
+    covered = _covered(wanted, cache.images if cache is not None else ())
     gone = "" if cache is not None else ", which is gone since: every image is pulled"
     return Resolution(
         outcome=Outcome.EXPLICIT_HIT if request.explicit_id is not None else Outcome.AUTO_HIT,
@@ -358,7 +357,7 @@ def _resolve_explicit(
             request=request,
             invalid_images=invalid,
         )
-    covered = tuple(ref.normalized for ref in wanted if any(matches(image, ref) for image in cache.images))
+    covered = _covered(wanted, cache.images)
     covered_set = set(covered)
     covered_bytes = sum(image.size for image in cache.images if any(matches(image, ref) for ref in wanted))
     partial = "" if len(covered) == len(all_refs) else " (partial hit: the rest is pulled)"
@@ -404,6 +403,11 @@ def _building_cache_with(refs: frozenset[str], caches: Sequence[ImageCache], now
         if best is None or (cache.created_at, cache.imc_id) < (best.created_at, best.imc_id):
             best = cache
     return best
+
+
+def _covered(wanted: Sequence[ImageRef], held: Sequence[CachedImage]) -> tuple[str, ...]:
+    """The normalised references of the Pod's ``wanted`` images that the ``held`` images serve."""
+    return tuple(ref.normalized for ref in wanted if any(matches(image, ref) for image in held))
 
 
 def _holds_exactly(cache: ImageCache, refs: frozenset[str]) -> bool:

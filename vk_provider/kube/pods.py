@@ -121,9 +121,7 @@ class EventRecorder:
         moment = now or datetime.now(UTC)
         series = self._series.get(spec)
         if series is None:
-            stamp = max(time.time_ns(), self._last_ns + 1)
-            self._last_ns = stamp
-            series = self._series[spec] = _Series(spec, f"{spec.pod_name}.{stamp:x}", moment, moment)
+            series = self._series[spec] = _Series(spec, self._new_name(spec), moment, moment)
             if len(self._series) > self._max_series:
                 self._series.popitem(last=False)
         else:
@@ -141,6 +139,12 @@ class EventRecorder:
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("event queue full (%d waiting): %d events dropped so far", self._queue.qsize(),
                             self.dropped)  # fmt: skip
+
+    def _new_name(self, spec: EventSpec) -> str:
+        """``<pod>.<hex nanoseconds>``, strictly increasing (the kubelet's Event names)."""
+        stamp = max(time.time_ns(), self._last_ns + 1)
+        self._last_ns = stamp
+        return f"{spec.pod_name}.{stamp:x}"
 
     async def run(self, workers: int = 4) -> None:
         """Drain the queue forever (one task per worker); cancel to stop."""
@@ -203,9 +207,7 @@ class EventRecorder:
             if not exc.is_not_found:
                 raise
             # Gone (Events expire after an hour): a new object carries on the count.
-            stamp = max(time.time_ns(), self._last_ns + 1)
-            self._last_ns = stamp
-            series.name = f"{series.spec.pod_name}.{stamp:x}"
+            series.name = self._new_name(series.spec)
             await self._post(series)
             return
         series.sent = max(series.sent, count)
