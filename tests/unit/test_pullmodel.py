@@ -180,6 +180,19 @@ def test_fair_shares(caps: list[float], capacity: float, rates: list[float]) -> 
     assert fair_shares(caps, capacity) == pytest.approx(rates)
 
 
+@pytest.mark.parametrize(
+    ("caps", "counts", "capacity"),
+    [([5.0, 20.0, 100.0], [1, 2, 1], 40.0), ([10.0, 3.0], [4, 0], 25.0), ([7.0, 7.5, 2.0], [3, 5, 2], 1000.0)],
+)
+def test_fair_shares_with_counts_is_the_rate_of_each_of_that_many_flows(
+    caps: list[float], counts: list[int], capacity: float
+) -> None:
+    flows = [cap for cap, count in zip(caps, counts, strict=True) for _ in range(count)]
+    each = fair_shares(flows, capacity)
+    expected = [each[flows.index(cap)] if count else 0.0 for cap, count in zip(caps, counts, strict=True)]
+    assert fair_shares(caps, capacity, counts) == pytest.approx(expected)
+
+
 def test_default_settings_are_valid_and_keep_the_hit_invariants() -> None:
     assert DEFAULTS.problems() == ()
     assert DEFAULTS.snapshot_attach_seconds <= DEFAULTS.layer_round_trip_seconds

@@ -2,7 +2,7 @@
 
 Owns the :class:`BandwidthPool` (fluid, max-min fair sharing of the registry's bandwidth between
 every active layer download of every Pod and cache build: whenever a download starts or ends, the
-remaining bytes of all the others are re-timed) and the :class:`Puller`, which runs one Pod's
+rates are shared out again and the next completion re-timed) and the :class:`Puller`, which runs one Pod's
 :class:`~vk_provider.domain.pullmodel.PodPullPlan` (snapshot attach, then images one at a time,
 at most ``max_concurrent_layers`` layers at once, each layer extracted in order after its download),
 builds ImageCaches at the build bandwidth, and injects failures.
@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
 import itertools
 import random
-from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vk_provider.controllers.clock import Clock, SystemClock
 from vk_provider.domain.model import ImageManifest, Layer
@@ -126,12 +126,43 @@ ProgressHandler = Callable[[int, int], Awaitable[None]]
 
 @dataclass(eq=False, slots=True)
 class _Flow:
-    remaining: float
+    """One active layer download."""
+
     stream_cap: float
     group: object
     group_cap: float
     done: asyncio.Future[None]
+    order: int  # when it joined: flows that finish together are released in this order
+    key: float = 0.0  # done when its class's progress reaches this
+    entry: int = 0  # its live entry in the class's heap (older entries are stale)
+    cls: _Class | None = None  # None once it has left the pool
+
+
+@dataclass(eq=False, slots=True)
+class _Class:
+    """The active downloads with one cap: they all move at one rate, so one progress counter and a
+    heap of finishing points (in that counter's bytes) stand for all of them."""
+
+    cap: float
     rate: float = 0.0
+    progress: float = 0.0  # bytes each member has moved since the class was made (or rebased)
+    members: int = 0
+    heap: list[tuple[float, int, _Flow]] = field(default_factory=list)
+
+    def head(self) -> _Flow | None:
+        """The member that finishes first (dropping stale entries on the way)."""
+        heap = self.heap
+        while heap:
+            _, entry, flow = heap[0]
+            if _is_live(self, entry, flow):
+                return flow
+            heapq.heappop(heap)
+        return None
+
+
+def _is_live(cls: _Class, entry: int, flow: _Flow) -> bool:
+    """Whether a heap entry is ``flow``'s current place (not left behind by a move or a departure)."""
+    return flow.cls is cls and flow.entry == entry
 
 
 @dataclass(eq=False, slots=True)
@@ -147,31 +178,40 @@ class BandwidthPool:
     Each download is capped by its stream cap and by an equal part of its group's cap (a Pod's
     bandwidth, split between that Pod's active downloads); the registry's ``capacity`` is then
     water-filled between all downloads. Rates change only when a download starts or ends, so the
-    pool keeps one timer for the next completion and re-times everyone on each change. Bytes and
-    rates are simulated; clock time is simulated time / ``time_scale``.
+    pool keeps one timer for the next completion. Bytes and rates are simulated; clock time is
+    simulated time / ``time_scale``.
+
+    Downloads with the same cap always get the same rate, and caps take few values (stream cap,
+    group cap / 1..max_concurrent_layers), so the pool keeps one class per cap, with a progress
+    counter and a heap of finishing points: a start or an end costs O(classes + log downloads), not
+    a re-timing of every download (which made thousands of simultaneous pulls quadratic).
     """
 
     def __init__(self, capacity: float, clock: Clock, time_scale: float = 1.0) -> None:
         self._capacity = capacity
         self._clock = clock
         self._time_scale = time_scale
-        self._flows: list[_Flow] = []
+        self._classes: dict[float, _Class] = {}
+        self._groups: dict[object, list[_Flow]] = {}
+        self._active = 0
         self._last = 0.0
         self._timer: asyncio.Task[None] | None = None
         self._timer_names = itertools.count()
+        self._order = itertools.count()
+        self._entries = itertools.count(1)
 
     @property
     def active_downloads(self) -> int:
-        return len(self._flows)
+        return self._active
 
     @property
     def allocated(self) -> float:
         """Bytes/s currently handed out (never more than the capacity)."""
-        return sum(flow.rate for flow in self._flows)
+        return sum(cls.rate * cls.members for cls in self._classes.values())
 
     def rates(self, group: object) -> list[float]:
-        """The current rates of ``group``'s downloads (for tests and metrics)."""
-        return [flow.rate for flow in self._flows if flow.group is group]
+        """The current rates of ``group``'s downloads, in the order they started (for tests and metrics)."""
+        return [flow.cls.rate for flow in self._groups.get(group, ()) if flow.cls is not None]
 
     async def transfer(self, work: float, *, stream_cap: float, group: object, group_cap: float) -> None:
         """Move ``work`` bytes through the pool; returns when they are through.
@@ -180,47 +220,115 @@ class BandwidthPool:
         """
         if work <= 0:
             return
-        flow = _Flow(
-            remaining=work,
-            stream_cap=stream_cap,
-            group=group,
-            group_cap=group_cap,
-            done=asyncio.get_running_loop().create_future(),
-        )
+        flow = _Flow(stream_cap, group, group_cap, asyncio.get_running_loop().create_future(), next(self._order))
         self._advance()
-        self._flows.append(flow)
-        self._retime()
+        siblings = self._groups.setdefault(group, [])
+        siblings.append(flow)
+        self._active += 1
+        self._place(flow, work)
+        self._reclass(siblings)
+        self._rebalance()
         try:
             await flow.done
         finally:
-            if flow in self._flows:
+            if flow.cls is not None:  # cancelled: leave now
                 self._advance()
-                self._flows.remove(flow)
-                self._retime()
+                self._leave([flow])
+                self._rebalance()
 
     def _advance(self) -> None:
         now = self._clock.monotonic()
         elapsed = (now - self._last) * self._time_scale
         self._last = now
         if elapsed > 0:
-            for flow in self._flows:
-                flow.remaining -= flow.rate * elapsed
+            for cls in self._classes.values():
+                cls.progress += cls.rate * elapsed
 
-    def _retime(self) -> None:
+    def _cap(self, flow: _Flow) -> float:
+        return min(flow.stream_cap, flow.group_cap / len(self._groups[flow.group]))
+
+    def _place(self, flow: _Flow, remaining: float) -> None:
+        """Put ``flow`` (out of any class) into its cap's class with ``remaining`` bytes to go."""
+        cap = self._cap(flow)
+        cls = self._classes.get(cap)
+        if cls is None:
+            cls = self._classes[cap] = _Class(cap)
+        flow.cls = cls
+        flow.key = cls.progress + remaining
+        flow.entry = next(self._entries)
+        cls.members += 1
+        heapq.heappush(cls.heap, (flow.key, flow.entry, flow))
+
+    def _unplace(self, flow: _Flow) -> float:
+        """Take ``flow`` out of its class (its heap entry goes stale); returns its bytes to go."""
+        cls = flow.cls
+        assert cls is not None
+        remaining = flow.key - cls.progress
+        flow.cls = None
+        cls.members -= 1
+        if cls.members == 0:
+            del self._classes[cls.cap]
+        elif len(cls.heap) > 2 * cls.members + 64:
+            self._compact(cls)
+        return remaining
+
+    @staticmethod
+    def _compact(cls: _Class) -> None:
+        """Drop the stale entries, and count progress from zero again (keeps the floats small)."""
+        live = [
+            (key - cls.progress, entry, flow)
+            for key, entry, flow in cls.heap
+            if flow.cls is cls and flow.entry == entry
+        ]
+        for key, _, flow in live:
+            flow.key = key
+        cls.progress = 0.0
+        heapq.heapify(live)
+        cls.heap = live
+
+    def _reclass(self, flows: Iterable[_Flow]) -> None:
+        """Move the ``flows`` whose cap changed (their group grew or shrank) to their new class."""
+        for flow in flows:
+            if flow.cls is not None and flow.cls.cap != self._cap(flow):
+                self._place(flow, self._unplace(flow))
+
+    def _leave(self, flows: Sequence[_Flow]) -> None:
+        """Take ``flows`` out of the pool; the rest of their groups get their new caps."""
+        touched: dict[object, list[_Flow]] = {}
+        for flow in flows:
+            self._unplace(flow)
+            self._active -= 1
+            siblings = self._groups[flow.group]
+            siblings.remove(flow)
+            if siblings:
+                touched[flow.group] = siblings
+            else:
+                del self._groups[flow.group]
+                touched.pop(flow.group, None)
+        for siblings in touched.values():
+            self._reclass(siblings)
+
+    def _rebalance(self) -> None:
+        """Water-fill the capacity between the classes, and time the next completion."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self._flows:
+        classes = list(self._classes.values())
+        shares = fair_shares([cls.cap for cls in classes], self._capacity, [cls.members for cls in classes])
+        for cls, rate in zip(classes, shares, strict=True):
+            cls.rate = rate
+        first: _Flow | None = None
+        soonest = 0.0
+        for cls in self._classes.values():
+            head = cls.head()
+            if head is None or cls.rate <= 0:
+                continue
+            seconds = (head.key - cls.progress) / cls.rate
+            if first is None or seconds < soonest:
+                first, soonest = head, seconds
+        if first is None:
             return
-        per_group = Counter(flow.group for flow in self._flows)
-        caps = [min(flow.stream_cap, flow.group_cap / per_group[flow.group]) for flow in self._flows]
-        for flow, rate in zip(self._flows, fair_shares(caps, self._capacity), strict=True):
-            flow.rate = rate
-        moving = [flow for flow in self._flows if flow.rate > 0]
-        if not moving:
-            return
-        first = min(moving, key=lambda flow: flow.remaining / flow.rate)
-        delay = max(0.0, first.remaining / first.rate) / self._time_scale
+        delay = max(0.0, soonest) / self._time_scale
         self._timer = asyncio.create_task(
             self._complete_after(first, delay), name=f"bandwidth-pool-timer-{next(self._timer_names)}"
         )
@@ -230,12 +338,20 @@ class BandwidthPool:
         # Any change to the pool cancels this timer, so reaching here means ``first`` is done.
         self._timer = None
         self._advance()
-        finished = [flow for flow in self._flows if flow is first or flow.remaining <= flow.rate * _DONE_WITHIN_SECONDS]
+        finished = [first]
+        for cls in self._classes.values():
+            done_within = cls.rate * _DONE_WITHIN_SECONDS
+            heap = cls.heap
+            while (head := cls.head()) is not None and (head is first or head.key - cls.progress <= done_within):
+                heapq.heappop(heap)
+                if head is not first:
+                    finished.append(head)
+        finished.sort(key=lambda flow: flow.order)
+        self._leave(finished)
         for flow in finished:
-            self._flows.remove(flow)
             if not flow.done.done():
                 flow.done.set_result(None)
-        self._retime()
+        self._rebalance()
 
 
 class Puller:

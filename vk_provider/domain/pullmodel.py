@@ -290,20 +290,24 @@ def plan_pod_pull(
     return PodPullPlan(tuple(steps), attach_snapshot=bool(cached), snapshot_layers=tuple(snapshot_layers))
 
 
-def fair_shares(caps: Sequence[float], capacity: float) -> list[float]:
+def fair_shares(caps: Sequence[float], capacity: float, counts: Sequence[int] | None = None) -> list[float]:
     """Max-min fair rates for flows with individual ``caps`` sharing ``capacity`` (water-filling).
 
     A flow never gets more than its cap; what capped flows leave over is shared equally by the rest,
-    so N equal flows against a saturated registry each get capacity / N.
+    so N equal flows against a saturated registry each get capacity / N. With ``counts``, entry i
+    stands for ``counts[i]`` flows with that cap, and its rate is the rate of each of them.
     """
+    weights = [1] * len(caps) if counts is None else counts
     rates = [0.0] * len(caps)
     remaining = max(0.0, capacity)
-    left = len(caps)
+    left = sum(weights)
     for index in sorted(range(len(caps)), key=lambda i: caps[i]):
+        if weights[index] <= 0:
+            continue
         rate = min(max(0.0, caps[index]), remaining / left)
         rates[index] = rate
-        remaining -= rate
-        left -= 1
+        remaining -= rate * weights[index]
+        left -= weights[index]
     return rates
 
 
