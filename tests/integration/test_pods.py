@@ -171,6 +171,12 @@ def test_job_completes_and_exit_codes_follow_restart_policy(cluster: Cluster, wo
         assert cs["state"]["terminated"]["exitCode"] == 1
         assert cs["state"]["terminated"]["reason"] == "Error"
         assert cs["restartCount"] == 0
+        # kubectl logs reads the run that exited; there is no run before it (the kubelet's 400).
+        assert "exited with code 1" in cluster.kubectl("logs", "-n", namespace, "fails")
+        no_previous = cluster.kubectl_raw("logs", "-n", namespace, "fails", "--previous")
+        assert no_previous.returncode != 0
+        assert 'previous terminated container "nginx" in pod "fails" not found' in no_previous.stderr
+        assert "(BadRequest)" in no_previous.stderr
 
         def restarts() -> int:
             found = pod(cluster, namespace, "crashes")
@@ -184,6 +190,10 @@ def test_job_completes_and_exit_codes_follow_restart_policy(cluster: Cluster, wo
         last = cs["lastState"].get("terminated")
         assert last is not None
         assert last["exitCode"] == 3
+        # --previous reads the run before the latest: one run, from its pull to its exit.
+        previous = cluster.kubectl("logs", "-n", namespace, "crashes", "--previous")
+        assert previous.count("started container nginx") == 1
+        assert previous.rstrip().endswith("exited with code 3")
 
         def backoffs() -> list[dict[str, Any]]:
             return [e for e in events_of(cluster, namespace, "crashes") if e["reason"] == "BackOff"]
@@ -291,6 +301,10 @@ def test_bad_input_never_stops_the_agent(cluster: Cluster, workdir: Path, namesp
 
         wait_for(lambda: waiting_reason("bad-image") == "InvalidImageName", timeout=20, what="InvalidImageName")
         assert "InspectFailed" in reasons(cluster, namespace, "bad-image")
+        # A container that never started has no log yet: the kubelet's 400, through kubectl.
+        waiting = cluster.kubectl_raw("logs", "-n", namespace, "bad-image")
+        assert waiting.returncode != 0
+        assert 'container "nginx" in pod "bad-image" is waiting to start: InvalidImageName' in waiting.stderr
         wait_for(lambda: phase(cluster, namespace, "bad-annotation") == "Running", timeout=20, what="Running")
         warnings = [e for e in events_of(cluster, namespace, "bad-annotation") if e["type"] == "Warning"]
         assert any("run-seconds" in e["message"] for e in warnings)

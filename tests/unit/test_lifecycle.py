@@ -234,3 +234,56 @@ def test_the_fast_copies_keep_every_field_even_one_added_later() -> None:
     pod = lc.PodState(**pod_markers)  # type: ignore[arg-type]
     assert lc._with(pod) == pod
     assert [getattr(lc._with(pod), f.name) for f in fields(lc.PodState)] == list(pod_markers.values())
+
+
+# ------------------------------------------------------------------ which run kubectl logs reads
+
+
+def _through(*steps: str) -> lc.Container:
+    """Container c0 of a new Pod taken through ``steps``: start, exit, backoff, kill, pullfail."""
+    state = new_pod()
+    for n, step in enumerate(steps):
+        now = at(n + 1)
+        if step == "start":
+            state = lc.started(state, "c0", "uid", "sha", now)
+        elif step == "exit":
+            state = lc.exited(state, "c0", 2, now)
+        elif step == "backoff":
+            state = lc.back_off(state, "c0", "back-off", now)
+        elif step == "kill":
+            state = lc.killed(state, now)
+        elif step == "pullfail":
+            state = lc.waiting(state, "c0", "ImagePullBackOff", 'Back-off pulling image "nginx"', now)
+    return state.container("c0")
+
+
+WAITING = 'container "c0" in pod "p" is waiting to start: '
+NO_PREVIOUS = 'previous terminated container "c0" in pod "p" not found'
+
+
+@pytest.mark.parametrize(
+    ("steps", "current", "previous"),
+    [
+        ((), WAITING + "ContainerCreating", NO_PREVIOUS),
+        (("pullfail",), WAITING + "trying and failing to pull image", NO_PREVIOUS),
+        (("start",), 0, NO_PREVIOUS),
+        (("start", "exit"), 0, NO_PREVIOUS),
+        # Crash loop: while it waits, both read the run that crashed; once restarted, -p is that one.
+        (("start", "exit", "backoff"), 0, 0),
+        (("start", "exit", "backoff", "start"), 0, 1),
+        (("start", "exit", "backoff", "start", "exit"), 0, 1),
+        (("start", "kill"), 0, NO_PREVIOUS),
+        # Killed while waiting to restart: its last run is still what it has.
+        (("start", "exit", "backoff", "kill"), 0, 0),
+        (("kill",), 'container "c0" in pod "p" is terminated', NO_PREVIOUS),
+    ],
+)
+def test_log_run_is_the_kubelets_choice(steps: tuple[str, ...], current: int | str, previous: int | str) -> None:
+    c = _through(*steps)
+    assert lc.log_run(c, "p") == current
+    assert lc.log_run(c, "p", previous=True) == previous
+
+
+def test_log_run_names_an_image_that_cannot_be_pulled() -> None:
+    c = lc.waiting(new_pod(), "c0", "ErrImagePull", "not found", T0).container("c0")
+    assert lc.log_run(c, "p") == WAITING + "image can't be pulled"

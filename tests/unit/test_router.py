@@ -27,7 +27,7 @@ class Recorder:
     def node_of(self, namespace: str, pod: str) -> str | None:
         return self.node_name if pod.startswith(self.node_name) else None
 
-    def container_log(self, namespace: str, pod: str, container: str) -> None:
+    def container_log(self, namespace: str, pod: str, container: str, *, previous: bool = False) -> None:
         return None
 
 

@@ -23,7 +23,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from vk_provider.controllers.clock import Clock
-from vk_provider.controllers.logs import SimLog
+from vk_provider.controllers.logs import LogRun, SimLog
 from vk_provider.controllers.reporter import StatusReporter
 from vk_provider.domain import lifecycle as lc
 from vk_provider.domain.events import EventSpec, container_field_path
@@ -258,10 +258,18 @@ class PodController:
                 return self.node_name
         return None
 
-    def container_log(self, namespace: str, pod: str, container: str) -> SimLog | None:
+    def container_log(self, namespace: str, pod: str, container: str, *, previous: bool = False) -> LogRun | str | None:
+        """The run of a container's log ``kubectl logs`` reads, the kubelet's refusal (a 400's
+        text: not started yet, no previous run), or None for a container not on this node."""
         for w in self.workers.values():
             if w.facts.namespace == namespace and w.facts.name == pod:
-                return w.logs.get(container)
+                sim_log = w.logs.get(container)
+                if sim_log is None:
+                    return None
+                state = w.state
+                c = state.container(container) if state is not None else lc.Container(container, "")
+                run = lc.log_run(c, pod, previous=previous)
+                return run if isinstance(run, str) else sim_log.run(run)
         return None
 
     # -- internals
@@ -719,6 +727,7 @@ class PodWorker:
         self._set(lc.started(self._state, spec.name, f.uid, result.image_id, self.ctl.clock.now()))
         self.ctl.emit(f, "Started", f"Started container {spec.name}", field_path=path)
         self._log(spec.name, f"started container {spec.name}")
+        self.logs[spec.name].started()
         if start is not None:
             start.container_seconds += (self.ctl.clock.monotonic() - t0) * self.ctl.timing.time_scale
         return True
@@ -732,6 +741,7 @@ class PodWorker:
             now = self.ctl.clock.now()
             self._set(lc.exited(self._state, spec.name, behaviour.exit_code, now))
             self._log(spec.name, f"exited with code {behaviour.exit_code}")
+            self.logs[spec.name].stopped()
             if behaviour.exit_code == 0:
                 return True
             if not lc.should_restart(self._state, spec.name):
@@ -769,6 +779,7 @@ class PodWorker:
             ran_for = 0.0
             self._set(lc.exited(self._state, spec.name, behaviour.exit_code, self.ctl.clock.now()))
             self._log(spec.name, f"exited with code {behaviour.exit_code}")
+            self.logs[spec.name].stopped()
             if not lc.should_restart(self._state, spec.name):
                 return
             await self._back_off(spec)
@@ -839,6 +850,9 @@ class PodWorker:
                     slowest = max(slowest, self.workload.of(c.name).stop_seconds)
             await self._sleep(min(slowest, self._grace))
             self._set(lc.killed(state, self.ctl.clock.now()))
+            for c in state.containers:
+                if c.running:
+                    self.logs[c.name].stopped()
             await self.ctl.reporter.flushed(f.uid)
         await self.ctl.api.delete_now(f.namespace, f.name, f.uid)
 

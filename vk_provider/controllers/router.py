@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-from vk_provider.controllers.logs import SimLog
+from vk_provider.controllers.logs import LogRun
 from vk_provider.controllers.pods import PodController
 
 JSON = dict[str, Any]
@@ -60,9 +60,9 @@ class PodRouter:
                 return found
         return None
 
-    def container_log(self, namespace: str, pod: str, container: str) -> SimLog | None:
+    def container_log(self, namespace: str, pod: str, container: str, *, previous: bool = False) -> LogRun | str | None:
         for c in self.controllers.values():
-            found = c.container_log(namespace, pod, container)
+            found = c.container_log(namespace, pod, container, previous=previous)
             if found is not None:
                 return found
         return None

@@ -278,6 +278,31 @@ def killed(state: PodState, now: datetime) -> PodState:
     return recompute(replace(state, containers=tuple(members)), now)
 
 
+def log_run(c: Container, pod: str, *, previous: bool = False) -> int | str:
+    """Which run of container ``c`` ``kubectl logs`` reads, counted back from its latest run (0:
+    the latest, 1: the one before), or the kubelet's refusal (the text of its HTTP 400).
+
+    As the kubelet's validateContainerLogStatus: ``previous`` is the run its lastState describes;
+    otherwise a running or exited container's own run, else (waiting to restart, or killed before
+    it started again) the run its lastState describes, else the reason it has none yet.
+    """
+    state = c.state
+    ran = isinstance(state, Running) or (isinstance(state, Terminated) and state.started_at is not None)
+    if previous:
+        if c.last_state is None:
+            return f'previous terminated container "{c.name}" in pod "{pod}" not found'
+        return 1 if ran else 0
+    if ran:
+        return 0
+    if c.last_state is not None:
+        return 0
+    if isinstance(state, Terminated):
+        return f'container "{c.name}" in pod "{pod}" is terminated'
+    reason = state.reason if isinstance(state, Waiting) else ""
+    why = {"ErrImagePull": "image can't be pulled", "ImagePullBackOff": "trying and failing to pull image"}
+    return f'container "{c.name}" in pod "{pod}" is waiting to start: {why.get(reason, reason)}'
+
+
 def compute_phase(state: PodState) -> Phase:
     """kubelet getPhase: init containers first, then the main containers' states."""
     if state.phase is Phase.FAILED and state.reason:

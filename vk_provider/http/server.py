@@ -54,7 +54,12 @@ class PodView(Protocol):
         """Which of the agent's nodes runs this Pod (``None``: none of them)."""
         ...
 
-    def container_log(self, namespace: str, pod: str, container: str) -> ContainerLog | None: ...
+    def container_log(
+        self, namespace: str, pod: str, container: str, *, previous: bool = False
+    ) -> ContainerLog | str | None:
+        """The log ``kubectl logs`` reads (``previous``: the container's run before), the text of
+        the kubelet's 400 when it has none (not started yet; no run before), or None: no such container."""
+        ...
 
 
 class MetricsView(Protocol):
@@ -68,7 +73,9 @@ class NoPods:
     def node_of(self, namespace: str, pod: str) -> str | None:
         return None
 
-    def container_log(self, namespace: str, pod: str, container: str) -> ContainerLog | None:
+    def container_log(
+        self, namespace: str, pod: str, container: str, *, previous: bool = False
+    ) -> ContainerLog | str | None:
         return None
 
 
@@ -183,10 +190,13 @@ class KubeletServer:
 
     async def _container_logs(self, request: web.Request) -> web.StreamResponse:
         ns, pod, container = (request.match_info[k] for k in ("namespace", "pod", "container"))
-        source = self.pods.container_log(ns, pod, container)
+        query = request.query
+        previous = query.get("previous", "false").lower() in ("true", "1")
+        source = self.pods.container_log(ns, pod, container, previous=previous)
         if source is None:
             return web.Response(status=404, text=f"container {container} of pod {ns}/{pod} not found on this node\n")
-        query = request.query
+        if isinstance(source, str):
+            return web.Response(status=400, text=source)  # as the kubelet: kubectl shows it after "(BadRequest): "
         try:
             tail = int(query["tailLines"]) if "tailLines" in query else None
             if tail is not None and tail < 0:
