@@ -633,6 +633,12 @@ class _Simulation:
         self.manifests.setdefault(found.reference, found)
         return self.manifests[found.reference]
 
+    def extracted_size(self, references: Sequence[str]) -> int:
+        """Bytes a cache of these images holds, as the agent's cache controller counts them: the
+        snapshot holds extracted layers, so the distinct layers' uncompressed size."""
+        layers = {layer.digest: layer for ref in references for layer in self.manifest(ref).layers}
+        return sum(layer.uncompressed_size for layer in layers.values())
+
     def cached_images(self, references: Sequence[str]) -> tuple[CachedImage, ...]:
         images: dict[str, CachedImage] = {}
         for reference in references:
@@ -652,6 +658,14 @@ class _Simulation:
 
     async def run(self) -> SimulationResult:
         loop = asyncio.get_running_loop()
+        for index, spec in enumerate(self.workload.caches):
+            needed = 0 if spec.build else self.extracted_size(spec.images)
+            if needed > spec.size_gib * GIB:  # Ready from the start: its images must fit
+                raise WorkloadError(
+                    f"{self.workload.source}: caches[{index}] ({spec.name}): its images need {needed / GIB:.1f} GiB "
+                    f"extracted, more than its size_gib of {spec.size_gib}: a cache that is not built must hold "
+                    "them (raise size_gib, or set build: true to see its build fail as on ECI)"
+                )
         for spec in sorted(self.workload.caches, key=lambda spec: spec.at):
             if spec.at <= 0:
                 self.add_cache(spec)
@@ -705,10 +719,7 @@ class _Simulation:
         """Pull the cache's images at the build bandwidth (sharing the registry), then snapshot."""
         cache = self.caches[name]
         manifests = [self.manifest(image.reference) for image in cache.images]
-        # Capacity as the agent's cache controller counts it: the snapshot holds extracted layers,
-        # so the distinct layers' uncompressed size must fit imageCacheSize.
-        layers = {layer.digest: layer for manifest in manifests for layer in manifest.layers}
-        needed = sum(layer.uncompressed_size for layer in layers.values())
+        needed = self.extracted_size([image.reference for image in cache.images])
         if needed > cache.size_gib * GIB:
             self.update_cache(
                 name,

@@ -452,7 +452,7 @@ def test_workload_catalogs_are_read_relative_to_the_file(tmp_path: Path) -> None
         load_workload_catalog(missing)
 
 
-def test_a_cache_too_small_for_its_extracted_images_fails_its_build(tmp_path: Path) -> None:
+def _huge_catalog(tmp_path: Path) -> None:
     (tmp_path / "huge.yaml").write_text(
         yaml.safe_dump(
             {
@@ -465,17 +465,23 @@ def test_a_cache_too_small_for_its_extracted_images_fails_its_build(tmp_path: Pa
             }
         )
     )
-    spec = parse_workload(
+
+
+def _huge_cache_workload(tmp_path: Path, *, build: bool) -> WorkloadSpec:
+    _huge_catalog(tmp_path)
+    return parse_workload(
         {
             "version": 1,
             "catalogs": ["huge.yaml"],
             "caches": [
+                {"name": "small", "images": ["nginx:1.27"]},
                 {
                     "name": "huge",
                     "id": "imc-hugecache00000000000",
                     "images": ["registry.example.com/huge:1"],
-                    "build": True,
-                }
+                    "build": build,
+                    "at": 30,
+                },
             ],
             "pods": [
                 {
@@ -489,11 +495,23 @@ def test_a_cache_too_small_for_its_extracted_images_fails_its_build(tmp_path: Pa
         "w.yaml",
         tmp_path,
     )
-    result = simulate(spec)
-    (cache,) = result.caches
+
+
+def test_a_cache_too_small_for_its_extracted_images_fails_its_build(tmp_path: Path) -> None:
+    result = simulate(_huge_cache_workload(tmp_path, build=True))
+    cache = next(cache for cache in result.caches if cache.name == "huge")
     assert cache.phase is CachePhase.FAILED
     assert "more than the cache's imageCacheSize of 20 GiB" in cache.message
     assert [failure.reason for failure in result.failures] == ["ImageCacheNotComplete"]
+
+
+def test_a_cache_not_built_must_hold_its_images_or_the_workload_is_refused(tmp_path: Path) -> None:
+    # Before, it was Ready holding 25 GB (23.3 GiB) in 20 GiB (and the error, once checked at its "at", only logged).
+    with pytest.raises(
+        WorkloadError,
+        match=r"w\.yaml: caches\[1\] \(huge\): its images need 23\.3 GiB extracted, more than its size_gib of 20",
+    ):
+        simulate(_huge_cache_workload(tmp_path, build=False))
 
 
 def test_an_empty_list_is_called_empty() -> None:
