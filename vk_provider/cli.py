@@ -281,6 +281,9 @@ def _simulate(args: argparse.Namespace) -> int:
     from vk_provider.report import ReportFilter, build_comparison
     from vk_provider.simulate import WorkloadError, load_workload, simulate, store, summary_lines
 
+    refused = _refuse_db(args.db, must_exist=False)  # before a long run: a --db that can never be written
+    if refused is not None:
+        return refused
     try:
         workload = load_workload(args.workload)
         result = simulate(workload, seed=args.seed)
@@ -314,15 +317,24 @@ def _output(comparison: Comparison, args: argparse.Namespace, chart: Path | None
     return EXIT_OK
 
 
-def _db(args: argparse.Namespace) -> int:
-    from vk_provider.registry import migrate
+def _refuse_db(db: str, *, must_exist: bool) -> int | None:
+    """The exit code for a ``--db`` that cannot be used (after saying why), or None if it can."""
     from vk_provider.registry.engine import DatabaseArgumentError, existing_sqlite_file
 
     try:
-        existing_sqlite_file(args.db, must_exist=args.db_command != "upgrade")
+        existing_sqlite_file(db, must_exist=must_exist)
     except DatabaseArgumentError as exc:
         _error(str(exc))
         return EXIT_USAGE if exc.usage else EXIT_FAILURE
+    return None
+
+
+def _db(args: argparse.Namespace) -> int:
+    from vk_provider.registry import migrate
+
+    refused = _refuse_db(args.db, must_exist=args.db_command != "upgrade")
+    if refused is not None:
+        return refused
     try:
         if args.db_command == "upgrade":
             migrate.upgrade_sync(args.db)

@@ -16,6 +16,8 @@ import pytest
 from vk_provider.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
 from vk_provider.registry.migrate import head_revision
 
+ROOT = Path(__file__).resolve().parents[2]
+
 SMALL_WORKLOAD = """
 version: 1
 name: small
@@ -311,3 +313,18 @@ def test_a_report_leaves_the_file_it_reads_as_it_was(
     assert main(["report", "--db", str(empty)]) == EXIT_FAILURE
     one_error(capsys, "has no registry schema")
     assert empty.stat().st_size == 0  # not turned into a database
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["report"], ["db", "current"], ["db", "upgrade"], ["simulate", str(ROOT / "config" / "workload-seed.yaml")]],
+)
+def test_a_directory_is_no_database(command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # simulate says so before it runs; before, it ran, then failed to open it (sometimes with a
+    # traceback from the SQLite driver's thread after the error line).
+    directory = tmp_path / "registry.db"
+    directory.mkdir()
+    assert main([*command, "--db", str(directory)]) == EXIT_FAILURE
+    one_error(capsys, f"registry database {directory} is a directory, not a file")
+    assert list(directory.iterdir()) == []
+    assert not (tmp_path / "registry-report.html").exists()

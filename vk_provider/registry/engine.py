@@ -92,6 +92,8 @@ def existing_sqlite_file(db: str, *, must_exist: bool = True) -> Path | None:
         file = sqlite_file(db)
     except ValueError as exc:
         raise DatabaseArgumentError(f"registry database {db}: {exc}", usage=True) from None
+    if file is not None and file.is_dir():
+        raise DatabaseArgumentError(f"registry database {file} is a directory, not a file", usage=False)
     if must_exist and file is not None and not file.is_file():
         raise DatabaseArgumentError(f"no registry database at {file}", usage=False)
     return file
