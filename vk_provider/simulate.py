@@ -590,8 +590,20 @@ class _PodArrival:
     index: int
 
 
+# Every Pod start of a run carries these labels: which workload and seed (so `report -l
+# vk-provider.io/simulation=NAME` picks one workload out of a shared database, and a re-run
+# replaces its earlier run).
+SIMULATION_LABEL = "vk-provider.io/simulation"
+SIMULATION_SEED_LABEL = "vk-provider.io/simulation-seed"
+RUN_LABELS = (SIMULATION_LABEL, SIMULATION_SEED_LABEL)
+
+
+def run_labels(workload: WorkloadSpec, seed: int) -> dict[str, str]:
+    return {SIMULATION_LABEL: workload.name, SIMULATION_SEED_LABEL: str(seed)}
+
+
 def pod_uid(workload: WorkloadSpec, seed: int, namespace: str, name: str) -> str:
-    """A stable UID: the same workload and seed give the same Pods (recorded once per database)."""
+    """A stable UID: the same workload and seed give the same Pods (a run again replaces them)."""
     digest = hashlib.sha256(f"{workload.name}\0{seed}\0{namespace}\0{name}".encode()).digest()
     return str(uuid.UUID(bytes=digest[:16], version=4))
 
@@ -625,6 +637,7 @@ class _Simulation:
         self.hits: list[tuple[str, datetime, str]] = []
         self.failures: list[PodFailure] = []
         self.tasks: list[asyncio.Task[None]] = []
+        self.run_labels = tuple(run_labels(workload, seed).items())
 
     def manifest(self, reference: str) -> ImageManifest:
         found = manifest_for(self.catalog, reference, self.seed)
@@ -842,7 +855,7 @@ class _Simulation:
                 startup_seconds=(started - created).total_seconds(),
                 created_at=created,
                 started_at=started,
-                labels=group.labels,
+                labels=(*((k, v) for k, v in group.labels if k not in RUN_LABELS), *self.run_labels),
             )
         )
 
@@ -873,13 +886,13 @@ def pod_names(group: PodGroupSpec) -> Iterator[str]:
 @dataclass(frozen=True, slots=True)
 class StoreSummary:
     recorded: int
-    already_recorded: int
+    replaced: int  # Pod starts of an earlier run of the same workload and seed, deleted first
 
 
 async def store(result: SimulationResult, db: str) -> StoreSummary:
     """Write a run into the registry at ``db`` (upgraded to the newest schema first): manifests,
-    caches, Pod starts and cache hits. A Pod start already recorded (same workload and seed run
-    before on this database) is left as it was, and so are its cache hits."""
+    caches, Pod starts and cache hits. An earlier run of the same workload and seed on this
+    database is replaced: its Pod starts are deleted, and their hits come off the caches' counts."""
     from vk_provider.registry import migrate, open_registry
 
     await migrate.upgrade(db)
@@ -889,25 +902,22 @@ async def store(result: SimulationResult, db: str) -> StoreSummary:
             await registry.save_manifest(manifest, resolved_at=result.workload.start)
         end = result.workload.start + timedelta(seconds=result.simulated_seconds)
         await registry.upsert_caches(result.caches, now=end)
-        new: list[bool] = []
+        # By label, and by UID for starts stored before runs were labelled (the same UIDs).
+        replaced = await registry.forget_pod_starts(
+            [record.pod_uid for record in result.records], labels=run_labels(result.workload, result.seed)
+        )
+        recorded = 0
         for start in range(0, len(result.records), 500):  # a transaction per 500 starts
-            new += await registry.record_pod_starts(result.records[start : start + 500])
-        recorded = sum(new)
-        # A hit counts once: with its Pod's start when that is recorded now; a Pod that never
-        # started (no record to tell a re-run by) only when nothing of the run was there before.
-        fresh = {record.pod_uid for record, is_new in zip(result.records, new, strict=True) if is_new}
-        all_new = recorded == len(result.records)
-        started = {record.pod_uid for record in result.records}
+            recorded += sum(await registry.record_pod_starts(result.records[start : start + 500]))
         # One write per cache: its hit count grows by its hits, its last match is the last one.
         hits: dict[str, tuple[int, datetime]] = {}
-        for imc_id, moment, uid in result.hits:
-            if uid in fresh or (all_new and uid not in started):
-                hits[imc_id] = (hits.get(imc_id, (0, moment))[0] + 1, moment)
+        for imc_id, moment, _uid in result.hits:
+            hits[imc_id] = (hits.get(imc_id, (0, moment))[0] + 1, moment)
         for imc_id, (count, last) in hits.items():
             await registry.mark_cache_matched(imc_id, last, count=count)
     finally:
         await registry.close()
-    return StoreSummary(recorded=recorded, already_recorded=len(result.records) - recorded)
+    return StoreSummary(recorded=recorded, replaced=replaced)
 
 
 def summary_lines(result: SimulationResult, stored: StoreSummary | None = None) -> list[str]:
@@ -933,9 +943,9 @@ def summary_lines(result: SimulationResult, stored: StoreSummary | None = None) 
             for (reason, recorded), count in sorted(reasons.items())
         )
         lines.append(f"failed Pods: {shown}")
-    if stored is not None and stored.already_recorded:
+    if stored is not None and stored.replaced:
         lines.append(
-            f"{stored.already_recorded} of these Pod starts were already in the database "
-            "(a workload of the same name ran before with the same seed); they were left as they were"
+            f"replaced the {stored.replaced} Pod starts of an earlier run of workload {workload.name!r} "
+            f"(seed {result.seed}) in the database"
         )
     return lines

@@ -62,6 +62,7 @@ SHARED_CHECKS = (
     "test_pod_starts_batch_in_one_transaction",
     "test_a_start_replaces_a_failed_record_of_the_same_pod",
     "test_list_pod_starts_filters",
+    "test_forget_pod_starts_by_uid_and_label_takes_their_hits_off",
 )
 
 

@@ -519,6 +519,30 @@ async def test_pod_starts_batch_in_one_transaction(registry: Registry) -> None:
     assert await sql(registry, "SELECT count(*) FROM pod_start_images") == [(6,)]
 
 
+async def test_forget_pod_starts_by_uid_and_label_takes_their_hits_off(registry: Registry) -> None:
+    await registry.upsert_cache(cache("a"), now=T0)
+    run = (("vk-provider.io/simulation", "burst"), ("vk-provider.io/simulation-seed", "7"))
+    other = (("vk-provider.io/simulation", "burst"), ("vk-provider.io/simulation-seed", "8"))
+    records = [
+        pod_start("u1", labels=run),
+        pod_start("u2", labels=run),
+        pod_start("u3", labels=other),  # another seed: stays
+        pod_start("u4", labels=(), outcome=CacheOutcome.MISS, imc_id=None),  # unlabelled, named by UID
+        pod_start("u5", labels=()),  # stays
+    ]
+    await registry.record_pod_starts(records)
+    await registry.mark_cache_matched("imc-a", at(1), count=3)  # fewer than its 4 hit records (say, reset)
+    forgotten = await registry.forget_pod_starts(["u4", "u1", "nope"], labels=dict(run))
+    assert forgotten == 3
+    assert [r.pod_uid for r in await registry.list_pod_starts()] == ["u3", "u5"]
+    assert await sql(registry, "SELECT count(*) FROM pod_start_images") == [(4,)]
+    assert await sql(registry, "SELECT hit_count FROM caches WHERE name = 'a'") == [(1,)]
+    assert await registry.forget_pod_starts(["u3", "u5"]) == 2
+    assert await sql(registry, "SELECT hit_count FROM caches WHERE name = 'a'") == [(0,)]  # never below zero
+    assert await registry.forget_pod_starts(["u3"], labels=dict(run)) == 0
+    assert await sql(registry, "SELECT hit_count FROM caches WHERE name = 'a'") == [(0,)]
+
+
 async def test_list_pod_starts_filters(registry: Registry) -> None:
     records = [
         pod_start("u1", started_at=at(1)),

@@ -95,7 +95,12 @@ def test_simulate_twice_with_one_seed_prints_identical_json(
     assert main(["simulate", str(workload), "--db", str(tmp_path / "a.db"), "--json", "--no-chart"]) == EXIT_OK
     captured = capsys.readouterr()
     assert captured.out == outputs[0]
-    assert "vk-provider: 10 of these Pod starts were already in the database" in captured.err
+    assert "vk-provider: replaced the 10 Pod starts of an earlier run of workload" in captured.err
+    # Each run's Pods carry its workload's name: one workload picked out of a shared database.
+    assert main(["report", "--db", str(tmp_path / "a.db"), "--json", "-l", "vk-provider.io/simulation=small"]) == 0
+    assert json.loads(capsys.readouterr().out)["pods"] == 10
+    assert main(["report", "--db", str(tmp_path / "a.db"), "--json", "-l", "vk-provider.io/simulation=other"]) == 0
+    assert json.loads(capsys.readouterr().out)["pods"] == 0
 
 
 def test_report_reads_what_simulate_wrote(filled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -6,6 +6,7 @@ Durations asserted are SIMULATED seconds; nothing here waits in real time.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import sqlite3
 import time
@@ -344,7 +345,8 @@ def test_pod_records_carry_names_labels_and_times() -> None:
     result = run(spec)
     assert sorted(record.name for record in result.records) == ["web-0", "web-1"]
     record = result.records[0]
-    assert (record.namespace, record.node, record.labels) == ("shop", "vk-7", (("app", "web"),))
+    run_labels = (("vk-provider.io/simulation", "t"), ("vk-provider.io/simulation-seed", "0"))
+    assert (record.namespace, record.node, record.labels) == ("shop", "vk-7", (("app", "web"), *run_labels))
     assert record.created_at == datetime(2026, 3, 1, 8, tzinfo=UTC)
     assert (record.started_at - record.created_at).total_seconds() == pytest.approx(record.startup_seconds)
     assert record.startup_seconds == pytest.approx(
@@ -381,7 +383,7 @@ def test_the_thousand_pod_burst_is_repeatable() -> None:
     assert comparison.speedup.p50_ratio > 5
 
 
-def test_store_writes_the_run_and_a_second_store_adds_nothing(tmp_path: Path) -> None:
+def test_store_writes_the_run_and_a_second_store_of_it_changes_nothing(tmp_path: Path) -> None:
     spec = workload(
         [
             {"name": "web", "count": 5, "images": ["nginx:1.7.9"], "annotations": AUTO, "labels": {"app": "web"}},
@@ -397,7 +399,7 @@ async def _store_twice(result: SimulationResult, db: str) -> None:
     from vk_provider.registry import open_registry
 
     summary = await store(result, db)
-    assert (summary.recorded, summary.already_recorded) == (8, 0)
+    assert (summary.recorded, summary.replaced) == (8, 0)
     registry = await open_registry(db)
     try:
         stored = await registry.list_pod_starts()
@@ -410,7 +412,17 @@ async def _store_twice(result: SimulationResult, db: str) -> None:
     assert cache.last_matched_at == max(moment for _, moment, _ in result.hits)
     assert manifest is not None
     again = await store(result, db)
-    assert (again.recorded, again.already_recorded) == (0, 8)
+    assert (again.recorded, again.replaced) == (8, 8)  # the same run again: replaced by itself
+    registry = await open_registry(db)
+    try:
+        assert sorted(await registry.list_pod_starts(), key=lambda r: r.pod_uid) == sorted(
+            stored, key=lambda r: r.pod_uid
+        )
+    finally:
+        await registry.close()
+    with sqlite3.connect(db) as conn:
+        (hits,) = conn.execute("SELECT hit_count FROM caches WHERE name = 'nginx-cache'").fetchone()
+    assert hits == len(result.hits) == 5  # counted once, not once per store
 
 
 def test_simulate_refuses_to_run_inside_an_event_loop() -> None:
@@ -561,10 +573,29 @@ def test_a_group_added_to_a_workload_counts_its_own_hits(tmp_path: Path) -> None
     db = tmp_path / "sim.db"
     assert asyncio.run(store(run(first), str(db))).recorded == 3
     again = asyncio.run(store(run(more), str(db)))
-    assert (again.recorded, again.already_recorded) == (2, 3)  # web's 3 were there: only api's are new
+    assert (again.recorded, again.replaced) == (5, 3)  # web's 3 replaced, and api's 2
     with sqlite3.connect(db) as conn:
         (hits,) = conn.execute("SELECT hit_count FROM caches WHERE name = 'nginx-cache'").fetchone()
     assert hits == 5  # web's 3 once, and api's 2
+
+
+def test_an_edited_workload_run_again_replaces_its_earlier_run_and_leaves_others(tmp_path: Path) -> None:
+    web = {"name": "web", "count": 4, "images": ["nginx:1.7.9"], "annotations": EXPLICIT}
+    db = str(tmp_path / "sim.db")
+    asyncio.run(store(run(workload([web], caches=[NGINX_CACHE], name="other")), db))  # another workload
+    asyncio.run(store(run(workload([web], caches=[NGINX_CACHE])), db))
+    # Edited: fewer Pods, and they no longer ask for the cache. Before, the old starts stayed (4
+    # hits, the old times) and only the caches took the new run.
+    edited = run(workload([{**web, "count": 2, "annotations": {}}], caches=[NGINX_CACHE]))
+    again = asyncio.run(store(edited, db))
+    assert (again.recorded, again.replaced) == (2, 4)
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT name, cache_outcome, labels FROM pod_starts ORDER BY id").fetchall()
+        (hits,) = conn.execute("SELECT hit_count FROM caches WHERE name = 'nginx-cache'").fetchone()
+    runs = [json.loads(labels)["vk-provider.io/simulation"] for _, _, labels in rows]
+    assert runs == ["other"] * 4 + ["t"] * 2
+    assert [outcome for _, outcome, _ in rows[4:]] == ["none", "none"]
+    assert hits == 4  # the other workload's 4; this one's earlier 4 came off
 
 
 @pytest.mark.parametrize(

@@ -18,12 +18,13 @@ one joined query, whatever their number: never a query per cache.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import ColumnElement, Row, delete, func, insert, select, update
+from sqlalchemy import ColumnElement, Row, case, delete, func, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -683,6 +684,33 @@ class Registry:
         for record in records:
             stored.append(first.get(record.pod_uid) is record and record.pod_uid in new_ids)
         return stored
+
+    async def forget_pod_starts(self, uids: Sequence[str], *, labels: Mapping[str, str] | None = None) -> int:
+        """Delete the Pod starts with these UIDs, and those whose labels include all of ``labels``
+        (an earlier run of a simulation), with their images, in one transaction; their cache hits
+        come off their caches' hit counts. Returns how many were deleted."""
+        hits = (CacheOutcome.EXPLICIT_HIT.value, CacheOutcome.AUTO_HIT.value)
+        columns = (PodStartRow.id, PodStartRow.cache_outcome, PodStartRow.imc_id)
+        async with self._writing() as session:
+            found: dict[int, tuple[str, str | None]] = {}
+            queries = [select(*columns).where(PodStartRow.pod_uid.in_(chunk)) for chunk in _chunks(list(uids))]
+            if labels:
+                labelled = [PodStartRow.labels[key].as_string() == value for key, value in labels.items()]
+                queries.append(select(*columns).where(*labelled))
+            for query in queries:
+                found.update((row.id, (row.cache_outcome, row.imc_id)) for row in await session.execute(query))
+            for chunk in _chunks(list(found)):
+                await session.execute(delete(PodStartImageRow).where(PodStartImageRow.pod_start_id.in_(chunk)))
+                await session.execute(delete(PodStartRow).where(PodStartRow.id.in_(chunk)))
+            counted = Counter(imc_id for outcome, imc_id in found.values() if outcome in hits and imc_id)
+            for imc_id, count in counted.items():
+                await session.execute(
+                    update(CacheRow)
+                    .where(CacheRow.imc_id == imc_id)
+                    .values(hit_count=case((CacheRow.hit_count > count, CacheRow.hit_count - count), else_=0))
+                    .execution_options(synchronize_session=False)
+                )
+        return len(found)
 
     async def list_pod_starts(
         self,
