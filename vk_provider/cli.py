@@ -279,7 +279,7 @@ def _report(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from vk_provider.registry import CacheConflictError
     from vk_provider.report import ReportFilter, build_comparison
-    from vk_provider.simulate import WorkloadError, load_workload, simulate, store, summary_lines
+    from vk_provider.simulate import CacheNameTakenError, WorkloadError, load_workload, simulate, store, summary_lines
 
     refused = _refuse_db(args.db, must_exist=False)  # before a long run: a --db that can never be written
     if refused is not None:
@@ -300,6 +300,9 @@ def _simulate(args: argparse.Namespace) -> int:
         stored = asyncio.run(store(result, args.db))
     except CacheConflictError as exc:
         _error(f"{args.workload}: a cache id is already used by another cache in {args.db}: {exc}")
+        return EXIT_FAILURE
+    except CacheNameTakenError as exc:
+        _error(f"{args.workload}: {exc} (database {args.db}: nothing of this run was written)")
         return EXIT_FAILURE
     except Exception as exc:  # a database that cannot be opened or written
         _error(f"cannot write registry database {args.db}: {str(exc).splitlines()[0] if str(exc) else exc!r}")

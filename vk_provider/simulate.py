@@ -35,7 +35,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vk_provider.catalogs import CatalogError, load_catalogs
 from vk_provider.controllers.puller import Puller, PullFailed
@@ -48,6 +48,9 @@ from vk_provider.domain.records import CacheOutcome, ImagePullRecord, PodStartRe
 from vk_provider.domain.resolver import Outcome, PodCacheFacts, Resolution, resolve
 from vk_provider.virtualtime import VirtualClock, run_virtual
 from vk_provider.yamlfile import YamlFileError, read_yaml
+
+if TYPE_CHECKING:
+    from vk_provider.registry.repository import Registry
 
 WORKLOAD_VERSION = 1
 GIB = 1024**3
@@ -716,7 +719,7 @@ class _Simulation:
             created_at=now,
             progress=0 if spec.build else 100,
             expires_at=expires,
-            labels=spec.labels,
+            labels=(*((k, v) for k, v in spec.labels if k not in RUN_LABELS), (SIMULATION_LABEL, self.workload.name)),
         )
         self.caches[cache.name] = cache
         if spec.build:
@@ -788,6 +791,7 @@ class _Simulation:
                 automatic=True,
                 created_at=now,
                 expires_at=now + timedelta(days=AUTO_UNUSED_DAYS),
+                labels=((SIMULATION_LABEL, self.workload.name),),
             )
             self.spawn(self.build(spec.name), f"build:{spec.name}")
         self.spawn(self.start_pod(arrival, name, uid, manifests, resolution), f"pod:{group.namespace}/{name}")
@@ -898,6 +902,7 @@ async def store(result: SimulationResult, db: str) -> StoreSummary:
     await migrate.upgrade(db)
     registry = await open_registry(db)
     try:
+        await _check_cache_names(registry, result)  # before anything is written
         for manifest in result.manifests:
             await registry.save_manifest(manifest, resolved_at=result.workload.start)
         end = result.workload.start + timedelta(seconds=result.simulated_seconds)
@@ -918,6 +923,28 @@ async def store(result: SimulationResult, db: str) -> StoreSummary:
     finally:
         await registry.close()
     return StoreSummary(recorded=recorded, replaced=replaced)
+
+
+class CacheNameTakenError(ValueError):
+    """A workload cache's name is already a different cache in the database (another workload's)."""
+
+
+async def _check_cache_names(registry: Registry, result: SimulationResult) -> None:
+    """Refuse to overwrite a cache of the same name from elsewhere (another workload, an agent) that
+    holds other images or another size: its Pod starts' hits would then count for a cache they
+    never used. This workload's own caches are replaced by the run, and an identical one is shared."""
+    for cache in result.caches:
+        stored = await registry.get_cache_by_name(cache.name)
+        owner = dict(stored.labels).get(SIMULATION_LABEL) if stored is not None else None
+        if stored is None or owner == result.workload.name:
+            continue
+        held = sorted(image.reference for image in stored.images)
+        if (held, stored.size_gib) != (sorted(image.reference for image in cache.images), cache.size_gib):
+            source = f"from workload {owner!r}" if owner is not None else "not from a simulation"
+            raise CacheNameTakenError(
+                f"cache {cache.name!r} is already in the database, {source}, holding {', '.join(held) or 'no images'} "
+                f"({stored.size_gib} GiB): give this workload's cache another name, or use another --db"
+            )
 
 
 def summary_lines(result: SimulationResult, stored: StoreSummary | None = None) -> list[str]:

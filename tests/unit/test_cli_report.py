@@ -333,3 +333,18 @@ def test_a_directory_is_no_database(command: list[str], tmp_path: Path, capsys: 
     one_error(capsys, f"registry database {directory} is a directory, not a file")
     assert list(directory.iterdir()) == []
     assert not (tmp_path / "registry-report.html").exists()
+
+
+def test_simulate_refuses_another_workloads_cache_name_for_other_images(
+    filled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other.yaml"
+    other.write_text(
+        "version: 1\nname: other\ncaches:\n  - {name: nginx-cache, images: [redis:7.2]}\n"
+        "pods:\n  - {name: p, images: [redis:7.2]}\n"
+    )
+    before = sqlite3.connect(filled).execute("SELECT count(*) FROM pod_starts").fetchone()
+    assert main(["simulate", str(other), "--db", str(filled), "--no-chart"]) == EXIT_FAILURE
+    one_error(capsys, f"{other}: cache 'nginx-cache' is already in the database, from workload 'small'",
+              "nothing of this run was written")  # fmt: skip
+    assert sqlite3.connect(filled).execute("SELECT count(*) FROM pod_starts").fetchone() == before

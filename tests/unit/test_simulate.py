@@ -23,6 +23,7 @@ from vk_provider.domain.records import CacheOutcome
 from vk_provider.report import build_comparison
 from vk_provider.simulate import (
     Arrival,
+    CacheNameTakenError,
     SimulationResult,
     WorkloadError,
     WorkloadSpec,
@@ -611,3 +612,26 @@ def test_malformed_cache_annotations_are_workload_errors(annotations: dict[str, 
         workload([{**GOOD_POD, "annotations": annotations}])
     assert message in str(caught.value)
     assert "ignored" not in str(caught.value)
+
+
+def test_a_cache_name_another_workload_uses_for_other_images_is_refused_and_nothing_written(tmp_path: Path) -> None:
+    db = str(tmp_path / "sim.db")
+    pods = [{"name": "web", "count": 2, "images": ["nginx:1.7.9"], "annotations": AUTO}]
+    asyncio.run(store(run(workload(pods, caches=[NGINX_CACHE], name="first")), db))
+    # Another workload calling other images by that name would rewrite it under the first's hits.
+    redis = {**NGINX_CACHE, "images": ["redis:7.2"]}
+    with pytest.raises(CacheNameTakenError, match=r"'nginx-cache' is already in the database, from workload 'first'"):
+        asyncio.run(store(run(workload(pods, caches=[redis], name="third")), db))
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM pod_starts").fetchone()[0] == 2
+        (images,) = conn.execute(
+            "SELECT group_concat(reference) FROM cache_images JOIN caches ON caches.id = cache_id "
+            "WHERE name = 'nginx-cache'"
+        ).fetchone()
+    assert images == "docker.io/library/nginx:1.7.9"
+    # The same name with the same images and size is shared; the workload that stored a cache
+    # last may change it, as the first could before.
+    asyncio.run(store(run(workload(pods, caches=[NGINX_CACHE], name="second")), db))
+    asyncio.run(store(run(workload(pods, caches=[redis], name="second")), db))
+    with pytest.raises(CacheNameTakenError, match="from workload 'second'"):
+        asyncio.run(store(run(workload(pods, caches=[{**redis, "size_gib": 40}], name="first")), db))
