@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -144,6 +145,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             return {"report": _report, "simulate": _simulate, "db": _db}[args.command](args)
         except KeyboardInterrupt:
+            # The interrupted run's half-made coroutines are thrown away with it: no warnings about them.
+            warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
             _error(f"{args.command} interrupted")
             return EXIT_INTERRUPTED
     try:

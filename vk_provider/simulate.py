@@ -719,7 +719,7 @@ class _Simulation:
             created_at=now,
             progress=0 if spec.build else 100,
             expires_at=expires,
-            labels=(*((k, v) for k, v in spec.labels if k not in RUN_LABELS), (SIMULATION_LABEL, self.workload.name)),
+            labels=(*((k, v) for k, v in spec.labels if k not in RUN_LABELS), *self.run_labels),
         )
         self.caches[cache.name] = cache
         if spec.build:
@@ -791,7 +791,7 @@ class _Simulation:
                 automatic=True,
                 created_at=now,
                 expires_at=now + timedelta(days=AUTO_UNUSED_DAYS),
-                labels=((SIMULATION_LABEL, self.workload.name),),
+                labels=self.run_labels,
             )
             self.spawn(self.build(spec.name), f"build:{spec.name}")
         self.spawn(self.start_pod(arrival, name, uid, manifests, resolution), f"pod:{group.namespace}/{name}")
@@ -894,56 +894,76 @@ class StoreSummary:
 
 
 async def store(result: SimulationResult, db: str) -> StoreSummary:
-    """Write a run into the registry at ``db`` (upgraded to the newest schema first): manifests,
-    caches, Pod starts and cache hits. An earlier run of the same workload and seed on this
-    database is replaced: its Pod starts are deleted, and their hits come off the caches' counts."""
+    """Write a run into the registry at ``db`` (upgraded to the newest schema first), in one
+    transaction (all of it, or on an error or Ctrl-C none of it): manifests, caches, Pod starts and
+    cache hits. An earlier run of the same workload and seed on this database is replaced: its Pod
+    starts are deleted, their hits come off the caches' counts, and the automatic caches it made
+    that nothing else used go. Raises CacheNameTakenError (nothing written) when a workload cache
+    would change a cache that other Pod starts used."""
     from vk_provider.registry import migrate, open_registry
 
     await migrate.upgrade(db)
     registry = await open_registry(db)
     try:
-        await _check_cache_names(registry, result)  # before anything is written
-        for manifest in result.manifests:
-            await registry.save_manifest(manifest, resolved_at=result.workload.start)
-        end = result.workload.start + timedelta(seconds=result.simulated_seconds)
-        await registry.upsert_caches(result.caches, now=end)
-        # By label, and by UID for starts stored before runs were labelled (the same UIDs).
-        replaced = await registry.forget_pod_starts(
-            [record.pod_uid for record in result.records], labels=run_labels(result.workload, result.seed)
-        )
-        recorded = 0
-        for start in range(0, len(result.records), 500):  # a transaction per 500 starts
-            recorded += sum(await registry.record_pod_starts(result.records[start : start + 500]))
-        # One write per cache: its hit count grows by its hits, its last match is the last one.
-        hits: dict[str, tuple[int, datetime]] = {}
-        for imc_id, moment, _uid in result.hits:
-            hits[imc_id] = (hits.get(imc_id, (0, moment))[0] + 1, moment)
-        for imc_id, (count, last) in hits.items():
-            await registry.mark_cache_matched(imc_id, last, count=count)
+        async with registry.transaction():
+            labels = run_labels(result.workload, result.seed)
+            # By label, and by UID for starts stored before runs were labelled (the same UIDs).
+            replaced = await registry.forget_pod_starts([record.pod_uid for record in result.records], labels=labels)
+            await _check_caches(registry, result)
+            await registry.forget_unused_caches(labels, keep=[cache.name for cache in result.caches])
+            for manifest in result.manifests:
+                await registry.save_manifest(manifest, resolved_at=result.workload.start)
+            end = result.workload.start + timedelta(seconds=result.simulated_seconds)
+            await registry.upsert_caches(result.caches, now=end)
+            recorded = 0
+            for start in range(0, len(result.records), 500):
+                recorded += sum(await registry.record_pod_starts(result.records[start : start + 500]))
+            # One write per cache: its hit count grows by its hits, its last match is the last one.
+            hits: dict[str, tuple[int, datetime]] = {}
+            for imc_id, moment, _uid in result.hits:
+                hits[imc_id] = (hits.get(imc_id, (0, moment))[0] + 1, moment)
+            for imc_id, (count, last) in hits.items():
+                await registry.mark_cache_matched(imc_id, last, count=count)
     finally:
         await registry.close()
     return StoreSummary(recorded=recorded, replaced=replaced)
 
 
 class CacheNameTakenError(ValueError):
-    """A workload cache's name is already a different cache in the database (another workload's)."""
+    """A workload cache would change a cache in the database that other Pod starts used."""
 
 
-async def _check_cache_names(registry: Registry, result: SimulationResult) -> None:
-    """Refuse to overwrite a cache of the same name from elsewhere (another workload, an agent) that
-    holds other images or another size: its Pod starts' hits would then count for a cache they
-    never used. This workload's own caches are replaced by the run, and an identical one is shared."""
+async def _check_caches(registry: Registry, result: SimulationResult) -> None:
+    """Refuse a workload cache that would change a cache other Pod starts used (another workload's,
+    another seed's, an agent's): its ID, images or size. Their hits would then count for a cache
+    they never used. A cache nobody else used may change; an identical one is shared."""
     for cache in result.caches:
+        if cache.automatic:
+            continue  # named after this run's Pods
+        by_id = await registry.get_cache_by_id(cache.imc_id)
+        if by_id is not None and by_id.name != cache.name:
+            raise CacheNameTakenError(
+                f"cache {cache.name!r} has the id {cache.imc_id}, which cache {by_id.name!r} has in the database: "
+                "give it another id (or none, to derive one from its name), or use another --db"
+            )
         stored = await registry.get_cache_by_name(cache.name)
-        owner = dict(stored.labels).get(SIMULATION_LABEL) if stored is not None else None
-        if stored is None or owner == result.workload.name:
+        if stored is None:
             continue
         held = sorted(image.reference for image in stored.images)
-        if (held, stored.size_gib) != (sorted(image.reference for image in cache.images), cache.size_gib):
-            source = f"from workload {owner!r}" if owner is not None else "not from a simulation"
+        if (stored.imc_id, held, stored.size_gib) == (
+            cache.imc_id, sorted(image.reference for image in cache.images), cache.size_gib
+        ):  # fmt: skip
+            continue
+        users = await registry.pod_starts_by_label(stored.imc_id, RUN_LABELS)
+        if users:
+            who = ", ".join(
+                f"{count} of workload {name!r} (seed {seed})" if name is not None else f"{count} of an agent"
+                for (name, seed), count in sorted(users.items(), key=lambda item: str(item[0]))
+            )
             raise CacheNameTakenError(
-                f"cache {cache.name!r} is already in the database, {source}, holding {', '.join(held) or 'no images'} "
-                f"({stored.size_gib} GiB): give this workload's cache another name, or use another --db"
+                f"cache {cache.name!r} is already in the database as {stored.imc_id} holding "
+                f"{', '.join(held) or 'no images'} ({stored.size_gib} GiB), and Pod starts used it ({who}): "
+                "give this workload's cache another name, or use another --db"
             )
 
 

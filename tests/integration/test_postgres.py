@@ -63,6 +63,8 @@ SHARED_CHECKS = (
     "test_a_start_replaces_a_failed_record_of_the_same_pod",
     "test_list_pod_starts_filters",
     "test_forget_pod_starts_by_uid_and_label_takes_their_hits_off",
+    "test_pod_starts_by_label_and_forget_unused_caches",
+    "test_a_transaction_writes_all_or_nothing",
 )
 
 

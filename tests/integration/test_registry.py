@@ -543,6 +543,50 @@ async def test_forget_pod_starts_by_uid_and_label_takes_their_hits_off(registry:
     assert await sql(registry, "SELECT hit_count FROM caches WHERE name = 'a'") == [(0,)]
 
 
+async def test_pod_starts_by_label_and_forget_unused_caches(registry: Registry) -> None:
+    run = {"vk-provider.io/simulation": "burst", "vk-provider.io/simulation-seed": "7"}
+    for name, labels in (("a", run), ("b", run), ("c", run), ("d", {})):
+        await registry.upsert_cache(cache(name, automatic=True, labels=tuple(labels.items())), now=T0)
+    await registry.record_pod_starts(
+        [
+            pod_start("u1", imc_id="imc-b", labels=tuple(run.items())),
+            pod_start("u2", imc_id="imc-b", labels=(("app", "web"),)),  # an agent's: no run labels
+            pod_start("u3", imc_id="imc-b", labels=tuple(run.items())),
+        ]
+    )
+    keys = tuple(run)
+    assert await registry.pod_starts_by_label("imc-b", keys) == {("burst", "7"): 2, (None, None): 1}
+    assert await registry.pod_starts_by_label("imc-a", keys) == {}
+    # a: the run's and unused, gone; b: used; c: kept by name; d: not the run's.
+    assert await registry.forget_unused_caches(run, keep=["c"]) == ["a"]
+    assert [c.name for c in await registry.list_caches()] == ["b", "c", "d"]
+
+
+async def test_a_transaction_writes_all_or_nothing(registry: Registry) -> None:
+    await registry.upsert_cache(cache("kept"), now=T0)
+    seen: list[str] = []
+
+    async def stopped_half_way() -> None:
+        async with registry.transaction():
+            await registry.record_pod_starts([pod_start("u1")])
+            await registry.upsert_cache(cache("new"), now=T0)
+            seen.extend(c.name for c in await registry.list_caches())  # it reads its own writes
+            await registry.delete_cache("kept")
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        await stopped_half_way()
+    assert seen == ["kept", "new"]
+    assert [c.name for c in await registry.list_caches()] == ["kept"]
+    assert await registry.list_pod_starts() == ()
+    async with registry.transaction():
+        await registry.record_pod_starts([pod_start("u1")])
+        async with registry.transaction():  # nested: the same one
+            await registry.upsert_cache(cache("new"), now=T0)
+    assert [c.name for c in await registry.list_caches()] == ["kept", "new"]
+    assert [r.pod_uid for r in await registry.list_pod_starts()] == ["u1"]
+
+
 async def test_list_pod_starts_filters(registry: Registry) -> None:
     records = [
         pod_start("u1", started_at=at(1)),

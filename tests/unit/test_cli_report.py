@@ -239,7 +239,8 @@ def test_simulate_cache_id_taken_in_the_database(
         "  - {name: p, images: [nginx]}\n"
     )
     assert main(["simulate", str(clash), "--db", str(filled), "--no-chart"]) == EXIT_FAILURE
-    one_error(capsys, "a cache id is already used by another cache")
+    one_error(capsys, f"{clash}: cache 'other-cache' has the id {taken}, which cache 'nginx-cache' has in the database",
+              "nothing of this run was written")  # fmt: skip
 
 
 def test_db_downgrade_to_an_unknown_revision(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -345,6 +346,6 @@ def test_simulate_refuses_another_workloads_cache_name_for_other_images(
     )
     before = sqlite3.connect(filled).execute("SELECT count(*) FROM pod_starts").fetchone()
     assert main(["simulate", str(other), "--db", str(filled), "--no-chart"]) == EXIT_FAILURE
-    one_error(capsys, f"{other}: cache 'nginx-cache' is already in the database, from workload 'small'",
-              "nothing of this run was written")  # fmt: skip
+    one_error(capsys, f"{other}: cache 'nginx-cache' is already in the database as imc-",
+              "and Pod starts used it (6 of workload 'small' (seed 3))", "nothing of this run was written")  # fmt: skip
     assert sqlite3.connect(filled).execute("SELECT count(*) FROM pod_starts").fetchone() == before

@@ -614,13 +614,13 @@ def test_malformed_cache_annotations_are_workload_errors(annotations: dict[str, 
     assert "ignored" not in str(caught.value)
 
 
-def test_a_cache_name_another_workload_uses_for_other_images_is_refused_and_nothing_written(tmp_path: Path) -> None:
+def test_a_cache_other_pods_used_cannot_be_changed_by_another_run_and_nothing_is_written(tmp_path: Path) -> None:
     db = str(tmp_path / "sim.db")
     pods = [{"name": "web", "count": 2, "images": ["nginx:1.7.9"], "annotations": AUTO}]
     asyncio.run(store(run(workload(pods, caches=[NGINX_CACHE], name="first")), db))
     # Another workload calling other images by that name would rewrite it under the first's hits.
     redis = {**NGINX_CACHE, "images": ["redis:7.2"]}
-    with pytest.raises(CacheNameTakenError, match=r"'nginx-cache' is already in the database, from workload 'first'"):
+    with pytest.raises(CacheNameTakenError, match=r"Pod starts used it \(2 of workload 'first' \(seed 0\)\)"):
         asyncio.run(store(run(workload(pods, caches=[redis], name="third")), db))
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM pod_starts").fetchone()[0] == 2
@@ -629,9 +629,53 @@ def test_a_cache_name_another_workload_uses_for_other_images_is_refused_and_noth
             "WHERE name = 'nginx-cache'"
         ).fetchone()
     assert images == "docker.io/library/nginx:1.7.9"
-    # The same name with the same images and size is shared; the workload that stored a cache
-    # last may change it, as the first could before.
+    # The same images and size: shared. Then neither may change it under the other's Pods...
     asyncio.run(store(run(workload(pods, caches=[NGINX_CACHE], name="second")), db))
-    asyncio.run(store(run(workload(pods, caches=[redis], name="second")), db))
-    with pytest.raises(CacheNameTakenError, match="from workload 'second'"):
-        asyncio.run(store(run(workload(pods, caches=[{**redis, "size_gib": 40}], name="first")), db))
+    with pytest.raises(CacheNameTakenError, match=r"2 of workload 'second' \(seed 0\)"):
+        asyncio.run(store(run(workload(pods, caches=[redis], name="first")), db))
+    # ...but a cache no other run's Pods used may change, as a workload is edited and run again.
+    quiet = [{"name": "web", "count": 2, "images": ["nginx:1.7.9"]}]
+    solo = {"name": "solo", "images": ["nginx:1.7.9"]}
+    asyncio.run(store(run(workload(quiet, caches=[solo], name="solo")), db))
+    asyncio.run(store(run(workload(quiet, caches=[{**solo, "images": ["redis:7.2"]}], name="solo")), db))
+
+
+def test_a_store_that_fails_half_way_leaves_the_earlier_run_as_it_was(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vk_provider.registry.repository import Registry
+
+    db = str(tmp_path / "sim.db")
+    web = {"name": "web", "count": 4, "images": ["nginx:1.7.9"], "annotations": EXPLICIT}
+    asyncio.run(store(run(workload([web], caches=[NGINX_CACHE])), db))
+    snapshot = _rows(db)
+
+    async def interrupted(self: Registry, *args: Any, **kwargs: Any) -> bool:
+        raise KeyboardInterrupt  # as Ctrl-C would, after the old run's starts were deleted
+
+    monkeypatch.setattr(Registry, "mark_cache_matched", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        asyncio.run(store(run(workload([{**web, "count": 2}], caches=[NGINX_CACHE])), db))
+    assert _rows(db) == snapshot  # before, the old run's starts were gone and its hits taken off
+
+
+def _rows(db: str) -> tuple[list[Any], ...]:
+    with sqlite3.connect(db) as conn:
+        return (
+            conn.execute("SELECT pod_uid, startup_seconds FROM pod_starts ORDER BY pod_uid").fetchall(),
+            conn.execute("SELECT name, hit_count, phase FROM caches ORDER BY name").fetchall(),
+            conn.execute("SELECT count(*) FROM pod_start_images").fetchall(),
+        )
+
+
+def test_a_run_again_drops_the_automatic_caches_its_earlier_run_made_and_nothing_used(tmp_path: Path) -> None:
+    db = str(tmp_path / "sim.db")
+    auto = {"name": "py", "count": 2, "images": ["python:3.12"], "annotations": AUTO, "arrival": {"interval": "1s"}}
+    web = {"name": "web", "count": 2, "images": ["nginx:1.7.9"]}
+    asyncio.run(store(run(workload([auto, web])), db))
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM caches WHERE automatic").fetchone() == (1,)
+    asyncio.run(store(run(workload([web])), db))  # the python group removed
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT count(*) FROM caches WHERE automatic").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM pod_starts").fetchone() == (2,)

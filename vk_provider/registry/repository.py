@@ -17,10 +17,12 @@ one joined query, whatever their number: never a query per cache.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -189,6 +191,12 @@ def _pod_starts_from_rows(rows: Iterable[Row[Any]]) -> tuple[PodStartRecord, ...
     return tuple(records)
 
 
+# The transaction (and its registry) the running task is inside, if any: see Registry.transaction.
+_TRANSACTION: ContextVar[tuple[Registry, AsyncSession, asyncio.Task[Any] | None] | None] = ContextVar(
+    "registry_transaction", default=None
+)
+
+
 class Registry:
     """The registry database, in domain values. Safe to share between tasks of one event loop.
 
@@ -211,12 +219,41 @@ class Registry:
         await self._engine.dispose()
 
     @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[None]:
+        """Everything this task does with the registry inside is one transaction: all of it is
+        written, or (an error, a cancellation, Ctrl-C) none of it. Other tasks are not part of it."""
+        if self._current() is not None:
+            yield  # already inside one
+            return
+        async with self._write_sessions() as session, session.begin():
+            token = _TRANSACTION.set((self, session, asyncio.current_task()))
+            try:
+                yield
+            finally:
+                _TRANSACTION.reset(token)
+
+    def _current(self) -> AsyncSession | None:
+        # Tasks started inside inherit the context variable, not the transaction: only its own task.
+        inside = _TRANSACTION.get()
+        if inside is None or inside[0] is not self or inside[2] is not asyncio.current_task():
+            return None
+        return inside[1]
+
+    @asynccontextmanager
     async def _reading(self) -> AsyncIterator[AsyncSession]:
+        current = self._current()
+        if current is not None:  # inside a transaction: read what it wrote
+            yield current
+            return
         async with self._read_sessions() as session:
             yield session
 
     @asynccontextmanager
     async def _writing(self) -> AsyncIterator[AsyncSession]:
+        current = self._current()
+        if current is not None:
+            yield current
+            return
         async with self._write_sessions() as session, session.begin():
             yield session
 
@@ -711,6 +748,38 @@ class Registry:
                     .execution_options(synchronize_session=False)
                 )
         return len(found)
+
+    async def pod_starts_by_label(self, imc_id: str, keys: Sequence[str]) -> dict[tuple[str | None, ...], int]:
+        """How many recorded Pod starts used the cache ``imc_id``, by the values of their labels
+        ``keys`` (None where a start has no such label: an agent's, say)."""
+        values = [PodStartRow.labels[key].as_string().label(f"k{n}") for n, key in enumerate(keys)]
+        query = select(*values, func.count()).where(PodStartRow.imc_id == imc_id).group_by(*values)
+        async with self._reading() as session:
+            return {tuple(row[:-1]): int(row[-1]) for row in await session.execute(query)}
+
+    async def forget_unused_caches(self, labels: Mapping[str, str], *, keep: Iterable[str] = ()) -> list[str]:
+        """Delete the automatic caches whose labels include all of ``labels`` (those an earlier run of
+        a simulation made), except those named in ``keep`` and those a recorded Pod start used;
+        returns their names."""
+        wanted = [CacheRow.labels[key].as_string() == value for key, value in labels.items()]
+        kept = set(keep)
+        async with self._writing() as session:
+            rows = (
+                await session.execute(
+                    select(CacheRow.id, CacheRow.name, CacheRow.imc_id).where(CacheRow.automatic, *wanted)
+                )
+            ).all()
+            used = {
+                imc_id
+                for chunk in _chunks([row.imc_id for row in rows])
+                for imc_id in (
+                    await session.execute(select(PodStartRow.imc_id).where(PodStartRow.imc_id.in_(chunk)).distinct())
+                ).scalars()
+            }
+            gone = [row for row in rows if row.name not in kept and row.imc_id not in used]
+            for chunk in _chunks([row.id for row in gone]):
+                await session.execute(delete(CacheRow).where(CacheRow.id.in_(chunk)))
+        return sorted(row.name for row in gone)
 
     async def list_pod_starts(
         self,
