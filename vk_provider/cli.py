@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=SIMULATION_DB,
         help=f"registry database to write the run into (default {SIMULATION_DB}: not the agent's own)",
     )
-    simulate.add_argument("--seed", type=int, metavar="N", help="random seed (default: the workload file's)")
+    simulate.add_argument("--seed", type=_seed, metavar="N", help="random seed, from 0 (default: the workload file's)")
     _output_flags(simulate)
 
     db = sub.add_parser("db", help="manage the registry database schema (Alembic migrations)")
@@ -321,6 +321,16 @@ def _output(comparison: Comparison, args: argparse.Namespace, chart: Path | None
         # Python would report the pipe again when it flushes stdout at exit: point stdout elsewhere.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
+
+
+def _seed(text: str) -> int:
+    try:
+        seed = int(text)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0, got {text!r}")
+    return seed
 
 
 def _refuse_db(db: str, *, must_exist: bool) -> int | None:

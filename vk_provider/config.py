@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 
 from vk_provider import netinfo
-from vk_provider.domain.labels import is_label_name, is_label_value
+from vk_provider.domain.labels import label_problem
 from vk_provider.domain.pullmodel import PullSettings
 from vk_provider.yamlfile import YamlFileError, read_yaml
 
@@ -403,18 +403,6 @@ def _parse_env_text(kind: Any, text: str) -> Any:
         except yaml.YAMLError:
             return text
     return text
-
-
-def label_problem(key: str, value: str) -> str:
-    """Why ``key: value`` is not a valid Kubernetes label, or "" if it is."""
-    prefix, slash, name = key.rpartition("/")
-    if slash and (not prefix or len(prefix) > 253 or not _DNS_NAME.match(prefix)):
-        return "the key's prefix must be a lowercase DNS subdomain"
-    if not is_label_name(name):
-        return "the key's name must be 1-63 letters, digits, '-', '_' or '.', starting and ending alphanumeric"
-    if not is_label_value(value):
-        return "the value must be at most 63 letters, digits, '-', '_' or '.', starting and ending alphanumeric"
-    return ""
 
 
 def _validate(s: Settings) -> None:

@@ -42,6 +42,7 @@ from vk_provider.controllers.puller import Puller, PullFailed
 from vk_provider.domain.annotations import base36_digest, parse_cache_annotations
 from vk_provider.domain.catalog import Catalog, kind_of, manifest_for
 from vk_provider.domain.images import InvalidReference, parse_reference
+from vk_provider.domain.labels import is_label_value, label_problem
 from vk_provider.domain.model import CachedImage, CachePhase, ImageCache, ImageManifest
 from vk_provider.domain.pullmodel import PullPolicy, PullSettings, plan_pod_pull
 from vk_provider.domain.records import CacheOutcome, ImagePullRecord, PodStartRecord
@@ -71,6 +72,7 @@ _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h|d)\s*$")
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _IMC_ID_RE = re.compile(r"^imc-[a-z0-9]{20}$")
 
 
@@ -195,6 +197,22 @@ def parse_rate(value: object) -> float | None:
     return rate if math.isfinite(rate) and rate > 0 else None
 
 
+def _labels(raw: object, where: str, problems: _Problems) -> tuple[tuple[str, str], ...]:
+    """A label map: strings, each a valid Kubernetes label (report --selector filters on them)."""
+    labels = _string_map(raw, where, problems)
+    for key, value in labels:
+        problem = label_problem(key, value)
+        if problem:
+            problems.add(f"{where}.{key}", f"{problem}, got {key}: {value!r}")
+    return tuple((key, value) for key, value in labels if not label_problem(key, value))
+
+
+def _as_label_value(text: str) -> str:
+    """``text`` made into a label value: runs of other characters become '-', at most 63 long."""
+    value = re.sub(r"[^A-Za-z0-9_.-]+", "-", text)[:63].strip("-_.")
+    return value or "workload"
+
+
 def _string_map(raw: object, where: str, problems: _Problems) -> tuple[tuple[str, str], ...]:
     if raw is None:
         return ()
@@ -294,7 +312,7 @@ def _parse_cache(raw: object, where: str, problems: _Problems) -> CacheSpec | No
         at=_duration_field(raw, "at", where, problems, 0.0),
         build=build is True,
         retention_days=retention if isinstance(retention, int) and not isinstance(retention, bool) else None,
-        labels=_string_map(raw.get("labels"), f"{where}.labels", problems),
+        labels=_labels(raw.get("labels"), f"{where}.labels", problems),
     )
 
 
@@ -353,8 +371,8 @@ def _parse_group(raw: object, where: str, problems: _Problems) -> PodGroupSpec |
     )
     name = _name_field(raw, where, problems)
     namespace = raw.get("namespace", "default")
-    if not isinstance(namespace, str) or not _NAME_RE.match(namespace):
-        problems.add(f"{where}.namespace", f"must be a lowercase DNS name, got {namespace!r}")
+    if not isinstance(namespace, str) or not _LABEL_RE.match(namespace) or len(namespace) > 63:
+        problems.add(f"{where}.namespace", f"must be a namespace name (a DNS label: a-z, 0-9, '-'), got {namespace!r}")
         namespace = "default"
     arrival_raw = raw.get("arrival")
     listed = (
@@ -376,7 +394,7 @@ def _parse_group(raw: object, where: str, problems: _Problems) -> PodGroupSpec |
         count=count,
         pull_policy=policy,
         annotations=_string_map(raw.get("annotations"), f"{where}.annotations", problems),
-        labels=_string_map(raw.get("labels"), f"{where}.labels", problems),
+        labels=_labels(raw.get("labels"), f"{where}.labels", problems),
         arrival=_parse_arrival(arrival_raw, count if "count" in raw else None, f"{where}.arrival", problems),
     )
 
@@ -440,13 +458,17 @@ def parse_workload(data: object, source: str = "workload", base_dir: Path | None
     _unknown(data, _TOP_FIELDS, "", problems)
     if data.get("version") != WORKLOAD_VERSION:
         problems.add("version", f"must be {WORKLOAD_VERSION}, got {data.get('version')!r}")
-    name = data.get("name", Path(source).stem)
-    if not isinstance(name, str) or not name:
-        problems.add("name", f"must be a non-empty string, got {name!r}")
+    # The name labels the run's Pod starts (vk-provider.io/simulation), so it is a label value;
+    # the file's name, when there is none, is made into one.
+    name = data.get("name", _as_label_value(Path(source).stem))
+    if not isinstance(name, str) or not name or not is_label_value(name):
+        problems.add(
+            "name", f"must be 1-63 letters, digits, '-', '_' or '.', starting and ending alphanumeric, got {name!r}"
+        )
         name = "workload"
     seed = data.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        problems.add("seed", f"must be a whole number, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        problems.add("seed", f"must be a whole number from 0, got {seed!r}")
         seed = 0
     start = DEFAULT_START
     if "start" in data:

@@ -152,6 +152,20 @@ GOOD_POD: dict[str, Any] = {"name": "web", "images": ["nginx:1.27"]}
         ({"version": 1, "pods": [GOOD_POD], "pull": {"time_scale": 10}}, "pull.time_scale: not used by simulate"),
         ({"version": 1, "pods": [GOOD_POD], "start": "noon"}, "start: must be an ISO 8601 time"),
         ({"version": 1, "pods": [GOOD_POD], "seed": "x"}, "seed: must be a whole number"),
+        # What the report's --namespace and --selector could never pick out is refused up front.
+        ({"version": 1, "pods": [GOOD_POD], "seed": -1}, "seed: must be a whole number from 0, got -1"),
+        ({"version": 1, "pods": [GOOD_POD], "name": "My Test"}, "name: must be 1-63 letters"),
+        ({"version": 1, "pods": [GOOD_POD], "name": "x" * 64}, "name: must be 1-63 letters"),
+        ({"version": 1, "pods": [{**GOOD_POD, "namespace": "my.ns"}]}, "pods[0].namespace: must be a namespace name"),
+        (
+            {"version": 1, "pods": [{**GOOD_POD, "labels": {"bad key!": "x"}}]},
+            "pods[0].labels.bad key!: the key's name",
+        ),
+        ({"version": 1, "pods": [{**GOOD_POD, "labels": {"app": "a b"}}]}, "pods[0].labels.app: the value must be"),
+        (
+            {"version": 1, "pods": [GOOD_POD], "caches": [{"name": "c", "images": ["nginx"], "labels": {"-x": "1"}}]},
+            "caches[0].labels.-x: the key's name",
+        ),
     ],
 )
 def test_workload_errors_name_the_file_and_the_field(document: object, needle: str) -> None:
@@ -177,6 +191,15 @@ def test_files_that_cannot_be_read_or_parsed(tmp_path: Path) -> None:
     bad.write_text("pods: [\n")
     with pytest.raises(WorkloadError, match=r"bad.yaml line \d+: expected the node content"):
         load_workload(bad)
+
+
+@pytest.mark.parametrize(
+    ("stem", "name"),
+    [("burst", "burst"), ("My Test Workload", "My-Test-Workload"), ("x" * 80, "x" * 63), ("--", "workload")],
+)
+def test_a_workload_without_a_name_is_named_after_its_file_as_a_label_value(stem: str, name: str) -> None:
+    spec = parse_workload({"version": 1, "pods": [GOOD_POD]}, source=f"/some/dir/{stem}.yaml")
+    assert spec.name == name
 
 
 def test_annotation_values_written_unquoted_become_strings() -> None:

@@ -18,3 +18,18 @@ def is_label_value(value: str) -> bool:
 def is_label_name(name: str) -> bool:
     """The part of a label key after its optional ``prefix/``."""
     return bool(name) and is_label_value(name)
+
+
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+def label_problem(key: str, value: str) -> str:
+    """Why ``key: value`` is not a valid Kubernetes label, or "" if it is."""
+    prefix, slash, name = key.rpartition("/")
+    if slash and (not prefix or len(prefix) > 253 or not _DNS_SUBDOMAIN.match(prefix)):
+        return "the key's prefix must be a lowercase DNS subdomain"
+    if not is_label_name(name):
+        return "the key's name must be 1-63 letters, digits, '-', '_' or '.', starting and ending alphanumeric"
+    if not is_label_value(value):
+        return "the value must be at most 63 letters, digits, '-', '_' or '.', starting and ending alphanumeric"
+    return ""
