@@ -268,7 +268,10 @@ def _report(args: argparse.Namespace) -> int:
     try:
         records = asyncio.run(load_records(args.db, report_filter))
     except ReportError as exc:
-        _error(str(exc))
+        hint = ""
+        if args.db == DEFAULT_DB and not Path(DEFAULT_DB).exists() and Path(SIMULATION_DB).is_file():
+            hint = f" (simulate writes {SIMULATION_DB} unless given --db: add --db {SIMULATION_DB})"
+        _error(f"{exc}{hint}")
         return EXIT_FAILURE
     comparison = build_comparison(records, report_filter)
     try:

@@ -572,7 +572,7 @@ def load_workload(path: str | Path) -> WorkloadSpec:
 def load_workload_catalog(workload: WorkloadSpec) -> Catalog:
     """The shipped image catalog plus the workload's own catalog files."""
     try:
-        return load_catalogs("", list(workload.catalogs))
+        return load_catalogs("", list(workload.catalogs), strict=True)
     except CatalogError as exc:
         raise WorkloadError(f"{workload.source}: catalogs: {exc}") from None
 

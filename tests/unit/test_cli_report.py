@@ -149,11 +149,17 @@ def test_report_on_a_database_without_the_schema(tmp_path: Path, capsys: pytest.
     one_error(capsys, "has no registry schema", "vk-provider db upgrade")
 
 
-def test_report_on_a_file_that_is_not_a_database(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [["report"], ["db", "current"], ["db", "upgrade"], ["simulate", str(ROOT / "config" / "workload-seed.yaml")]],
+)
+def test_a_file_that_is_not_a_database(command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # simulate says so before it runs (before, after the whole simulation), and nothing touches it.
     junk = tmp_path / "junk.db"
     junk.write_text("this is not SQLite, not even close " * 100)
-    assert main(["report", "--db", str(junk)]) == EXIT_FAILURE
-    one_error(capsys, "cannot read registry database", str(junk))
+    assert main([*command, "--db", str(junk)]) == EXIT_FAILURE
+    one_error(capsys, f"{junk} is not a SQLite database")
+    assert junk.read_text() == "this is not SQLite, not even close " * 100
 
 
 @pytest.mark.parametrize(
@@ -360,3 +366,14 @@ def test_simulate_seed_must_be_a_whole_number_from_zero(
     assert exited.value.code == EXIT_USAGE
     assert f"--seed: must be a whole number from 0, got '{seed}'" in capsys.readouterr().err
     assert not (tmp_path / "x.db").exists()
+
+
+def test_report_without_db_points_at_what_simulate_wrote(
+    tmp_path: Path, workload: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["simulate", str(workload), "--no-chart"]) == EXIT_OK  # into vk-provider-sim.db
+    capsys.readouterr()
+    assert main(["report"]) == EXIT_FAILURE
+    one_error(capsys, "no registry database at", "(simulate writes vk-provider-sim.db unless given --db")
+    assert main(["report", "--db", "vk-provider-sim.db", "--json"]) == EXIT_OK

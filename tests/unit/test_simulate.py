@@ -488,6 +488,27 @@ def test_workload_catalogs_are_read_relative_to_the_file(tmp_path: Path) -> None
         load_workload_catalog(missing)
 
 
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("root:x:0:0:root:/root:/bin/bash\n", "the catalog must be a mapping with an 'images' key"),
+        (
+            "version: 1\nimages:\n  registry.example.com/app:1:\n    layers: [{digest: sha256:abc, size: 1 MB}]\n",
+            "image 'registry.example.com/app:1'",
+        ),
+    ],
+)
+def test_a_workload_catalog_with_a_bad_entry_is_an_error_not_made_up_sizes(
+    text: str, needle: str, tmp_path: Path
+) -> None:
+    # The agent leaves a bad entry out with a warning; a simulation would quietly use a synthetic size.
+    (tmp_path / "mine.yaml").write_text(text)
+    spec = parse_workload({"version": 1, "catalogs": ["mine.yaml"], "pods": [GOOD_POD]}, "w.yaml", tmp_path)
+    with pytest.raises(WorkloadError, match=r"w\.yaml: catalogs: .*mine\.yaml") as caught:
+        load_workload_catalog(spec)
+    assert needle in str(caught.value)
+
+
 def _huge_catalog(tmp_path: Path) -> None:
     (tmp_path / "huge.yaml").write_text(
         yaml.safe_dump(

@@ -96,7 +96,19 @@ def existing_sqlite_file(db: str, *, must_exist: bool = True) -> Path | None:
         raise DatabaseArgumentError(f"registry database {file} is a directory, not a file", usage=False)
     if must_exist and file is not None and not file.is_file():
         raise DatabaseArgumentError(f"no registry database at {file}", usage=False)
+    if file is not None and file.is_file() and not _looks_like_sqlite(file):
+        raise DatabaseArgumentError(f"{file} is not a SQLite database", usage=False)
     return file
+
+
+def _looks_like_sqlite(file: Path) -> bool:
+    """An empty file (SQLite makes it a database), or one starting with SQLite's header."""
+    try:
+        with file.open("rb") as opened:
+            head = opened.read(16)
+    except OSError:
+        return True  # let opening it say what is wrong
+    return not head or head == b"SQLite format 3\x00"
 
 
 def _file_of(url: URL) -> Path | None:
