@@ -335,10 +335,18 @@ CASES = [
         (
             cache("imc-expired", (NGINX, MB), expires_in_hours=-2),
             cache("imc-failed", (NGINX, MB), phase=CachePhase.FAILED),
-            cache("imc-updating", (NGINX, MB), phase=CachePhase.UPDATING),
+            cache("imc-updating", (NGINX, MB), (REDIS, MB), phase=CachePhase.UPDATING),
         ),
         Outcome.MISS,
         (MISSED, auto_created(AUTO_ID)),
+        to_pull=(NGINX,),
+    ),
+    Case(
+        "no automatic copy of a cache of the same images someone is building",
+        pod(annotations={AUTO_IMC: "true"}),
+        (cache("imc-building", (NGINX, MB), phase=CachePhase.CREATING),),
+        Outcome.MISS,
+        (MISSED,),
         to_pull=(NGINX,),
     ),
     Case(
@@ -430,7 +438,9 @@ def test_auto_create_spec_on_a_miss() -> None:
         pytest.param(
             cache("imc-x", (NGINX, MB), phase=CachePhase.CREATING, automatic=True, expires_in_hours=-1), id="expired"
         ),
-        pytest.param(cache("imc-x", (NGINX, MB), phase=CachePhase.CREATING, automatic=False), id="manual"),
+        pytest.param(
+            cache("imc-x", (NGINX, MB), (REDIS, MB), phase=CachePhase.CREATING, automatic=False), id="manual-superset"
+        ),
         pytest.param(
             cache("imc-x", (NGINX, MB), (REDIS, MB), phase=CachePhase.CREATING, automatic=True), id="superset"
         ),

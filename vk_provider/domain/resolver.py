@@ -15,7 +15,9 @@ Decisions beyond ECI's documentation:
 - On a miss, an automatic cache with exactly the Pod's image set that is still being built
   (Preparing/Creating/Updating, unexpired) is shared instead of creating another one, so a burst
   of Pods with the same images makes one cache. The caller must make a cache it creates visible
-  to later ``resolve`` calls (resolve and create serially) for this to work.
+  to later ``resolve`` calls (resolve and create serially) for this to work. Likewise a cache
+  someone created (not automatic) with exactly the Pod's images that is still being built: no
+  automatic copy of it is made (it would be newer, so it, not theirs, would take the hits).
 - On a miss, no automatic cache is created while an automatic cache with exactly the Pod's image
   set failed to build less than ``AUTO_RETRY_AFTER_FAILURE`` (5 minutes) ago: a Deployment of
   Pods whose images cannot be cached would otherwise leave one Failed cache per Pod, while a
@@ -210,13 +212,21 @@ def resolve(
     missed = PodEvent("ImageCacheMissed", EventType.WARNING, "[eci.imagecache]Missed image cache.")
     shared = _building_cache_with(frozenset(all_refs), caches, now) if all_refs else None
     if shared is not None:
+        if shared.automatic:
+            why = f"sharing {shared.imc_id} ({shared.phase}), an automatic cache being built with the same images"
+            told: tuple[PodEvent, ...] = (missed, _auto_created_event(shared.imc_id))
+        else:
+            why = (
+                f"no automatic cache created: {shared.imc_id} ({shared.name}), a cache of the same images, "
+                f"is being built ({shared.phase})"
+            )
+            told = (missed,)
         return Resolution(
             outcome=Outcome.MISS,
-            explanation=f"{result.explanation}; sharing {shared.imc_id} ({shared.phase}), "
-            "an automatic cache being built with the same images",
+            explanation=f"{result.explanation}; {why}",
             images_to_pull=all_refs,
             shared_with=shared,
-            events=(*problem_events, missed, _auto_created_event(shared.imc_id)),
+            events=(*problem_events, *told),
             annotations=written,
             match=result,
             instance_id=instance_id,
@@ -392,11 +402,11 @@ def _parse_images(images: Sequence[str]) -> tuple[tuple[ImageRef, ...], tuple[In
 
 
 def _building_cache_with(refs: frozenset[str], caches: Sequence[ImageCache], now: datetime) -> ImageCache | None:
-    """The automatic cache already being built with exactly ``refs``; the oldest if several,
-    because that is the one earlier Pods of a burst were told to share."""
+    """The cache (automatic or not) already being built with exactly ``refs``; the oldest if
+    several, because that is the one earlier Pods of a burst were told to share."""
     best: ImageCache | None = None
     for cache in caches:
-        if not cache.automatic or cache.phase not in _BUILDING_PHASES or cache.is_expired(now):
+        if cache.phase not in _BUILDING_PHASES or cache.is_expired(now):
             continue
         if not _holds_exactly(cache, refs):
             continue
