@@ -295,6 +295,10 @@ class Comparison:
     rows: tuple[OutcomeStats, ...]
     speedup: Speedup | None
     filters: Mapping[str, str] = field(default_factory=dict)
+    # The speed-up over only the Pods whose image set is among both the hits and the starts without
+    # a cache (None when no image set is), and whether that leaves any Pod out.
+    same_images: Speedup | None = None
+    images_differ: bool = False
 
     @property
     def pods(self) -> int:
@@ -319,8 +323,23 @@ def _stats(outcome: CacheOutcome, records: Sequence[PodStartRecord]) -> OutcomeS
     )
 
 
-def _group(records: Sequence[PodStartRecord], outcomes: frozenset[CacheOutcome]) -> tuple[float, ...]:
-    return tuple(sorted(record.startup_seconds for record in records if record.outcome in outcomes))
+def _speedup(hits: Sequence[PodStartRecord], without: Sequence[PodStartRecord]) -> Speedup | None:
+    if not hits or not without:
+        return None
+    hit = sorted(record.startup_seconds for record in hits)
+    none = sorted(record.startup_seconds for record in without)
+    return Speedup(
+        hit_pods=len(hit),
+        no_cache_pods=len(none),
+        hit_p50=percentile(hit, 50),
+        no_cache_p50=percentile(none, 50),
+        hit_mean=math.fsum(hit) / len(hit),
+        no_cache_mean=math.fsum(none) / len(none),
+    )
+
+
+def _image_set(record: PodStartRecord) -> frozenset[str]:
+    return frozenset(image.reference for image in record.images)
 
 
 def build_comparison(records: Iterable[PodStartRecord], report_filter: ReportFilter | None = None) -> Comparison:
@@ -331,18 +350,20 @@ def build_comparison(records: Iterable[PodStartRecord], report_filter: ReportFil
     for record in kept:
         by_outcome.setdefault(record.outcome, []).append(record)
     rows = tuple(_stats(outcome, by_outcome[outcome]) for outcome in OUTCOME_ORDER if outcome in by_outcome)
-    hits, without = _group(kept, HIT_OUTCOMES), _group(kept, NO_CACHE_OUTCOMES)
-    speedup = None
-    if hits and without:
-        speedup = Speedup(
-            hit_pods=len(hits),
-            no_cache_pods=len(without),
-            hit_p50=percentile(hits, 50),
-            no_cache_p50=percentile(without, 50),
-            hit_mean=math.fsum(hits) / len(hits),
-            no_cache_mean=math.fsum(without) / len(without),
-        )
-    return Comparison(rows=rows, speedup=speedup, filters=chosen.describe())
+    hits = [record for record in kept if record.outcome in HIT_OUTCOMES]
+    without = [record for record in kept if record.outcome in NO_CACHE_OUTCOMES]
+    speedup = _speedup(hits, without)
+    # A mix of images (small ones hit, big ones pulled) can say anything: the same images only.
+    both = {_image_set(record) for record in hits} & {_image_set(record) for record in without}
+    same_hits = [record for record in hits if _image_set(record) in both]
+    same_without = [record for record in without if _image_set(record) in both]
+    return Comparison(
+        rows=rows,
+        speedup=speedup,
+        filters=chosen.describe(),
+        same_images=_speedup(same_hits, same_without),
+        images_differ=speedup is not None and len(same_hits) + len(same_without) < len(hits) + len(without),
+    )
 
 
 # ---- text, JSON, CSV ---------------------------------------------------------------------------
@@ -401,16 +422,33 @@ def render_text(comparison: Comparison) -> str:
     else:
         lines.append(
             f"speed-up of cache hits ({speedup.hit_pods} Pods) over starts without a cache "
-            f"({speedup.no_cache_pods} Pods): {_ratio(speedup.p50_ratio)} at p50 "
-            f"({_seconds(speedup.hit_p50)} s vs {_seconds(speedup.no_cache_p50)} s), "
-            f"{_ratio(speedup.mean_ratio)} by mean "
-            f"({_seconds(speedup.hit_mean)} s vs {_seconds(speedup.no_cache_mean)} s)"
+            f"({speedup.no_cache_pods} Pods){_told(speedup)}"
         )
+        same = comparison.same_images
+        if comparison.images_differ and same is None:
+            lines.append(
+                "  but no Pods of the same images both hit a cache and started without one: this compares "
+                "different images (narrow it with --namespace or --selector)"
+            )
+        elif comparison.images_differ and same is not None:
+            lines.append(
+                f"  the same, over Pods of the same images only ({same.hit_pods} hits, "
+                f"{same.no_cache_pods} without a cache){_told(same)}"
+            )
     lines.append(
         "times are simulated seconds, from the Pod taken (or arrived) to all containers started; "
         "percentiles: nearest-rank"
     )
     return "\n".join(lines) + "\n"
+
+
+def _told(speedup: Speedup) -> str:
+    return (
+        f": {_ratio(speedup.p50_ratio)} at p50 "
+        f"({_seconds(speedup.hit_p50)} s vs {_seconds(speedup.no_cache_p50)} s), "
+        f"{_ratio(speedup.mean_ratio)} by mean "
+        f"({_seconds(speedup.hit_mean)} s vs {_seconds(speedup.no_cache_mean)} s)"
+    )
 
 
 def _finite(value: float) -> float | None:
@@ -441,20 +479,27 @@ def comparison_to_dict(comparison: Comparison) -> dict[str, Any]:
             }
             for row in comparison.rows
         ],
-        "speedup": None
-        if speedup is None
-        else {
-            "hit_outcomes": sorted(outcome.value for outcome in HIT_OUTCOMES),
-            "no_cache_outcomes": sorted(outcome.value for outcome in NO_CACHE_OUTCOMES),
-            "hit_pods": speedup.hit_pods,
-            "no_cache_pods": speedup.no_cache_pods,
-            "hit_p50_seconds": speedup.hit_p50,
-            "no_cache_p50_seconds": speedup.no_cache_p50,
-            "hit_mean_seconds": speedup.hit_mean,
-            "no_cache_mean_seconds": speedup.no_cache_mean,
-            "p50_ratio": _finite(speedup.p50_ratio),
-            "mean_ratio": _finite(speedup.mean_ratio),
-        },
+        "speedup": _speedup_dict(speedup),
+        # Over only the Pods whose image set both hit a cache and started without one.
+        "speedup_same_images": _speedup_dict(comparison.same_images),
+        "images_differ": comparison.images_differ,
+    }
+
+
+def _speedup_dict(speedup: Speedup | None) -> dict[str, Any] | None:
+    if speedup is None:
+        return None
+    return {
+        "hit_outcomes": sorted(outcome.value for outcome in HIT_OUTCOMES),
+        "no_cache_outcomes": sorted(outcome.value for outcome in NO_CACHE_OUTCOMES),
+        "hit_pods": speedup.hit_pods,
+        "no_cache_pods": speedup.no_cache_pods,
+        "hit_p50_seconds": speedup.hit_p50,
+        "no_cache_p50_seconds": speedup.no_cache_p50,
+        "hit_mean_seconds": speedup.hit_mean,
+        "no_cache_mean_seconds": speedup.no_cache_mean,
+        "p50_ratio": _finite(speedup.p50_ratio),
+        "mean_ratio": _finite(speedup.mean_ratio),
     }
 
 

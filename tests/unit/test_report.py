@@ -7,6 +7,7 @@ import io
 import json
 import math
 import re
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -147,6 +148,41 @@ def test_speedup_compares_hits_with_starts_without_a_cache() -> None:
     assert speedup.no_cache_p50 == without[3]
     assert speedup.p50_ratio == pytest.approx(without[3] / hits[5])
     assert speedup.mean_ratio == pytest.approx((sum(without) / 8) / (sum(hits) / 12))
+
+
+def _of(image: str, r: PodStartRecord) -> PodStartRecord:
+    return replace(r, images=(ImagePullRecord(image, r.bytes_pulled, r.startup_seconds / 2),))
+
+
+def test_the_speedup_over_pods_of_the_same_images_only() -> None:
+    # Small nginx Pods hit, big python Pods were pulled, and a few nginx Pods missed: the overall
+    # figure mixes images; the same-images one compares nginx with nginx.
+    nginx, python = "docker.io/library/nginx:1.27", "docker.io/library/python:3.12"
+    records = [_of(nginx, record(i, CacheOutcome.AUTO_HIT, 4.0)) for i in range(6)]
+    records += [_of(python, record(10 + i, CacheOutcome.NONE, 50.0)) for i in range(4)]
+    records += [_of(nginx, record(20 + i, CacheOutcome.MISS, 8.0)) for i in range(2)]
+    comparison = build_comparison(records)
+    assert comparison.images_differ
+    same = comparison.same_images
+    assert same is not None
+    assert (same.hit_pods, same.no_cache_pods, same.p50_ratio) == (6, 2, 2.0)
+    text = render_text(comparison)
+    assert "the same, over Pods of the same images only (6 hits, 2 without a cache): 2.0x at p50" in text
+    document = json.loads(render_json(comparison))
+    assert document["speedup_same_images"]["p50_ratio"] == 2.0
+    assert document["images_differ"] is True
+
+
+def test_no_same_images_speedup_when_hits_and_pulls_are_different_images() -> None:
+    nginx, busybox = "docker.io/library/nginx:1.27", "docker.io/library/busybox:1.36"
+    records = [_of(nginx, record(1, CacheOutcome.AUTO_HIT, 4.0)), _of(busybox, record(2, CacheOutcome.NONE, 3.0))]
+    comparison = build_comparison(records)
+    assert comparison.same_images is None
+    assert "this compares different images" in render_text(comparison)
+    # Every Pod of one image set: nothing to add.
+    alike = build_comparison([record(1, CacheOutcome.AUTO_HIT, 4.0), record(2, CacheOutcome.NONE, 40.0)])
+    assert not alike.images_differ
+    assert "same images" not in render_text(alike)
 
 
 @pytest.mark.parametrize(
