@@ -327,12 +327,14 @@ def _output(comparison: Comparison, args: argparse.Namespace, chart: Path | None
 
 
 def _seed(text: str) -> int:
+    from vk_provider.simulate import MAX_SEED
+
     try:
         seed = int(text)
     except ValueError:
         seed = -1
-    if seed < 0:
-        raise argparse.ArgumentTypeError(f"must be a whole number from 0, got {text!r}")
+    if not 0 <= seed <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 0 to {MAX_SEED}, got {text!r}")
     return seed
 
 

@@ -66,6 +66,7 @@ FAILED_CACHE_HOURS = 24
 PULL_SHARE = 95
 """Progress reached when a build's pull is done; the snapshot step does the rest (as the agent)."""
 MAX_PODS = 1_000_000
+MAX_SEED = 2**64 - 1  # it labels the run's Pod starts: a label value is at most 63 characters
 
 _DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*)+$")
 _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
@@ -467,8 +468,8 @@ def parse_workload(data: object, source: str = "workload", base_dir: Path | None
         )
         name = "workload"
     seed = data.get("seed", 0)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        problems.add("seed", f"must be a whole number from 0, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        problems.add("seed", f"must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
         seed = 0
     start = DEFAULT_START
     if "start" in data:
@@ -941,9 +942,12 @@ async def store(result: SimulationResult, db: str) -> StoreSummary:
             for start in range(0, len(result.records), 500):
                 recorded += sum(await registry.record_pod_starts(result.records[start : start + 500]))
             # One write per cache: its hit count grows by its hits, its last match is the last one.
+            # Only the hits of Pods with a record: those are what replacing this run takes back.
+            started = {record.pod_uid for record in result.records}
             hits: dict[str, tuple[int, datetime]] = {}
-            for imc_id, moment, _uid in result.hits:
-                hits[imc_id] = (hits.get(imc_id, (0, moment))[0] + 1, moment)
+            for imc_id, moment, uid in result.hits:
+                if uid in started:
+                    hits[imc_id] = (hits.get(imc_id, (0, moment))[0] + 1, moment)
             for imc_id, (count, last) in hits.items():
                 await registry.mark_cache_matched(imc_id, last, count=count)
     finally:
@@ -964,6 +968,9 @@ async def _check_caches(registry: Registry, result: SimulationResult) -> None:
             continue  # named after this run's Pods
         by_id = await registry.get_cache_by_id(cache.imc_id)
         if by_id is not None and by_id.name != cache.name:
+            if not await registry.pod_starts_by_label(by_id.imc_id, RUN_LABELS):
+                await registry.delete_cache(by_id.name)  # renamed, and no other run's Pods used it
+                continue
             raise CacheNameTakenError(
                 f"cache {cache.name!r} has the id {cache.imc_id}, which cache {by_id.name!r} has in the database: "
                 "give it another id (or none, to derive one from its name), or use another --db"

@@ -357,14 +357,14 @@ def test_simulate_refuses_another_workloads_cache_name_for_other_images(
     assert sqlite3.connect(filled).execute("SELECT count(*) FROM pod_starts").fetchone() == before
 
 
-@pytest.mark.parametrize("seed", ["-1", "x"])
+@pytest.mark.parametrize("seed", ["-1", "x", str(2**64)])
 def test_simulate_seed_must_be_a_whole_number_from_zero(
     seed: str, tmp_path: Path, workload: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as exited:
         main(["simulate", str(workload), "--db", str(tmp_path / "x.db"), "--seed", seed])
     assert exited.value.code == EXIT_USAGE
-    assert f"--seed: must be a whole number from 0, got '{seed}'" in capsys.readouterr().err
+    assert f"--seed: must be a whole number from 0 to 18446744073709551615, got '{seed}'" in capsys.readouterr().err
     assert not (tmp_path / "x.db").exists()
 
 

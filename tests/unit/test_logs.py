@@ -86,3 +86,23 @@ def test_a_follower_of_a_run_wakes_for_new_lines_and_when_the_run_ends() -> None
         return seen
 
     assert asyncio.run(main()) == ["one", "exited"]
+
+
+def test_following_a_run_gets_its_last_line_written_while_a_line_was_being_sent() -> None:
+    from vk_provider.http.server import _follow
+
+    async def main() -> list[str]:
+        log = SimLog()
+        for text in ("pulled", "started"):
+            log.write(T0, text)
+        log.started()
+        log.write(T0, "line a")
+        seen = []
+        async for line in _follow(log.run(0), 0, follow=True):
+            seen.append(line.text)
+            if line.text == "line a":  # the container exits while this line goes to the client
+                log.write(T0, "exited with code 1")
+                log.stopped()
+        return seen
+
+    assert asyncio.run(main()) == ["pulled", "started", "line a", "exited with code 1"]

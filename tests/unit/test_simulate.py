@@ -153,7 +153,8 @@ GOOD_POD: dict[str, Any] = {"name": "web", "images": ["nginx:1.27"]}
         ({"version": 1, "pods": [GOOD_POD], "start": "noon"}, "start: must be an ISO 8601 time"),
         ({"version": 1, "pods": [GOOD_POD], "seed": "x"}, "seed: must be a whole number"),
         # What the report's --namespace and --selector could never pick out is refused up front.
-        ({"version": 1, "pods": [GOOD_POD], "seed": -1}, "seed: must be a whole number from 0, got -1"),
+        ({"version": 1, "pods": [GOOD_POD], "seed": -1}, "seed: must be a whole number from 0 to 18446744073709551615"),
+        ({"version": 1, "pods": [GOOD_POD], "seed": 2**64}, "seed: must be a whole number from 0 to"),
         ({"version": 1, "pods": [GOOD_POD], "name": "My Test"}, "name: must be 1-63 letters"),
         ({"version": 1, "pods": [GOOD_POD], "name": "x" * 64}, "name: must be 1-63 letters"),
         ({"version": 1, "pods": [{**GOOD_POD, "namespace": "my.ns"}]}, "pods[0].namespace: must be a namespace name"),
@@ -723,3 +724,30 @@ def test_a_run_again_drops_the_automatic_caches_its_earlier_run_made_and_nothing
     with sqlite3.connect(db) as conn:
         assert conn.execute("SELECT count(*) FROM caches WHERE automatic").fetchone() == (0,)
         assert conn.execute("SELECT count(*) FROM pod_starts").fetchone() == (2,)
+
+
+def test_storing_a_run_again_counts_its_hits_once_even_of_pods_that_never_started(tmp_path: Path) -> None:
+    # The cache holds nginx; busybox, with pull policy Never, is absent: the Pods hit and never start.
+    never = {"name": "p", "count": 3, "images": ["nginx:1.7.9", "busybox:1.36"], "pull_policy": "Never"}
+    result = run(workload([{**never, "annotations": EXPLICIT}], caches=[NGINX_CACHE]))
+    assert (len(result.records), len(result.hits)) == (0, 3)
+    db = str(tmp_path / "sim.db")
+    counts = []
+    for _ in range(3):
+        asyncio.run(store(result, db))
+        with sqlite3.connect(db) as conn:
+            counts.append(conn.execute("SELECT hit_count FROM caches WHERE name = 'nginx-cache'").fetchone()[0])
+    assert counts == [0, 0, 0]  # before: 3, 6, 9 (only Pods with a record are counted, and taken back)
+
+
+def test_a_workload_may_rename_its_own_cache_keeping_its_id(tmp_path: Path) -> None:
+    db = str(tmp_path / "sim.db")
+    pods = [{"name": "web", "count": 2, "images": ["nginx:1.7.9"], "annotations": EXPLICIT}]
+    asyncio.run(store(run(workload(pods, caches=[NGINX_CACHE])), db))
+    asyncio.run(store(run(workload(pods, caches=[{**NGINX_CACHE, "name": "web-cache"}])), db))
+    with sqlite3.connect(db) as conn:
+        assert conn.execute("SELECT name, hit_count FROM caches").fetchall() == [("web-cache", 2)]
+    # ...but not one that another run's Pods used.
+    asyncio.run(store(run(workload(pods, caches=[{**NGINX_CACHE, "name": "web-cache"}], name="other")), db))
+    with pytest.raises(CacheNameTakenError, match="which cache 'web-cache' has in the database"):
+        asyncio.run(store(run(workload(pods, caches=[{**NGINX_CACHE, "name": "third-name"}])), db))

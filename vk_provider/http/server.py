@@ -218,11 +218,14 @@ class KubeletServer:
 async def _follow(source: ContainerLog, start: int, follow: bool) -> AsyncIterator[LogLine]:
     seen = start
     while True:
+        # Whether it had ended, read before its lines: a line written before the end is among them
+        # (a log's lines may be a copy taken when asked for, and yielding can wait on the client).
+        finished = source.finished
         lines = source.lines
         while seen < len(lines):
             yield lines[seen]
             seen += 1
-        if not follow or source.finished:
+        if not follow or finished:
             return
         await source.wait_for_more(seen)
         await asyncio.sleep(0)
