@@ -22,6 +22,7 @@ from vk_provider.controllers.pods import (
 )
 from vk_provider.controllers.reporter import StatusReporter
 from vk_provider.domain.events import EventSpec
+from vk_provider.domain.node import rfc3339
 from vk_provider.domain.podspec import ContainerSpec, PodFacts
 
 
@@ -280,6 +281,12 @@ async def test_running_pod_is_adopted_not_restarted(harness: Harness, clock: Fak
     assert adopted is not None
     assert adopted.container("c").state == lc.Running(t0)
     assert "10.234.0.9" not in {harness.ctl.ips.allocate() for _ in range(3)}  # its IP stays reserved
+    # kubectl logs reads an open run (before: an empty, finished one, so -f ended at once).
+    run = harness.ctl.container_log("ns", "a", "c")
+    assert not isinstance(run, str)
+    assert run is not None
+    assert not run.finished
+    assert [line.text for line in run.lines][:1] == [f"container c running since {rfc3339(t0)}"]
 
 
 async def test_a_pending_pod_with_a_running_container_is_adopted_and_carries_on(

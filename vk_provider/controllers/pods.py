@@ -29,6 +29,7 @@ from vk_provider.domain import lifecycle as lc
 from vk_provider.domain.events import EventSpec, container_field_path
 from vk_provider.domain.ipam import IpPool, PoolExhausted
 from vk_provider.domain.lifecycle import Phase, PodState
+from vk_provider.domain.node import rfc3339
 from vk_provider.domain.podspec import ContainerSpec, PodFacts, pod_facts
 from vk_provider.domain.workload import Workload, parse_workload
 
@@ -829,6 +830,10 @@ class PodWorker:
                 continue
             if isinstance(c.state, lc.Running):
                 ran = (now - c.state.started_at).total_seconds() * self.ctl.timing.time_scale
+                # Its log starts over here (the earlier lines went with the agent), in an open run,
+                # so `kubectl logs -f` follows it and its exit line has a run to go in.
+                self._log(spec.name, f"container {spec.name} running since {rfc3339(c.state.started_at)}")
+                self.logs[spec.name].started()
                 lives.append(self._live(spec, images, ran_for=ran))
             elif isinstance(c.state, lc.Waiting):
                 lives.append(start_then_live(spec))
