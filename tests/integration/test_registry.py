@@ -529,11 +529,12 @@ async def test_forget_pod_starts_by_uid_and_label_takes_their_hits_off(registry:
         pod_start("u3", labels=other),  # another seed: stays
         pod_start("u4", labels=(), outcome=CacheOutcome.MISS, imc_id=None),  # unlabelled, named by UID
         pod_start("u5", labels=()),  # stays
+        pod_start("u6", labels=run, outcome=CacheOutcome.PARTIAL),  # a hit too: the cache was used
     ]
     await registry.record_pod_starts(records)
-    await registry.mark_cache_matched("imc-a", at(1), count=3)  # fewer than its 4 hit records (say, reset)
+    await registry.mark_cache_matched("imc-a", at(1), count=4)  # fewer than its 5 hit records (say, reset)
     forgotten = await registry.forget_pod_starts(["u4", "u1", "nope"], labels=dict(run))
-    assert forgotten == 3
+    assert forgotten == 4
     assert [r.pod_uid for r in await registry.list_pod_starts()] == ["u3", "u5"]
     assert await sql(registry, "SELECT count(*) FROM pod_start_images") == [(4,)]
     assert await sql(registry, "SELECT hit_count FROM caches WHERE name = 'a'") == [(1,)]

@@ -740,6 +740,20 @@ def test_storing_a_run_again_counts_its_hits_once_even_of_pods_that_never_starte
     assert counts == [0, 0, 0]  # before: 3, 6, 9 (only Pods with a record are counted, and taken back)
 
 
+def test_storing_a_run_again_takes_back_the_hits_of_partial_matches(tmp_path: Path) -> None:
+    # The cache holds nginx, the Pods want nginx and redis: each start is partial, a hit on the cache.
+    pods = [{"name": "p", "count": 3, "images": ["nginx:1.7.9", "redis:7.2"], "annotations": EXPLICIT}]
+    result = run(workload(pods, caches=[NGINX_CACHE]))
+    assert [record.outcome for record in result.records] == [CacheOutcome.PARTIAL] * 3
+    db = str(tmp_path / "sim.db")
+    counts = []
+    for _ in range(3):
+        asyncio.run(store(result, db))
+        with sqlite3.connect(db) as conn:
+            counts.append(conn.execute("SELECT hit_count FROM caches WHERE name = 'nginx-cache'").fetchone()[0])
+    assert counts == [3, 3, 3]  # before: 3, 6, 9 (a partial start's hit was not taken back)
+
+
 def test_a_workload_may_rename_its_own_cache_keeping_its_id(tmp_path: Path) -> None:
     db = str(tmp_path / "sim.db")
     pods = [{"name": "web", "count": 2, "images": ["nginx:1.7.9"], "annotations": EXPLICIT}]

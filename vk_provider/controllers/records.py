@@ -159,7 +159,7 @@ class RegistryStartRecorder:
                 m.image_pull.observe(image.pull_seconds, outcome, image_size_bucket(result.size))
         m.bytes_pulled.inc(outcome, by=record.bytes_pulled)
         m.pods_started.inc(outcome)
-        if record.outcome in (CacheOutcome.EXPLICIT_HIT, CacheOutcome.AUTO_HIT, CacheOutcome.PARTIAL):
+        if record.outcome.used_cache:
             m.cache_hits.inc(outcome)
         elif record.outcome is CacheOutcome.MISS:
             m.cache_misses.inc()

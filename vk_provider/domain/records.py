@@ -32,6 +32,11 @@ class CacheOutcome(enum.StrEnum):
     NONE = "none"
     FAILED = "failed"
 
+    @property
+    def used_cache(self) -> bool:
+        """A cache was matched for the Pod (a hit on its count): explicit, automatic or partial."""
+        return self in (CacheOutcome.EXPLICIT_HIT, CacheOutcome.AUTO_HIT, CacheOutcome.PARTIAL)
+
 
 @dataclass(frozen=True, slots=True)
 class ImagePullRecord:

@@ -726,7 +726,6 @@ class Registry:
         """Delete the Pod starts with these UIDs, and those whose labels include all of ``labels``
         (an earlier run of a simulation), with their images, in one transaction; their cache hits
         come off their caches' hit counts. Returns how many were deleted."""
-        hits = (CacheOutcome.EXPLICIT_HIT.value, CacheOutcome.AUTO_HIT.value)
         columns = (PodStartRow.id, PodStartRow.cache_outcome, PodStartRow.imc_id)
         async with self._writing() as session:
             found: dict[int, tuple[str, str | None]] = {}
@@ -739,7 +738,9 @@ class Registry:
             for chunk in _chunks(list(found)):
                 await session.execute(delete(PodStartImageRow).where(PodStartImageRow.pod_start_id.in_(chunk)))
                 await session.execute(delete(PodStartRow).where(PodStartRow.id.in_(chunk)))
-            counted = Counter(imc_id for outcome, imc_id in found.values() if outcome in hits and imc_id)
+            counted = Counter(
+                imc_id for outcome, imc_id in found.values() if CacheOutcome(outcome).used_cache and imc_id
+            )
             for imc_id, count in counted.items():
                 await session.execute(
                     update(CacheRow)
