@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vk_provider.domain.labels import is_label_name, is_label_value
+from vk_provider.domain.labels import is_label_name, is_label_value, is_namespace_name
 from vk_provider.domain.records import CacheOutcome, PodStartRecord
 
 PERCENTILE_METHOD = "nearest-rank"
@@ -63,7 +63,6 @@ class ReportError(ValueError):
 # ---- filters -----------------------------------------------------------------------------------
 
 _KEY_PREFIX = re.compile(r"^[a-z0-9A-Z]([-a-z0-9A-Z_.]*[a-z0-9A-Z])?$")
-_NAMESPACE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _SET_RE = re.compile(r"^\s*(?P<key>[^\s!=()]+)\s+(?P<op>in|notin)\s*\((?P<values>[^()]*)\)\s*$")
 
 
@@ -196,7 +195,7 @@ class ReportFilter:
     until: datetime | None = None
 
     def problems(self) -> tuple[str, ...]:
-        if self.namespace is not None and not _NAMESPACE.match(self.namespace):
+        if self.namespace is not None and not is_namespace_name(self.namespace):
             return (f"--namespace {self.namespace!r}: not a namespace name (lowercase letters, digits and '-')",)
         if self.since is not None and self.until is not None and self.until <= self.since:
             return (f"--until {self.until.isoformat()} is not after --since {self.since.isoformat()}",)
@@ -296,13 +295,20 @@ class Comparison:
     speedup: Speedup | None
     filters: Mapping[str, str] = field(default_factory=dict)
     # The speed-up over only the Pods whose image set is among both the hits and the starts without
-    # a cache (None when no image set is), and whether that leaves any Pod out.
+    # a cache (None when no image set is).
     same_images: Speedup | None = None
-    images_differ: bool = False
 
     @property
     def pods(self) -> int:
         return sum(row.pods for row in self.rows)
+
+    @property
+    def images_differ(self) -> bool:
+        """Whether the same-images speed-up leaves out some of the Pods the speed-up covers."""
+        every, same = self.speedup, self.same_images
+        if every is None:
+            return False
+        return same is None or same.hit_pods + same.no_cache_pods < every.hit_pods + every.no_cache_pods
 
 
 def _stats(outcome: CacheOutcome, records: Sequence[PodStartRecord]) -> OutcomeStats:
@@ -362,7 +368,6 @@ def build_comparison(records: Iterable[PodStartRecord], report_filter: ReportFil
         speedup=speedup,
         filters=chosen.describe(),
         same_images=_speedup(same_hits, same_without),
-        images_differ=speedup is not None and len(same_hits) + len(same_without) < len(hits) + len(without),
     )
 
 

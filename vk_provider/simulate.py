@@ -42,7 +42,7 @@ from vk_provider.controllers.puller import Puller, PullFailed
 from vk_provider.domain.annotations import base36_digest, parse_cache_annotations
 from vk_provider.domain.catalog import Catalog, kind_of, manifest_for
 from vk_provider.domain.images import InvalidReference, parse_reference
-from vk_provider.domain.labels import is_label_value, label_problem
+from vk_provider.domain.labels import is_label_value, is_namespace_name, label_problem
 from vk_provider.domain.model import CachedImage, CachePhase, ImageCache, ImageManifest
 from vk_provider.domain.pullmodel import PullPolicy, PullSettings, plan_pod_pull
 from vk_provider.domain.records import CacheOutcome, ImagePullRecord, PodStartRecord
@@ -73,7 +73,6 @@ _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h|d)\s*$")
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
-_LABEL_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _IMC_ID_RE = re.compile(r"^imc-[a-z0-9]{20}$")
 
 
@@ -200,12 +199,14 @@ def parse_rate(value: object) -> float | None:
 
 def _labels(raw: object, where: str, problems: _Problems) -> tuple[tuple[str, str], ...]:
     """A label map: strings, each a valid Kubernetes label (report --selector filters on them)."""
-    labels = _string_map(raw, where, problems)
-    for key, value in labels:
+    valid = []
+    for key, value in _string_map(raw, where, problems):
         problem = label_problem(key, value)
         if problem:
             problems.add(f"{where}.{key}", f"{problem}, got {key}: {value!r}")
-    return tuple((key, value) for key, value in labels if not label_problem(key, value))
+        else:
+            valid.append((key, value))
+    return tuple(valid)
 
 
 def _as_label_value(text: str) -> str:
@@ -372,7 +373,7 @@ def _parse_group(raw: object, where: str, problems: _Problems) -> PodGroupSpec |
     )
     name = _name_field(raw, where, problems)
     namespace = raw.get("namespace", "default")
-    if not isinstance(namespace, str) or not _LABEL_RE.match(namespace) or len(namespace) > 63:
+    if not isinstance(namespace, str) or not is_namespace_name(namespace):
         problems.add(f"{where}.namespace", f"must be a namespace name (a DNS label: a-z, 0-9, '-'), got {namespace!r}")
         namespace = "default"
     arrival_raw = raw.get("arrival")
@@ -672,6 +673,10 @@ class _Simulation:
         self.manifests.setdefault(found.reference, found)
         return self.manifests[found.reference]
 
+    def labelled(self, labels: tuple[tuple[str, str], ...]) -> tuple[tuple[str, str], ...]:
+        """``labels`` with the run's own (its workload and seed) in place of any of the same keys."""
+        return (*((key, value) for key, value in labels if key not in RUN_LABELS), *self.run_labels)
+
     def extracted_size(self, references: Sequence[str]) -> int:
         """Bytes a cache of these images holds, as the agent's cache controller counts them: the
         snapshot holds extracted layers, so the distinct layers' uncompressed size."""
@@ -742,7 +747,7 @@ class _Simulation:
             created_at=now,
             progress=0 if spec.build else 100,
             expires_at=expires,
-            labels=(*((k, v) for k, v in spec.labels if k not in RUN_LABELS), *self.run_labels),
+            labels=self.labelled(spec.labels),
         )
         self.caches[cache.name] = cache
         if spec.build:
@@ -882,7 +887,7 @@ class _Simulation:
                 startup_seconds=(started - created).total_seconds(),
                 created_at=created,
                 started_at=started,
-                labels=(*((k, v) for k, v in group.labels if k not in RUN_LABELS), *self.run_labels),
+                labels=self.labelled(group.labels),
             )
         )
 

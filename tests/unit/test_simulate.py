@@ -726,18 +726,26 @@ def test_a_run_again_drops_the_automatic_caches_its_earlier_run_made_and_nothing
         assert conn.execute("SELECT count(*) FROM pod_starts").fetchone() == (2,)
 
 
-def test_storing_a_run_again_counts_its_hits_once_even_of_pods_that_never_started(tmp_path: Path) -> None:
-    # The cache holds nginx; busybox, with pull policy Never, is absent: the Pods hit and never start.
-    never = {"name": "p", "count": 3, "images": ["nginx:1.7.9", "busybox:1.36"], "pull_policy": "Never"}
-    result = run(workload([{**never, "annotations": EXPLICIT}], caches=[NGINX_CACHE]))
-    assert (len(result.records), len(result.hits)) == (0, 3)
-    db = str(tmp_path / "sim.db")
+def _hit_counts_storing_it_thrice(result: SimulationResult, db: str) -> list[int]:
+    """nginx-cache's hit count after each of three stores of ``result``."""
     counts = []
     for _ in range(3):
         asyncio.run(store(result, db))
         with sqlite3.connect(db) as conn:
             counts.append(conn.execute("SELECT hit_count FROM caches WHERE name = 'nginx-cache'").fetchone()[0])
-    assert counts == [0, 0, 0]  # before: 3, 6, 9 (only Pods with a record are counted, and taken back)
+    return counts
+
+
+def test_storing_a_run_again_counts_its_hits_once_even_of_pods_that_never_started(tmp_path: Path) -> None:
+    # The cache holds nginx; busybox, with pull policy Never, is absent: the Pods hit and never start.
+    never = {"name": "p", "count": 3, "images": ["nginx:1.7.9", "busybox:1.36"], "pull_policy": "Never"}
+    result = run(workload([{**never, "annotations": EXPLICIT}], caches=[NGINX_CACHE]))
+    assert (len(result.records), len(result.hits)) == (0, 3)
+    assert _hit_counts_storing_it_thrice(result, str(tmp_path / "sim.db")) == [
+        0,
+        0,
+        0,
+    ]  # before: 3, 6, 9 (only Pods with a record are counted, and taken back)
 
 
 def test_storing_a_run_again_takes_back_the_hits_of_partial_matches(tmp_path: Path) -> None:
@@ -745,13 +753,11 @@ def test_storing_a_run_again_takes_back_the_hits_of_partial_matches(tmp_path: Pa
     pods = [{"name": "p", "count": 3, "images": ["nginx:1.7.9", "redis:7.2"], "annotations": EXPLICIT}]
     result = run(workload(pods, caches=[NGINX_CACHE]))
     assert [record.outcome for record in result.records] == [CacheOutcome.PARTIAL] * 3
-    db = str(tmp_path / "sim.db")
-    counts = []
-    for _ in range(3):
-        asyncio.run(store(result, db))
-        with sqlite3.connect(db) as conn:
-            counts.append(conn.execute("SELECT hit_count FROM caches WHERE name = 'nginx-cache'").fetchone()[0])
-    assert counts == [3, 3, 3]  # before: 3, 6, 9 (a partial start's hit was not taken back)
+    assert _hit_counts_storing_it_thrice(result, str(tmp_path / "sim.db")) == [
+        3,
+        3,
+        3,
+    ]  # before: 3, 6, 9 (a partial start's hit was not taken back)
 
 
 def test_a_workload_may_rename_its_own_cache_keeping_its_id(tmp_path: Path) -> None:

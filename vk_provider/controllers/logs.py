@@ -59,12 +59,13 @@ class SimLog:
 
     def started(self) -> None:
         """The container started: a run begins, holding the lines since the last one ended."""
-        self._stopped_at(None)
+        self._end_run()  # one still open (its exit never came) ends where this one begins
         self._runs.append([self._next, None])
 
     def stopped(self) -> None:
         """The container exited (or was killed): its run ends here."""
-        self._stopped_at(self._dropped + len(self._lines))
+        self._end_run()
+        self._next = self._dropped + len(self._lines)
         self._notify()
 
     def run(self, back: int) -> LogRun:
@@ -80,13 +81,10 @@ class SimLog:
         self.finished = True
         self._notify()
 
-    def _stopped_at(self, end: int | None) -> None:
+    def _end_run(self) -> None:
+        """The open run, if any, ends here; the next one's lines begin here."""
         if self._runs and self._runs[-1][1] is None:
-            end = self._dropped + len(self._lines) if end is None else end
-            self._runs[-1][1] = end
-            self._next = end
-        elif end is not None:
-            self._next = end
+            self._runs[-1][1] = self._next = self._dropped + len(self._lines)
 
     def _notify(self) -> None:
         if self._changed is not None:

@@ -739,15 +739,18 @@ class PodWorker:
             if not await self._pull_create_start(spec, images, start):
                 return False
             await self._sleep(behaviour.run_seconds or 0.0)
-            now = self.ctl.clock.now()
-            self._set(lc.exited(self._state, spec.name, behaviour.exit_code, now))
-            self._log(spec.name, f"exited with code {behaviour.exit_code}")
-            self.logs[spec.name].stopped()
+            self._exited(spec.name, behaviour.exit_code)
             if behaviour.exit_code == 0:
                 return True
             if not lc.should_restart(self._state, spec.name):
                 return False  # restartPolicy Never: the Pod is Failed (compute_phase)
             await self._back_off(spec)
+
+    def _exited(self, name: str, exit_code: int) -> None:
+        """The container's process ended: its status, its log's last line, the end of its run."""
+        self._set(lc.exited(self._state, name, exit_code, self.ctl.clock.now()))
+        self._log(name, f"exited with code {exit_code}")
+        self.logs[name].stopped()
 
     async def _back_off(self, spec: ContainerSpec) -> None:
         f = self.facts
@@ -778,9 +781,7 @@ class PodWorker:
                 ready_task.cancel()
                 await asyncio.gather(ready_task, return_exceptions=True)
             ran_for = 0.0
-            self._set(lc.exited(self._state, spec.name, behaviour.exit_code, self.ctl.clock.now()))
-            self._log(spec.name, f"exited with code {behaviour.exit_code}")
-            self.logs[spec.name].stopped()
+            self._exited(spec.name, behaviour.exit_code)
             if not lc.should_restart(self._state, spec.name):
                 return
             await self._back_off(spec)

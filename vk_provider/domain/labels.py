@@ -33,3 +33,11 @@ def label_problem(key: str, value: str) -> str:
     if not is_label_value(value):
         return "the value must be at most 63 letters, digits, '-', '_' or '.', starting and ending alphanumeric"
     return ""
+
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def is_namespace_name(name: str) -> bool:
+    """A namespace name: a DNS label (at most 63 lowercase letters, digits and '-', alphanumeric at both ends)."""
+    return _DNS_LABEL.match(name) is not None

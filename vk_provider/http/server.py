@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -191,7 +191,7 @@ class KubeletServer:
     async def _container_logs(self, request: web.Request) -> web.StreamResponse:
         ns, pod, container = (request.match_info[k] for k in ("namespace", "pod", "container"))
         query = request.query
-        previous = query.get("previous", "false").lower() in ("true", "1")
+        previous = _flag(query, "previous")
         source = self.pods.container_log(ns, pod, container, previous=previous)
         if source is None:
             return web.Response(status=404, text=f"container {container} of pod {ns}/{pod} not found on this node\n")
@@ -203,8 +203,8 @@ class KubeletServer:
                 raise ValueError
         except ValueError:
             return web.Response(status=400, text="tailLines must be a non-negative whole number\n")
-        timestamps = query.get("timestamps", "false").lower() in ("true", "1")
-        follow = query.get("follow", "false").lower() in ("true", "1")
+        timestamps = _flag(query, "timestamps")
+        follow = _flag(query, "follow")
         lines = list(source.lines)
         start = max(0, len(lines) - tail) if tail is not None else 0
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
@@ -229,6 +229,11 @@ async def _follow(source: ContainerLog, start: int, follow: bool) -> AsyncIterat
             return
         await source.wait_for_more(seen)
         await asyncio.sleep(0)
+
+
+def _flag(query: Mapping[str, str], name: str) -> bool:
+    """A boolean query parameter, as the kubelet reads it (absent: false)."""
+    return query.get(name, "false").lower() in ("true", "1")
 
 
 def _format(line: LogLine, timestamps: bool) -> str:

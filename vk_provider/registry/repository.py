@@ -69,6 +69,12 @@ class CacheConflictError(ValueError):
     """Two caches would share one ImageCache ID."""
 
 
+def _labelled(column: Any, labels: Mapping[str, str]) -> list[ColumnElement[bool]]:
+    """Conditions that the JSON ``column`` of labels includes every one of ``labels`` (SQLite's
+    json_extract, PostgreSQL's ->>, through SQLAlchemy's JSON index)."""
+    return [column[key].as_string() == value for key, value in labels.items()]
+
+
 def _chunks(items: Sequence[_T], size: int = _CHUNK) -> Iterator[Sequence[_T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -731,8 +737,7 @@ class Registry:
             found: dict[int, tuple[str, str | None]] = {}
             queries = [select(*columns).where(PodStartRow.pod_uid.in_(chunk)) for chunk in _chunks(list(uids))]
             if labels:
-                labelled = [PodStartRow.labels[key].as_string() == value for key, value in labels.items()]
-                queries.append(select(*columns).where(*labelled))
+                queries.append(select(*columns).where(*_labelled(PodStartRow.labels, labels)))
             for query in queries:
                 found.update((row.id, (row.cache_outcome, row.imc_id)) for row in await session.execute(query))
             for chunk in _chunks(list(found)):
@@ -762,7 +767,7 @@ class Registry:
         """Delete the automatic caches whose labels include all of ``labels`` (those an earlier run of
         a simulation made), except those named in ``keep`` and those a recorded Pod start used;
         returns their names."""
-        wanted = [CacheRow.labels[key].as_string() == value for key, value in labels.items()]
+        wanted = _labelled(CacheRow.labels, labels)
         kept = set(keep)
         async with self._writing() as session:
             rows = (
