@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import signal
+import sqlite3
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -248,6 +251,12 @@ def test_agent_killed_mid_start_then_restarted_runs_every_pod_once(
                 assert told == ["ImageCacheMissed", "ImageCacheAutoCreated"]
             started_before = {n: running_since(cluster, namespace, n) for n in names}
             assert restarted.stop() == 0
+            # Every start is stored by a clean stop. Take three away, as a kill right after they
+            # started would have: the next agent finds them running, unrecorded, and says so.
+            with contextlib.closing(sqlite3.connect(restarted.db)) as db, db:
+                assert db.execute("SELECT count(*) FROM pod_starts").fetchone() == (20,)
+                db.execute("DELETE FROM pod_starts WHERE name IN ('p3', 'p7', 'p11')")
+            logged = len(restarted.log)
             # A second restart keeps Running Pods as they are: same startedAt, no restarts.
             again = AgentProcess(cluster, workdir, node_name=node, settings=slow).start()
             try:
@@ -258,6 +267,15 @@ def test_agent_killed_mid_start_then_restarted_runs_every_pod_once(
                     assert cs["restartCount"] == 0
                 started_events = [r for n in names for r in reasons(cluster, namespace, n) if r == "Started"]
                 assert len(started_events) == 20
+
+                def warned() -> str:
+                    return next((line for line in again.log[logged:].splitlines() if "not in the registry" in line), "")
+
+                wait_for(lambda: bool(warned()), timeout=20, what="the unrecorded starts named")
+                assert "3 Pods were running when the agent started" in warned()
+                assert {f"{namespace}/p{i}" for i in (3, 7, 11)} == set(re.findall(rf"{namespace}/p\d+", warned()))
+                metrics = cluster.kubectl("get", "--raw", f"/api/v1/nodes/{node}/proxy/metrics")
+                assert "vk_provider_pod_starts_unrecorded_total 3" in metrics
             finally:
                 again.stop()
         finally:

@@ -517,6 +517,12 @@ async def test_pod_starts_batch_in_one_transaction(registry: Registry) -> None:
     assert await registry.record_pod_starts([]) == []
     assert [r.pod_uid for r in await registry.list_pod_starts()] == ["u0", "u1", "u2"]
     assert await sql(registry, "SELECT count(*) FROM pod_start_images") == [(6,)]
+    # Which Pods have a record (an agent restarting checks the Pods it finds running), in chunks.
+    failed = pod_start("u3", outcome=CacheOutcome.FAILED, imc_id=None)
+    await registry.record_pod_start(failed)
+    asked = [f"x{i}" for i in range(1200)] + ["u2", "u0", "u3", "u2"]
+    assert await registry.recorded_pod_uids(asked) == {"u0", "u2", "u3"}
+    assert await registry.recorded_pod_uids([]) == set()
 
 
 async def test_forget_pod_starts_by_uid_and_label_takes_their_hits_off(registry: Registry) -> None:

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
+import pytest
+
 from tests.support.wait import await_for
 from vk_provider.controllers.pods import CacheDecision, ImageResult, PodStart
 from vk_provider.controllers.records import RegistryStartRecorder, to_record
@@ -56,6 +58,9 @@ class Store:
     async def record_pod_starts(self, records: Sequence[PodStartRecord]) -> list[bool]:
         self.batches.append(len(records))
         return [await self.record_pod_start(r) for r in records]
+
+    async def recorded_pod_uids(self, uids: Sequence[str]) -> set[str]:
+        return {uid for uid in uids if uid in self.rows}
 
 
 def start(outcome: str = "miss") -> PodStart:
@@ -192,3 +197,57 @@ async def test_a_full_batch_is_stored_without_lingering() -> None:
 
 async def _async(value: bool) -> bool:
     return value
+
+
+class CheckedStore(Store):
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.fail = fail
+        self.checks: list[list[str]] = []
+
+    async def recorded_pod_uids(self, uids: Sequence[str]) -> set[str]:
+        self.checks.append(list(uids))
+        if self.fail:
+            raise RuntimeError("database is locked")
+        return {uid for uid in uids if uid in self.rows}
+
+
+async def test_running_pods_taken_over_without_a_record_are_named_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store, metrics = CheckedStore(), NodeMetrics()
+    store.rows["u0"] = to_record(numbered(0))  # stored by the agent that started it
+    recorder = RegistryStartRecorder(store, metrics)
+    writer = asyncio.create_task(recorder.run())
+    try:
+        for i in range(8):  # a resync adopting them one after another: checked in one query
+            recorder.adopted(replace(numbered(i).pod, name=f"p{i}"))
+        await await_for(lambda: _async(bool(store.checks)), timeout=5, what="the adopted Pods checked")
+        assert store.checks == [[f"u{i}" for i in range(8)]]
+        assert recorder.unrecorded == [f"ns/p{i}" for i in range(1, 8)]
+        assert "vk_provider_pod_starts_unrecorded_total 7" in metrics.render()
+        (warning,) = [r.getMessage() for r in caplog.records if "not in the registry" in r.getMessage()]
+        assert warning.startswith("7 Pods were running when the agent started")
+        assert warning.endswith("ns/p1, ns/p2, ns/p3, ns/p4, ns/p5 and 2 more")
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+
+
+async def test_a_failed_check_of_adopted_pods_is_a_warning_and_starts_are_still_stored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = CheckedStore(fail=True)
+    recorder = RegistryStartRecorder(store, NodeMetrics())
+    writer = asyncio.create_task(recorder.run())
+    try:
+        recorder.adopted(numbered(5).pod)
+        await await_for(lambda: _async(bool(store.checks)), timeout=5, what="the adopted Pod checked")
+        await recorder.record(numbered(1))
+        await recorder.flush()
+        assert list(store.rows) == ["u1"]
+        assert recorder.unrecorded == []
+        assert any("could not check" in r.getMessage() for r in caplog.records)
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)

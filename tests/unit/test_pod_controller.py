@@ -272,9 +272,12 @@ async def test_running_pod_is_adopted_not_restarted(harness: Harness, clock: Fak
                         host_ip="10.0.0.1", pod_ip="10.234.0.9", now=t0)  # fmt: skip
     state = lc.became_ready(lc.started(state, "c", "uid-a", "x", t0), "c", t0)
     running = lc.render_status(state)
+    harness.ctl.records = records = Starts()
     await clock.advance(100)
     await harness.ctl.resync([pod("a", status=running)])
     await clock.advance(60)
+    assert records.adopted_uids == ["uid-a"]  # its start was stored by the run that started it: checked
+    assert records.starts == []  # not recorded again
     assert harness.events.reasons("a") == []
     assert "a" not in harness.api.statuses  # what the API server has is already right: no write
     adopted = harness.ctl.workers["uid-a"].state
@@ -311,6 +314,7 @@ async def test_a_pending_pod_with_a_running_container_is_adopted_and_carries_on(
     (recorded,) = records.starts
     assert recorded.startup_seconds == pytest.approx(111)
     assert [image for image, _ in recorded.images] == ["nginx:1.7.9"]
+    assert records.adopted_uids == []  # not started before the restart: recorded by this run instead
     assert harness.ctl.started_total == 1
     status = harness.api.last("a")
     assert container_states(status) == {"first": "running", "second": "running"}
@@ -367,9 +371,13 @@ def container_states(status: dict[str, Any]) -> dict[str, str]:
 class Starts:
     def __init__(self) -> None:
         self.starts: list[PodStart] = []
+        self.adopted_uids: list[str] = []
 
     async def record(self, start: PodStart) -> None:
         self.starts.append(start)
+
+    def adopted(self, pod: PodFacts) -> None:
+        self.adopted_uids.append(pod.uid)
 
 
 @contextlib.asynccontextmanager

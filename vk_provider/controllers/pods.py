@@ -120,6 +120,11 @@ class StartRecorder(Protocol):
         """Store one finished Pod start (called once per Pod, when all containers have started)."""
         ...
 
+    def adopted(self, pod: PodFacts) -> None:
+        """A Pod whose containers had all started before this agent took it over (after a restart):
+        its start should have been stored by the agent that started it."""
+        ...
+
 
 @dataclass(slots=True)
 class PodStart:
@@ -143,6 +148,9 @@ class NoCaches:
 
 class NoRecords:
     async def record(self, start: PodStart) -> None:
+        return None
+
+    def adopted(self, pod: PodFacts) -> None:
         return None
 
 
@@ -311,6 +319,8 @@ class PodController:
             self.ips.reserve(adopted.pod_ip)
             self.reporter.seen(facts.uid, facts.namespace, facts.name, lc.render_status(adopted))
             worker.adopted = True
+            if all(c.has_run for c in adopted.main_containers):
+                self.records.adopted(facts)
         else:
             if rejection is not None:
                 worker.rejection = rejection

@@ -7,6 +7,11 @@ Implements the pod controller's ``StartRecorder``. A Pod start is stored once (t
 idempotent on the Pod's UID, so a restarted agent finishing a start it had begun does not count it
 twice; a start replaces a ``failed`` record of the Pod); metrics are observed only for starts this
 process stored.
+
+A start is stored within ``linger`` seconds, so an agent killed (SIGKILL, OOM) may not have stored
+the last ones. After a restart, the Pods found running are checked against the registry: those
+with no record are named in a warning and counted (``vk_provider_pod_starts_unrecorded_total``),
+so a comparison that misses them says so instead of being silently short.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from vk_provider.controllers.pods import PodStart
+from vk_provider.domain.podspec import PodFacts
 from vk_provider.domain.records import CacheOutcome, ImagePullRecord, PodStartRecord
 from vk_provider.metrics import NodeMetrics, image_size_bucket
 
@@ -27,6 +33,10 @@ log = logging.getLogger(__name__)
 class PodStartStore(Protocol):
     async def record_pod_starts(self, records: Sequence[PodStartRecord]) -> list[bool]:
         """Store the records in one transaction; for each, False when one for its Pod UID already exists."""
+        ...
+
+    async def recorded_pod_uids(self, uids: Sequence[str]) -> set[str]:
+        """Those of these Pod UIDs that have a record."""
         ...
 
 
@@ -97,13 +107,25 @@ class RegistryStartRecorder:
         self._hurry = asyncio.Event()  # a full batch is queued, or a flush waits: no lingering
         self._flushing = 0
         self.failures = 0
+        self._adopted: list[PodFacts] = []  # running Pods taken over after a restart, to check
+        self._adopted_added = asyncio.Event()
+        self.unrecorded: list[str] = []  # their keys (namespace/name), when no record was found
 
     async def record(self, start: PodStart) -> None:
         self._queue.put_nowait(start)
         if self._queue.qsize() + 1 >= self._batch:  # with the one the writer holds while lingering
             self._hurry.set()
 
+    def adopted(self, pod: PodFacts) -> None:
+        self._adopted.append(pod)
+        self._adopted_added.set()
+
     async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._write())
+            group.create_task(self._check_adopted())
+
+    async def _write(self) -> None:
         while True:
             starts = [await self._queue.get()]
             if self._linger > 0 and not self._flushing and self._queue.qsize() + 1 < self._batch:
@@ -118,6 +140,31 @@ class RegistryStartRecorder:
             finally:
                 for _ in starts:
                     self._queue.task_done()
+
+    async def _check_adopted(self) -> None:
+        """One query per batch of adopted Pods (a resync adopts them one after another)."""
+        while True:
+            await self._adopted_added.wait()
+            await asyncio.sleep(self._linger)
+            self._adopted_added.clear()
+            pods, self._adopted = self._adopted, []
+            try:
+                recorded = await self._store.recorded_pod_uids([pod.uid for pod in pods])
+            except Exception as exc:
+                log.warning("could not check that the starts of %d running Pods were recorded (%s)", len(pods), exc)
+                continue
+            missing = [pod.key for pod in pods if pod.uid not in recorded]
+            if missing:
+                self.unrecorded.extend(missing)
+                self._metrics.starts_unrecorded.inc(by=len(missing))
+                shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                log.warning(
+                    "%d Pods were running when the agent started but their start is not in the registry "
+                    "(the agent that started them stopped before storing it, e.g. it was killed, or it used "
+                    "another database); report leaves them out: %s",
+                    len(missing),
+                    shown,
+                )
 
     async def flush(self, timeout: float = 5.0) -> None:
         """Store everything queued now (no lingering), waiting at most ``timeout`` seconds."""

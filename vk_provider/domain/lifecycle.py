@@ -72,6 +72,11 @@ class Container:
     def succeeded(self) -> bool:
         return isinstance(self.state, Terminated) and self.state.exit_code == 0
 
+    @property
+    def has_run(self) -> bool:
+        """Started at least once: running, ended, or waiting to run again."""
+        return not isinstance(self.state, Waiting) or self.last_state is not None
+
 
 @dataclass(frozen=True, slots=True)
 class Condition:
@@ -486,9 +491,7 @@ def adopt(status: JSON, restart_policy: str, fallback: datetime) -> PodState | N
         return None
     if not any(not c.init for c in members):
         return None
-    if status["phase"] == "Pending" and not any(
-        not c.init and (not isinstance(c.state, Waiting) or c.last_state is not None) for c in members
-    ):
+    if status["phase"] == "Pending" and not any(not c.init and c.has_run for c in members):
         return None  # nothing has run yet: start from the beginning
     conditions = tuple(
         Condition(c["type"], c["status"], parse_time(c.get("lastTransitionTime")) or fallback, c.get("reason", ""))

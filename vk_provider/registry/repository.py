@@ -728,6 +728,15 @@ class Registry:
             stored.append(first.get(record.pod_uid) is record and record.pod_uid in new_ids)
         return stored
 
+    async def recorded_pod_uids(self, uids: Sequence[str]) -> set[str]:
+        """Those of these Pod UIDs that have a start (or failed) record."""
+        found: set[str] = set()
+        async with self._reading() as session:
+            for chunk in _chunks(list(dict.fromkeys(uids))):
+                rows = await session.execute(select(PodStartRow.pod_uid).where(PodStartRow.pod_uid.in_(chunk)))
+                found.update(rows.scalars())
+        return found
+
     async def forget_pod_starts(self, uids: Sequence[str], *, labels: Mapping[str, str] | None = None) -> int:
         """Delete the Pod starts with these UIDs, and those whose labels include all of ``labels``
         (an earlier run of a simulation), with their images, in one transaction; their cache hits
