@@ -592,7 +592,8 @@ class PodWorker:
             if len(started) == 1:
                 await self._live(started[0], images)  # the usual Pod: no task of its own for gather to make
                 return
-        unstarted = [len(mains) - len(started)]  # one that can never be pulled keeps it above 0
+        # One that can never be pulled keeps the count above 0.
+        unstarted = _Countdown(self, start, t0, left=len(mains) - len(started))
         turn = asyncio.Lock()  # retries take turns (pull, create, start), as the first pass did
 
         async def retry_then_live(spec: ContainerSpec, due: float) -> None:
@@ -608,9 +609,7 @@ class PodWorker:
                     break
                 except _RetryPull as retry:
                     attempt, due = attempt + 1, self._due(retry.delay)
-            unstarted[0] -= 1
-            if unstarted[0] == 0:
-                await self._all_started(start, t0)
+            await unstarted.one_started()
             await self._live(spec, images)
 
         # A TaskGroup: an unexpected error in one container's task stops the others with it.
@@ -817,20 +816,15 @@ class PodWorker:
         images = await self.ctl.images.for_pod(self.facts, decision)
         # A Pod that had not started yet is recorded when its last main container starts, with
         # its start-up counted from when the first run took it (its startTime).
-        start: PodStart | None = None
-        unstarted = [0]
         taken = state.start_time or now
         t0 = clock.monotonic() - max(0.0, (now - taken).total_seconds())
-        if state.phase is Phase.PENDING:
-            start = PodStart(pod=self.facts, node=self.ctl.node_name, decision=decision)
-            unstarted[0] = waiting
+        start = PodStart(pod=self.facts, node=self.ctl.node_name, decision=decision)
+        unstarted = _Countdown(self, start if state.phase is Phase.PENDING else None, t0, left=waiting)
 
         async def start_then_live(spec: ContainerSpec) -> None:
-            if not await self._pull_create_start(spec, images, start):
+            if not await self._pull_create_start(spec, images, unstarted.start):
                 return
-            unstarted[0] -= 1
-            if start is not None and unstarted[0] == 0:
-                await self._all_started(start, t0)
+            await unstarted.one_started()
             await self._live(spec, images)
 
         lives = []
@@ -871,6 +865,22 @@ class PodWorker:
                     self.logs[c.name].stopped()
             await self.ctl.reporter.flushed(f.uid)
         await self.ctl.api.delete_now(f.namespace, f.name, f.uid)
+
+
+@dataclass(slots=True)
+class _Countdown:
+    """The main containers still to start: when the last one does, the Pod's start is complete
+    and recorded (when there is one to record: a Pod adopted Running has none)."""
+
+    worker: PodWorker
+    start: PodStart | None
+    t0: float
+    left: int
+
+    async def one_started(self) -> None:
+        self.left -= 1
+        if self.left == 0 and self.start is not None:
+            await self.worker._all_started(self.start, self.t0)
 
 
 def node_allocatable(cpu: str, memory: str, pods: int) -> Allocatable:
