@@ -218,74 +218,76 @@ def test_agent_killed_mid_start_then_restarted_runs_every_pod_once(
     names = [f"p{i}" for i in range(20)]
     auto = {"k8s.aliyun.com/eci-image-cache": "true"}  # each misses; one automatic cache is made for all
     manifests = [pod_manifest(n, node, image="nginx:1.7.9", annotations=auto) for n in names]
-    apply(cluster, namespace, {"apiVersion": "v1", "kind": "List", "items": manifests})
-    try:
-
-        def creating() -> bool:
-            items = cluster.get_json("pods", "-n", namespace)["items"]
-            return len(items) == 20 and all(
-                p["status"].get("phase") == "Pending" and p["status"].get("podIP") for p in items
-            )
-
-        def missed() -> bool:
-            events = cluster.get_json("events", "-n", namespace)["items"]
-            return {e["involvedObject"]["name"] for e in events if e["reason"] == "ImageCacheMissed"} == set(names)
-
-        wait_for(creating, timeout=20, what="20 Pods taken and pulling")
-        wait_for(missed, timeout=20, what="the misses told")
-        assert agent.stop(signal.SIGKILL) != 0
-        assert any(phase(cluster, namespace, n) == "Pending" for n in names)
-
-        restarted = AgentProcess(cluster, workdir, node_name=node, settings=slow).start()
+    with agent:
+        apply(cluster, namespace, {"apiVersion": "v1", "kind": "List", "items": manifests})
         try:
-            restarted.wait_ready()
-            wait_for(
-                lambda: all(phase(cluster, namespace, n) == "Running" for n in names), timeout=60, what="20 Running"
-            )
-            for n in names:
-                [cs] = pod(cluster, namespace, n)["status"]["containerStatuses"]  # type: ignore[index]
-                assert cs["restartCount"] == 0
-                # Taken again, a Pod keeps its decision (a miss, though the cache may be Ready by now):
-                # not resolved, told or counted a second time.
-                told = [r for r in reasons(cluster, namespace, n) if r.startswith(("ImageCache", "SuccessfulHit"))]
-                assert told == ["ImageCacheMissed", "ImageCacheAutoCreated"]
-            started_before = {n: running_since(cluster, namespace, n) for n in names}
-            assert restarted.stop() == 0
-            # Every start is stored by a clean stop. Take three away, as a kill right after they
-            # started would have: the next agent finds them running, unrecorded, and says so.
-            with contextlib.closing(sqlite3.connect(restarted.db)) as db, db:
-                assert db.execute("SELECT count(*) FROM pod_starts").fetchone() == (20,)
-                db.execute("DELETE FROM pod_starts WHERE name IN ('p3', 'p7', 'p11')")
-            logged = len(restarted.log)
-            # A second restart keeps Running Pods as they are: same startedAt, no restarts.
-            again = AgentProcess(cluster, workdir, node_name=node, settings=slow).start()
+
+            def creating() -> bool:
+                items = cluster.get_json("pods", "-n", namespace)["items"]
+                return len(items) == 20 and all(
+                    p["status"].get("phase") == "Pending" and p["status"].get("podIP") for p in items
+                )
+
+            def missed() -> bool:
+                events = cluster.get_json("events", "-n", namespace)["items"]
+                return {e["involvedObject"]["name"] for e in events if e["reason"] == "ImageCacheMissed"} == set(names)
+
+            wait_for(creating, timeout=20, what="20 Pods taken and pulling")
+            wait_for(missed, timeout=20, what="the misses told")
+            assert agent.stop(signal.SIGKILL) != 0
+            assert any(phase(cluster, namespace, n) == "Pending" for n in names)
+
+            restarted = AgentProcess(cluster, workdir, node_name=node, settings=slow).start()
             try:
-                again.wait_ready()
+                restarted.wait_ready()
+                wait_for(
+                    lambda: all(phase(cluster, namespace, n) == "Running" for n in names), timeout=60, what="20 Running"
+                )
                 for n in names:
                     [cs] = pod(cluster, namespace, n)["status"]["containerStatuses"]  # type: ignore[index]
-                    assert cs["state"]["running"]["startedAt"] == started_before[n]
                     assert cs["restartCount"] == 0
-                started_events = [r for n in names for r in reasons(cluster, namespace, n) if r == "Started"]
-                assert len(started_events) == 20
+                    # Taken again, a Pod keeps its decision (a miss, though the cache may be Ready by now):
+                    # not resolved, told or counted a second time.
+                    told = [r for r in reasons(cluster, namespace, n) if r.startswith(("ImageCache", "SuccessfulHit"))]
+                    assert told == ["ImageCacheMissed", "ImageCacheAutoCreated"]
+                started_before = {n: running_since(cluster, namespace, n) for n in names}
+                assert restarted.stop() == 0
+                # Every start is stored by a clean stop. Take three away, as a kill right after they
+                # started would have: the next agent finds them running, unrecorded, and says so.
+                with contextlib.closing(sqlite3.connect(restarted.db)) as db, db:
+                    assert db.execute("SELECT count(*) FROM pod_starts").fetchone() == (20,)
+                    db.execute("DELETE FROM pod_starts WHERE name IN ('p3', 'p7', 'p11')")
+                logged = len(restarted.log)
+                # A second restart keeps Running Pods as they are: same startedAt, no restarts.
+                again = AgentProcess(cluster, workdir, node_name=node, settings=slow).start()
+                try:
+                    again.wait_ready()
+                    for n in names:
+                        [cs] = pod(cluster, namespace, n)["status"]["containerStatuses"]  # type: ignore[index]
+                        assert cs["state"]["running"]["startedAt"] == started_before[n]
+                        assert cs["restartCount"] == 0
+                    started_events = [r for n in names for r in reasons(cluster, namespace, n) if r == "Started"]
+                    assert len(started_events) == 20
 
-                def warned() -> str:
-                    return next((line for line in again.log[logged:].splitlines() if "not in the registry" in line), "")
+                    def warned() -> str:
+                        lines = again.log[logged:].splitlines()
+                        return next((line for line in lines if "not in the registry" in line), "")
 
-                wait_for(lambda: bool(warned()), timeout=20, what="the unrecorded starts named")
-                assert "3 Pods were running when the agent started" in warned()
-                assert {f"{namespace}/p{i}" for i in (3, 7, 11)} == set(re.findall(rf"{namespace}/p\d+", warned()))
-                metrics = cluster.kubectl("get", "--raw", f"/api/v1/nodes/{node}/proxy/metrics")
-                assert "vk_provider_pod_starts_unrecorded_total 3" in metrics
+                    wait_for(lambda: bool(warned()), timeout=20, what="the unrecorded starts named")
+                    assert "3 Pods were running when the agent started" in warned()
+                    assert {f"{namespace}/p{i}" for i in (3, 7, 11)} == set(re.findall(rf"{namespace}/p\d+", warned()))
+                    metrics = cluster.kubectl("get", "--raw", f"/api/v1/nodes/{node}/proxy/metrics")
+                    assert "vk_provider_pod_starts_unrecorded_total 3" in metrics
+                finally:
+                    again.stop()
             finally:
-                again.stop()
+                if restarted.alive():
+                    restarted.stop()
         finally:
-            if restarted.alive():
-                restarted.stop()
-    finally:
-        # The automatic cache is cluster-scoped: left Ready, later tests' nginx Pods would hit it.
-        caches = [f"auto-create-for-{i}" for i in instance_ids(cluster, namespace)]
-        if caches:
-            cluster.kubectl("delete", "imagecache", *caches, "--ignore-not-found", "--wait=false", check=False)
+            # The automatic cache is cluster-scoped: left Ready, later tests' nginx Pods would hit it.
+            caches = [f"auto-create-for-{i}" for i in instance_ids(cluster, namespace)]
+            if caches:
+                cluster.kubectl("delete", "imagecache", *caches, "--ignore-not-found", "--wait=false", check=False)
 
 
 def instance_ids(cluster: Cluster, namespace: str) -> list[str]:

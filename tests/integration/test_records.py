@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.support.cluster import ROOT, Cluster
 from tests.support.fixtures import pod_manifest, start_agent
 from tests.support.wait import wait_for
@@ -32,7 +34,13 @@ def metric_counts(text: str, name: str) -> dict[str, int]:
     return {outcome: int(n) for outcome, n in pattern.findall(text)}
 
 
-def test_starts_are_recorded_measured_and_reported(cluster: Cluster, workdir: Path, namespace: str) -> None:
+def forget_caches(cluster: Cluster, names: list[str]) -> None:
+    cluster.kubectl("delete", "imagecache", *names, "--ignore-not-found", "--wait=false", check=False)
+
+
+def test_starts_are_recorded_measured_and_reported(
+    cluster: Cluster, workdir: Path, namespace: str, request: pytest.FixtureRequest
+) -> None:
     with start_agent(cluster, workdir, SETTINGS) as agent:
         node = agent.node_name
 
@@ -48,7 +56,9 @@ def test_starts_are_recorded_measured_and_reported(cluster: Cluster, workdir: Pa
             items = cluster.get_json("imagecaches")["items"]
             return [c for c in items if c.get("status", {}).get("phase") == "Ready"]
 
-        wait_for(ready_cache, timeout=60, what="the automatic cache Ready")
+        made = [c["metadata"]["name"] for c in wait_for(ready_cache, timeout=60, what="the automatic cache Ready")]
+        # The cache is cluster-scoped: left Ready, other tests' nginx Pods would hit it.
+        request.addfinalizer(lambda: forget_caches(cluster, made))
         create(pod_manifest("hit", node, annotations={"k8s.aliyun.com/eci-image-cache": "true"}))
         wait_for(lambda: running(cluster, namespace, "hit"), timeout=60, what="hit Running")
         wait_for(lambda: sum(recorded(agent.db).values()) == 3, timeout=20, what="3 starts recorded")
