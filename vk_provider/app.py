@@ -211,7 +211,8 @@ class Agent:
             self.session, host=names[0], give_way=reporter.wait_idle, on_drop=self.metrics.events_dropped.inc
         )
         self.events = events
-        self.records = records = RegistryStartRecorder(self.registry, self.metrics)
+        # So do the records of Pod starts (at most 2 s late).
+        self.records = records = RegistryStartRecorder(self.registry, self.metrics, give_way=reporter.wait_idle)
         self.supervisor.start("start-records", records.run())
         allocatable = node_allocatable(s.node.cpu, s.node.memory, s.node.pods)
         ips = IpPool(s.pods.pod_cidr)

@@ -251,3 +251,63 @@ async def test_a_failed_check_of_adopted_pods_is_a_warning_and_starts_are_still_
     finally:
         writer.cancel()
         await asyncio.gather(writer, return_exceptions=True)
+
+
+class StatusWrites:
+    """Stands in for the status reporter's wait_idle: busy until ``idle`` is set."""
+
+    def __init__(self) -> None:
+        self.idle = asyncio.Event()
+        self.waits = 0
+
+    async def wait_idle(self) -> None:
+        self.waits += 1
+        await self.idle.wait()
+
+
+async def test_records_give_way_to_status_writes_then_are_stored() -> None:
+    store, writes = Store(), StatusWrites()
+    recorder = RegistryStartRecorder(store, NodeMetrics(), linger=0.0, give_way=writes.wait_idle, max_delay=60.0)
+    writer = asyncio.create_task(recorder.run())
+    try:
+        await recorder.record(numbered(0))
+        await await_for(lambda: _async(writes.waits == 1), timeout=5, what="the writer giving way")
+        await recorder.record(numbered(1))
+        await asyncio.sleep(0)
+        assert store.batches == []  # status writes are waiting: the records wait too
+        writes.idle.set()
+        await await_for(lambda: _async(store.batches == [2]), timeout=5, what="both stored once status is idle")
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+
+
+async def test_records_give_way_for_at_most_max_delay() -> None:
+    store, writes = Store(), StatusWrites()  # status never idle
+    recorder = RegistryStartRecorder(store, NodeMetrics(), linger=0.0, give_way=writes.wait_idle, max_delay=0.05)
+    writer = asyncio.create_task(recorder.run())
+    try:
+        await recorder.record(numbered(0))
+        await await_for(lambda: _async(store.batches == [1]), timeout=5, what="stored after max_delay")
+        assert writes.waits == 1
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+
+
+async def test_a_flush_does_not_give_way() -> None:
+    store, writes = Store(), StatusWrites()  # status never idle
+    recorder = RegistryStartRecorder(store, NodeMetrics(), linger=0.0, give_way=writes.wait_idle, max_delay=60.0)
+    writer = asyncio.create_task(recorder.run())
+    try:
+        await recorder.record(numbered(0))
+        await await_for(lambda: _async(writes.waits == 1), timeout=5, what="the writer giving way")
+        async with asyncio.timeout(5):  # not the 60 s max_delay
+            await recorder.flush()
+        assert store.batches == [1]
+        await recorder.record(numbered(1))  # after the flush, records give way again
+        await await_for(lambda: _async(writes.waits == 2), timeout=5, what="the writer giving way again")
+        assert store.batches == [1]
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from vk_provider.controllers.pods import PodStart
@@ -84,9 +84,11 @@ class RegistryStartRecorder:
     stores up to ``batch`` queued starts in one transaction. After the first start of a batch it
     waits up to ``linger`` seconds for more (not when the batch is full, nor when flushing): a
     burst of 1,000 starts is then a handful of transactions, where storing whatever had queued at
-    each turn made it a hundred, each costing far more CPU than its rows. A failed write is
-    retried with back-off (nothing recorded is dropped while the agent runs); :meth:`flush`
-    drains the queue on shutdown.
+    each turn made it a hundred, each costing far more CPU than its rows. Then, with ``give_way``,
+    it lets waiting Pod status writes go first, up to ``max_delay`` seconds after it took the
+    batch's first start (see :meth:`_after_status_writes`). A failed write is retried with
+    back-off (nothing recorded is dropped while the agent runs); :meth:`flush` drains the queue
+    on shutdown, with no lingering and no giving way.
     """
 
     def __init__(
@@ -97,6 +99,8 @@ class RegistryStartRecorder:
         max_backoff: float = 5.0,
         batch: int = 500,
         linger: float = 0.25,
+        give_way: Callable[[], Awaitable[object]] | None = None,
+        max_delay: float = 2.0,
     ) -> None:
         self._store = store
         self._metrics = metrics
@@ -104,7 +108,10 @@ class RegistryStartRecorder:
         self._max_backoff = max_backoff
         self._batch = batch
         self._linger = linger
+        self._give_way = give_way
+        self._max_delay = max_delay
         self._hurry = asyncio.Event()  # a full batch is queued, or a flush waits: no lingering
+        self._flush_asked = asyncio.Event()  # no giving way either
         self._flushing = 0
         self.failures = 0
         self._adopted: list[PodFacts] = []  # running Pods taken over after a restart, to check
@@ -126,13 +133,16 @@ class RegistryStartRecorder:
             group.create_task(self._check_adopted())
 
     async def _write(self) -> None:
+        loop = asyncio.get_running_loop()
         while True:
             starts = [await self._queue.get()]
+            taken = loop.time()
             if self._linger > 0 and not self._flushing and self._queue.qsize() + 1 < self._batch:
                 self._hurry.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self._linger):
                         await self._hurry.wait()
+            await self._after_status_writes(self._max_delay - (loop.time() - taken))
             while len(starts) < self._batch and not self._queue.empty():
                 starts.append(self._queue.get_nowait())
             try:
@@ -140,6 +150,21 @@ class RegistryStartRecorder:
             finally:
                 for _ in starts:
                     self._queue.task_done()
+
+    async def _after_status_writes(self, patience: float) -> None:
+        """Let the Pod status writes waiting go first (with ``give_way``, the status reporter's
+        ``wait_idle``), as Events do: in a burst, the API server and this process's CPU go to
+        getting Pods Running before their records are stored. At most ``patience`` seconds, and
+        not at all when a flush waits."""
+        if self._give_way is None or self._flushing or patience <= 0:
+            return
+        waits = [asyncio.ensure_future(self._give_way()), asyncio.ensure_future(self._flush_asked.wait())]
+        try:
+            await asyncio.wait(waits, timeout=patience, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def _check_adopted(self) -> None:
         """One query per batch of adopted Pods (a resync adopts them one after another)."""
@@ -170,12 +195,15 @@ class RegistryStartRecorder:
         """Store everything queued now (no lingering), waiting at most ``timeout`` seconds."""
         self._flushing += 1
         self._hurry.set()
+        self._flush_asked.set()
         try:
             await asyncio.wait_for(self._queue.join(), timeout)
         except TimeoutError:
             log.warning("%d Pod starts were not recorded before shutdown", self._queue.qsize())
         finally:
             self._flushing -= 1
+            if not self._flushing:
+                self._flush_asked.clear()
 
     async def _store_with_retries(self, starts: list[PodStart]) -> None:
         backoff = 0.1
