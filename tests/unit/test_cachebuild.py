@@ -172,6 +172,19 @@ def test_the_same_images_in_another_order_are_no_change() -> None:
     assert cb.plan_change(current, CacheSpec((BUSYBOX,)), building=False).kind is ChangeKind.UPDATE
 
 
+def test_an_image_listed_twice_is_one_image_and_no_change() -> None:
+    # The registry keeps each image of a cache once: the spec is read the same way, or every
+    # event of the object (a label, a re-list, its own status) looked like a change and rebuilt it.
+    spec = cb.parse_spec({"images": ["redis:7", "busybox", "docker.io/library/redis:7", "busybox", "nginx:1.7.9"]})
+    assert spec.images == ("redis:7", "busybox", "nginx:1.7.9")  # each once, as first written, in order
+    assert spec.references == ("docker.io/library/redis:7", BUSYBOX, NGINX)
+    assert spec.problems == ()
+    current = cache("c", "docker.io/library/redis:7", BUSYBOX, NGINX)
+    assert cb.plan_change(current, spec, building=False) == cb.Change(ChangeKind.NONE, False)
+    # The CRD's limit is on the list as written.
+    assert cb.parse_spec({"images": ["busybox"] * (cb.MAX_IMAGES + 1)}).problems
+
+
 def test_a_new_object_is_created() -> None:
     assert cb.plan_change(None, CacheSpec(SAME), building=False).kind is ChangeKind.CREATE
 

@@ -81,8 +81,8 @@ def is_imc_id(text: str) -> bool:
 class CacheSpec:
     """An ImageCache object's spec and the product's marks on it.
 
-    ``images`` are as written; ``references`` the same images normalised where they parse (an
-    invalid one stays as written, so that it can be reported and compared).
+    ``images`` are as written, each once; ``references`` the same images normalised where they
+    parse (an invalid one stays as written, so that it can be reported and compared).
     """
 
     images: tuple[str, ...]
@@ -113,9 +113,14 @@ def parse_spec(
     if not isinstance(raw_images, list) or not all(isinstance(i, str) and i for i in raw_images):
         problems.append("spec.images must be a list of image references")
     else:
-        images = tuple(raw_images)
-        if not MIN_IMAGES <= len(images) <= MAX_IMAGES:
-            problems.append(f"spec.images must hold {MIN_IMAGES} to {MAX_IMAGES} images, got {len(images)}")
+        if not MIN_IMAGES <= len(raw_images) <= MAX_IMAGES:
+            problems.append(f"spec.images must hold {MIN_IMAGES} to {MAX_IMAGES} images, got {len(raw_images)}")
+        # An image listed twice (or as two spellings of one reference: redis:7, docker.io/library/redis:7)
+        # is one image of the cache, as the registry keeps it: its first spelling stays.
+        first: dict[str, str] = {}
+        for image in raw_images:
+            first.setdefault(_normalised(image), image)
+        images = tuple(first.values())
     size = spec.get("imageCacheSize", DEFAULT_SIZE_GIB)
     if isinstance(size, bool) or not isinstance(size, int) or not MIN_SIZE_GIB <= size <= MAX_SIZE_GIB:
         problems.append(f"spec.imageCacheSize must be a whole number of GiB from {MIN_SIZE_GIB} to {MAX_SIZE_GIB}")
