@@ -19,6 +19,7 @@ from vk_provider.domain import cachebuild as cb
 from vk_provider.domain.annotations import AUTO_IMAGE_CACHE_SEED, IMAGE_SNAPSHOT_ID_SEED, MATCHED_IMAGE_CACHE
 from vk_provider.domain.images import InvalidReference, parse_reference
 from vk_provider.domain.model import CachedImage, CachePhase, ImageCache, ImageManifest, Layer
+from vk_provider.domain.node import rfc3339
 from vk_provider.domain.podspec import ContainerSpec, PodFacts
 from vk_provider.domain.records import CacheEvent, merge_cache_event
 
@@ -454,9 +455,24 @@ async def test_a_miss_creates_one_automatic_cache_shared_by_a_burst(world: World
     assert [e.reason for e in hit.events] == ["SuccessfulHitImageCache"]
     now = world.clock.now()
     assert world.store.matched == []  # written in the background, not on the Pod's path
+    name = body["metadata"]["name"]
+    written = len(world.api.statuses)
     assert await world.manager.flush_hits()
     assert world.store.matched == [(imc_id, now, now + timedelta(days=30), 1)]
     assert world.controller.by_id(imc_id).last_matched_at == now  # type: ignore[union-attr]
+    # The object says so too (it showed the unused automatic cache's expiry until then).
+    assert world.status(name)["expireDateTime"] == rfc3339(now + timedelta(days=30))
+    assert [n for n, _ in world.api.statuses[written:]] == [name]
+    # More hits within a minute move the expiry by less: the registry follows, the object is not rewritten.
+    await world.clock.advance(30)
+    await world.manager.resolve(pod("again", ["nginx:1.7.9", "busybox"], auto))
+    assert await world.manager.flush_hits()
+    assert world.store.matched[-1][2] == world.clock.now() + timedelta(days=30)
+    assert len(world.api.statuses) == written + 1
+    await world.clock.advance(60)
+    await world.manager.resolve(pod("later-still", ["nginx:1.7.9", "busybox"], auto))
+    assert await world.manager.flush_hits()
+    assert world.status(name)["expireDateTime"] == rfc3339(world.clock.now() + timedelta(days=30))
 
 
 async def test_a_pod_taken_again_after_a_restart_keeps_its_decision(world: World) -> None:

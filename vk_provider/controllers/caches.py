@@ -33,11 +33,12 @@ again under the id they already have.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from vk_provider.controllers.clock import Clock
@@ -60,6 +61,8 @@ JSON = dict[str, Any]
 # A cache this controller created is protected from a relist that does not show it yet.
 _PENDING_SECONDS = 60.0
 _STATUS_RETRIES = 5
+# How far an object's status.expireDateTime may lag the expiry that hits moved, before it is written.
+EXPIRY_SLACK = timedelta(minutes=1)
 
 
 # ------------------------------------------------------------------ seams
@@ -549,6 +552,19 @@ class ImageCacheController:
         self.caches[cache.name] = replace(current, last_matched_at=now, expires_at=expires)
         return expires
 
+    async def show_expiry(self, name: str) -> None:
+        """Hits moved the cache's expiry (an automatic cache's): write it to the object's status
+        when the expiry it shows is more than ``EXPIRY_SLACK`` off, so a burst of hits is not a
+        status write each."""
+        cache = self.caches.get(name)
+        if cache is None or cache.expires_at is None or not self._leading:
+            return
+        shown = parse_time((self._statuses.get(name) or {}).get("expireDateTime"))
+        if shown is not None and abs(cache.expires_at - shown) <= EXPIRY_SLACK:
+            return
+        with contextlib.suppress(_Gone):
+            await self._write_status(name, with_events=False)
+
     # -- internals: object → cache
 
     async def _create(self, name: str, spec: CacheSpec, status: JSON, created: datetime | None) -> None:
@@ -870,6 +886,7 @@ class _Hits:
     last: datetime
     expires_at: datetime | None
     automatic: bool
+    name: str
 
 
 class CacheManager:
@@ -929,6 +946,9 @@ class CacheManager:
                     ok = False
                     log.warning("image cache %s: could not record %d matches: %s", imc_id, hits.count, exc)
                     self._tally(imc_id, hits)  # kept for the next try
+                    continue
+                if hits.automatic:  # a hit extends an automatic cache: its object says so too
+                    await self.controller.show_expiry(hits.name)
             return ok
 
     def _tally(self, imc_id: str, hits: _Hits) -> None:
@@ -936,7 +956,7 @@ class CacheManager:
         known = self._hits.get(imc_id)
         if known is not None:
             latest = hits if hits.last >= known.last else known
-            hits = _Hits(hits.count + known.count, latest.last, latest.expires_at, latest.automatic)
+            hits = _Hits(hits.count + known.count, latest.last, latest.expires_at, latest.automatic, latest.name)
         self._hits[imc_id] = hits
         self._hits_waiting.set()
 
@@ -968,7 +988,7 @@ class CacheManager:
             self.on_resolution(pod, resolution)
         if resolution.outcome.is_hit and resolution.cache is not None:
             cache = resolution.cache
-            self._tally(cache.imc_id, _Hits(1, now, matched_expiry, cache.automatic))
+            self._tally(cache.imc_id, _Hits(1, now, matched_expiry, cache.automatic, cache.name))
         if reserved is not None:
             await self.controller.create_automatic(reserved, evicted, f"{pod.namespace}/{pod.name}", now)
         return self._decision(pod, resolution, refusal)
