@@ -37,7 +37,8 @@ def _num(value: float) -> str:
 class Counter:
     def __init__(self, name: str, help: str, labels: Sequence[str] = ()) -> None:
         self.name, self.help, self.labels = name, help, tuple(labels)
-        self.values: dict[tuple[str, ...], float] = {}
+        # One without labels has its one sample from the start (0), as Prometheus clients give it.
+        self.values: dict[tuple[str, ...], float] = {} if self.labels else {(): 0.0}
 
     def inc(self, *label_values: str, by: float = 1.0) -> None:
         key = tuple(label_values)

@@ -38,6 +38,16 @@ def test_counter_escapes_labels() -> None:
     assert 'c_total{l="a\\"b"} 1' in c.render()
 
 
+def test_a_counter_without_labels_shows_zero_until_counted() -> None:
+    text = NodeMetrics().render()
+    assert "vk_provider_events_dropped_total 0" in text.splitlines()
+    assert "vk_provider_pod_starts_unrecorded_total 0" in text.splitlines()
+    assert not [line for line in text.splitlines() if line.startswith("vk_provider_pods_started_total")]  # labelled
+    c = Counter("c_total", "help")
+    c.inc()
+    assert c.render()[2:] == ["c_total 1"]
+
+
 def test_image_size_buckets() -> None:
     assert image_size_bucket(5 * 2**20) == "0-10MB"
     assert image_size_bucket(400 * 2**20) == "100MB-500MB"
