@@ -531,6 +531,21 @@ async def test_explicit_ids_hit_or_fail(world: World) -> None:
     )
     assert [e.type for e in creating.events] == ["Normal"]
 
+    # A cache that failed will never complete: the Pod's status says why (the Event keeps ECI's words).
+    await world.add(obj("big", ["huge:1"]))  # 25 GiB uncompressed in the default 20 GiB
+    await world.clock.advance(1)
+    assert world.status("big")["phase"] == "Failed"
+    big_id = world.status("big")["imageCacheId"]
+    failed = await world.manager.resolve(pod("d", ["huge:1"], {IMAGE_SNAPSHOT_ID_SEED: big_id}))
+    reason, message = failed.failure or ("", "")
+    assert reason == "ImageCacheNotComplete"
+    assert message.startswith(f"The production for specified image cache {big_id} is not yet complete. It failed (")
+    assert world.status("big")["message"] in message
+    assert message.endswith(") and will not complete.")
+    assert [e.message for e in failed.events] == [
+        f"The production for specified image cache {big_id} is not yet complete."
+    ]
+
 
 async def test_no_annotation_means_no_cache(world: World) -> None:
     decision = await world.manager.resolve(pod("plain", ["nginx:1.7.9"]))

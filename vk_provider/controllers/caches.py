@@ -1030,6 +1030,14 @@ class CacheManager:
         if resolution.outcome.is_failure:
             reason = resolution.outcome.value
             message = next((e.message for e in events if e.reason == reason), resolution.explanation)
+            cache = resolution.cache
+            if (
+                resolution.outcome is Outcome.FAILED_NOT_COMPLETE
+                and cache is not None
+                and cache.phase is CachePhase.FAILED
+            ):
+                # The Event keeps ECI's words; the Pod's status says this one will never complete.
+                message += f" It failed ({cache.message or 'no reason given'}) and will not complete."
             failure = (reason, message)
         return CacheDecision(
             present_images=frozenset(resolution.covered_images) if resolution.outcome.is_hit else frozenset(),
