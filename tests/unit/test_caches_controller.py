@@ -598,9 +598,13 @@ async def test_an_automatic_cache_that_cannot_be_created_is_forgotten(world: Wor
         raise FakeError(403)
 
     world.api.create = refuse  # type: ignore[method-assign]
-    await world.manager.resolve(pod("a", ["nginx:1.7.9"], auto))
+    decision = await world.manager.resolve(pod("a", ["nginx:1.7.9"], auto))
     assert world.store.rows == {}
     assert world.controller.caches == {}
+    # The Pod is not told of a cache that was never made; its record says why.
+    assert decision.outcome == "miss"
+    assert [e.reason for e in decision.events] == ["ImageCacheMissed"]
+    assert "not created: creating its object failed: 403" in decision.explanation
 
 
 async def test_builds_resolve_images_with_the_caches_pull_secrets(world: World) -> None:

@@ -524,9 +524,9 @@ class ImageCacheController:
 
     async def create_automatic(
         self, cache: ImageCache, evicted: Sequence[ImageCache], created_for: str, now: datetime
-    ) -> None:
+    ) -> str:
         """Evict, then store the reserved cache and create its object (its build starts when
-        the watch delivers it)."""
+        the watch delivers it). Returns why it could not be created, or "" when it was."""
         for victim in evicted:
             log.info("image cache %s: evicted (least recently used automatic cache)", victim.name)
             self.caches[victim.name] = victim  # so that remove() forgets it completely
@@ -541,9 +541,11 @@ class ImageCacheController:
             )
         except Exception as exc:
             if getattr(exc, "is_already_exists", False):
-                return
+                return ""
             log.warning("image cache %s: could not create the automatic cache: %s", cache.name, exc)
             await self._forget(cache.name)
+            return f"creating its object failed: {exc}"
+        return ""
 
     def note_matched(self, cache: ImageCache, now: datetime) -> datetime | None:
         """Record a hit in the index; returns the cache's new expiry."""
@@ -990,7 +992,8 @@ class CacheManager:
             cache = resolution.cache
             self._tally(cache.imc_id, _Hits(1, now, matched_expiry, cache.automatic, cache.name))
         if reserved is not None:
-            await self.controller.create_automatic(reserved, evicted, f"{pod.namespace}/{pod.name}", now)
+            # Not created after all (e.g. the API server refused it): no ImageCacheAutoCreated Event.
+            refusal = await self.controller.create_automatic(reserved, evicted, f"{pod.namespace}/{pod.name}", now)
         return self._decision(pod, resolution, refusal)
 
     def _sizes(self, images: Sequence[str]) -> dict[str, int]:
