@@ -1,11 +1,22 @@
-"""A container's simulated log, split into runs as the kubelet keeps one log per container instance."""
+"""A container's simulated log, split into runs as the kubelet keeps one log per container instance,
+and how the kubelet endpoint serves it: ``/containerLogs`` options, and the streaming paths it refuses."""
 
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import aiohttp
+import pytest
 
 from vk_provider.controllers.logs import LogRun, SimLog
+from vk_provider.domain.callers import Caller
+from vk_provider.http.certs import serving_certificate
+from vk_provider.http.server import KubeletServer
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -106,3 +117,217 @@ def test_following_a_run_gets_its_last_line_written_while_a_line_was_being_sent(
         return seen
 
     assert asyncio.run(main()) == ["pulled", "started", "line a", "exited with code 1"]
+
+
+# -- the kubelet endpoint's /containerLogs options, and the streaming paths it refuses
+
+LINES = [(0, "pulling image"), (10, "created container app"), (20, "started container app"), (20, "ready")]
+NOW = T0 + timedelta(seconds=25)
+
+
+class Allow:
+    async def authenticate_token(self, token: str) -> Caller | None:
+        return Caller("tester") if token == "t" else None
+
+    async def authorize(self, caller: Caller, verb: str, node: str, subresource: str) -> bool:
+        return True
+
+
+class OnePod:
+    """Pod ``ns/p`` with container ``app``, whose log is ``log``'s latest run."""
+
+    def __init__(self, log: SimLog) -> None:
+        self.log = log
+
+    def pod_list(self) -> list[dict[str, Any]]:
+        return []
+
+    def node_of(self, namespace: str, pod: str) -> str | None:
+        return "n"
+
+    def container_log(self, namespace: str, pod: str, container: str, *, previous: bool = False) -> LogRun | None:
+        return self.log.run(0) if (namespace, pod, container) == ("ns", "p", "app") else None
+
+
+def running_log() -> SimLog:
+    log = SimLog()
+    for seconds, text in LINES:
+        log.write(T0 + timedelta(seconds=seconds), text)
+    log.started()
+    return log
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    return serving_certificate("", "", str(tmp_path_factory.mktemp("certs")), "n", "127.0.0.1")
+
+
+class Client:
+    """Requests to the endpoint, as the API server's kubelet client (a bearer token here)."""
+
+    def __init__(self, session: aiohttp.ClientSession, port: int) -> None:
+        self.session = session
+        self.port = port
+
+    async def get(self, path: str, method: str = "GET", token: str = "t") -> tuple[int, str]:
+        """The status and the whole body (within a deadline)."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        url = f"https://127.0.0.1:{self.port}{path}"
+        async with self.session.request(method, url, headers=headers, ssl=False) as response:
+            return response.status, await asyncio.wait_for(response.text(), 5.0)
+
+    def stream(self, path: str) -> Any:
+        url = f"https://127.0.0.1:{self.port}{path}"
+        return self.session.get(url, headers={"Authorization": "Bearer t"}, ssl=False)
+
+
+async def read_at_least(response: aiohttp.ClientResponse, size: int) -> bytes:
+    """What the body has sent once it is ``size`` bytes long or ended (within a deadline)."""
+    got = b""
+    async with asyncio.timeout(5.0):
+        while len(got) < size:
+            chunk = await response.content.readany()
+            if not chunk:
+                break
+            got += chunk
+    return got
+
+
+@contextlib.asynccontextmanager
+async def endpoint(certificate: tuple[str, str], log: SimLog) -> AsyncIterator[Client]:
+    """The kubelet endpoint serving ``log`` as container ``ns/p/app``, with sinceSeconds counted
+    back from NOW."""
+    server = KubeletServer(
+        node_name="n",
+        bind_address="127.0.0.1",
+        port=0,
+        cert_file=certificate[0],
+        key_file=certificate[1],
+        client_ca_file=None,
+        authorizer=Allow(),
+        pods=OnePod(log),
+        now=lambda: NOW,
+    )
+    port = await server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            yield Client(session, port)
+    finally:
+        await server.stop()
+
+
+LOGS = "/containerLogs/ns/p/app"
+ALL = "".join(f"{text}\n" for _, text in LINES)
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("", ALL),
+        ("sinceSeconds=15", "created container app\nstarted container app\nready\n"),  # from T0+10 on, inclusive
+        ("sinceSeconds=5", "started container app\nready\n"),
+        ("sinceSeconds=3600", ALL),
+        ("sinceTime=2026-01-01T00:00:20Z", "started container app\nready\n"),
+        ("sinceTime=2026-01-01T00:00:19.999999999Z", "started container app\nready\n"),
+        ("sinceTime=2026-01-01T01:00:10%2B01:00", "created container app\nstarted container app\nready\n"),
+        ("sinceTime=2026-01-01T00:00:21Z", ""),
+        ("limitBytes=20", ALL[:20]),
+        ("limitBytes=14", "pulling image\n"),
+        ("limitBytes=100000", ALL),
+        ("timestamps=true&limitBytes=10", "2026-01-01"),
+        ("timestamps=true&sinceSeconds=5&limitBytes=37",
+         "2026-01-01T00:00:20.000000Z started c"),
+        # tailLines, then the since filter, then limitBytes (the kubelet's ReadLogs order)
+        ("tailLines=3&sinceSeconds=5", "started container app\nready\n"),
+        ("tailLines=1&sinceSeconds=15", "ready\n"),
+        ("tailLines=3&sinceSeconds=20&limitBytes=25", "created container app\nsta"),
+        ("tailLines=0&limitBytes=5", ""),
+    ],
+)  # fmt: skip
+async def test_logs_since_and_limit_bytes_as_the_kubelet(
+    certificate: tuple[str, str], query: str, expected: str
+) -> None:
+    async with endpoint(certificate, running_log()) as client:
+        assert await client.get(f"{LOGS}?{query}") == (200, expected)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("sinceSeconds=0", "sinceSeconds must be a whole number greater than 0, not '0'"),
+        ("sinceSeconds=-5", "sinceSeconds must be a whole number greater than 0, not '-5'"),
+        ("sinceSeconds=1.5", "sinceSeconds must be a whole number greater than 0, not '1.5'"),
+        ("sinceSeconds=", "sinceSeconds must be a whole number greater than 0, not ''"),
+        ("limitBytes=0", "limitBytes must be a whole number greater than 0, not '0'"),
+        ("limitBytes=20MB", "limitBytes must be a whole number greater than 0, not '20MB'"),
+        ("tailLines=-1", "tailLines must be a non-negative whole number, not '-1'"),
+        ("sinceSeconds=5&sinceTime=2026-01-01T00:00:20Z",
+         "at most one of `sinceTime` or `sinceSeconds` may be specified"),
+        ("sinceTime=2026-01-01", "sinceTime must be an RFC 3339 time such as 2026-01-02T15:04:05Z, not '2026-01-01'"),
+        ("sinceTime=2026-01-01T00:00:20", "sinceTime must be an RFC 3339 time"),  # no zone
+        ("sinceTime=2026-02-30T00:00:20Z", "sinceTime must be an RFC 3339 time"),
+    ],
+)  # fmt: skip
+async def test_invalid_log_options_get_a_400_saying_what_is_wrong(
+    certificate: tuple[str, str], query: str, message: str
+) -> None:
+    async with endpoint(certificate, running_log()) as client:
+        status, body = await client.get(f"{LOGS}?{query}")
+    assert status == 400
+    assert body.startswith(message), body
+
+
+async def test_following_ends_once_limit_bytes_are_sent(certificate: tuple[str, str]) -> None:
+    log = running_log()
+    async with endpoint(certificate, log) as client:
+        # Reached within the lines there already are: the stream ends though the container runs.
+        assert await client.get(f"{LOGS}?follow=true&limitBytes=20") == (200, ALL[:20])
+        # Reached with a line written while following.
+        async with client.stream(f"{LOGS}?follow=true&limitBytes={len(ALL) + 4}") as response:
+            assert await read_at_least(response, len(ALL)) == ALL.encode()
+            assert not response.content.at_eof()
+            log.write(NOW, "serving requests")
+            assert await read_at_least(response, 100) == b"serv"
+            assert response.content.at_eof()
+        # Without a limit, following a running container goes on until its run ends.
+        async with client.stream(f"{LOGS}?follow=true&sinceSeconds=1") as response:
+            assert await read_at_least(response, 17) == b"serving requests\n"
+            log.write(NOW, "still serving")
+            assert await read_at_least(response, 14) == b"still serving\n"
+            assert not response.content.at_eof()
+            log.stopped()
+            assert await read_at_least(response, 1) == b""
+
+
+STREAMING = [
+    ("exec", "/exec/ns/p/app?command=ls&output=1"),
+    ("exec", "/exec/ns/p/0d4c1f34-uid/app?command=ls"),
+    ("attach", "/attach/ns/p/app?output=1"),
+    ("attach", "/attach/ns/p/0d4c1f34-uid/app"),
+    ("port-forward", "/portForward/ns/p?port=80"),
+    ("port-forward", "/portForward/ns/p/0d4c1f34-uid"),
+    ("run", "/run/ns/p/app?cmd=ls"),
+    ("run", "/run/ns/p/0d4c1f34-uid/app?cmd=ls"),
+]
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize(("what", "path"), STREAMING)
+async def test_exec_attach_port_forward_and_run_get_a_bad_request_status(
+    certificate: tuple[str, str], method: str, what: str, path: str
+) -> None:
+    async with endpoint(certificate, running_log()) as client:
+        status, body = await client.get(path, method)
+        anonymous, _ = await client.get(path, method, token="")
+    assert status == 400
+    # A metav1.Status: what kubectl decodes and prints as "Error from server (BadRequest): <message>".
+    assert json.loads(body) == {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": f"vk-provider simulates containers: {what} is not supported",
+        "reason": "BadRequest",
+        "code": 400,
+    }
+    assert anonymous == 401

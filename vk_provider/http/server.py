@@ -1,5 +1,8 @@
 """The kubelet-style HTTPS endpoint: ``/healthz``, ``/pods``, ``/containerLogs/...``, ``/metrics``.
 
+The kubelet's streaming paths (``/exec``, ``/attach``, ``/portForward``, ``/run``) answer a
+``BadRequest`` Status: the containers are simulated, there is nothing to run a command in.
+
 The only package that imports ``aiohttp.web``. It only reads: Pod state and logs come from a
 :class:`PodView`, metrics from a :class:`MetricsView`. Every path but ``/healthz`` needs an
 authenticated caller — a client certificate signed by the cluster's CA (the API server's kubelet
@@ -12,9 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
-from collections.abc import AsyncIterator, Mapping, Sequence
-from datetime import datetime
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -99,8 +105,10 @@ class KubeletServer:
         authorizer: Authorizer,
         pods: PodView | None = None,
         metrics: MetricsView | None = None,
+        now: Callable[[], datetime] | None = None,
     ) -> None:
         self._node = node_name
+        self._now = now or _utc_now  # what sinceSeconds counts back from
         self._bind = bind_address
         self._port = port
         self._auth = authorizer
@@ -121,6 +129,9 @@ class KubeletServer:
         app.router.add_get("/containerLogs/{namespace}/{pod}/{container}", self._container_logs)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/stats/summary", self._stats_summary)
+        for path in _STREAMING_PATHS:
+            for method in ("GET", "POST"):
+                app.router.add_route(method, path, self._not_supported)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._bind, self._port, ssl_context=self._ssl, backlog=256)
@@ -188,6 +199,23 @@ class KubeletServer:
         ]  # fmt: skip
         return web.json_response({"node": {"nodeName": self._node}, "pods": pods})
 
+    async def _not_supported(self, request: web.Request) -> web.Response:
+        # A Status, not text: kubectl decodes the (API server-proxied) answer to a failed upgrade as
+        # a Status, and reads a plain text with ": " in it as YAML, showing "Error from server: ".
+        what = _STREAMING_NAMES[request.path.split("/", 2)[1]]
+        return web.json_response(
+            {
+                "kind": "Status",
+                "apiVersion": "v1",
+                "metadata": {},
+                "status": "Failure",
+                "message": f"vk-provider simulates containers: {what} is not supported",
+                "reason": "BadRequest",
+                "code": 400,
+            },
+            status=400,
+        )
+
     async def _container_logs(self, request: web.Request) -> web.StreamResponse:
         ns, pod, container = (request.match_info[k] for k in ("namespace", "pod", "container"))
         query = request.query
@@ -197,25 +225,20 @@ class KubeletServer:
             return web.Response(status=404, text=f"container {container} of pod {ns}/{pod} not found on this node\n")
         if isinstance(source, str):
             return web.Response(status=400, text=source)  # as the kubelet: kubectl shows it after "(BadRequest): "
-        try:
-            tail = int(query["tailLines"]) if "tailLines" in query else None
-            if tail is not None and tail < 0:
-                raise ValueError
-        except ValueError:
-            return web.Response(status=400, text="tailLines must be a non-negative whole number\n")
-        timestamps = _flag(query, "timestamps")
-        follow = _flag(query, "follow")
-        lines = list(source.lines)
-        start = max(0, len(lines) - tail) if tail is not None else 0
+        options = _log_options(query, self._now())
+        if isinstance(options, str):
+            return web.Response(status=400, text=options)
+        start = max(0, len(source.lines) - options.tail) if options.tail is not None else 0
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
         await response.prepare(request)
-        async for line in _follow(source, start, follow):
-            await response.write(_format(line, timestamps).encode())
+        async with aclosing(_log_stream(source, start, options)) as chunks:
+            async for chunk in chunks:
+                await response.write(chunk)
         await response.write_eof()
         return response
 
 
-async def _follow(source: ContainerLog, start: int, follow: bool) -> AsyncIterator[LogLine]:
+async def _follow(source: ContainerLog, start: int, follow: bool) -> AsyncGenerator[LogLine, None]:
     seen = start
     while True:
         # Whether it had ended, read before its lines: a line written before the end is among them
@@ -229,6 +252,97 @@ async def _follow(source: ContainerLog, start: int, follow: bool) -> AsyncIterat
             return
         await source.wait_for_more(seen)
         await asyncio.sleep(0)
+
+
+@dataclass(frozen=True, slots=True)
+class LogOptions:
+    """The kubelet's PodLogOptions that shape the output (``previous`` chooses the log)."""
+
+    tail: int | None = None  # the last lines only
+    since: datetime | None = None  # lines at or after this time only
+    limit: int | None = None  # at most this many bytes, then the stream ends
+    timestamps: bool = False
+    follow: bool = False
+
+
+_STREAMING_NAMES = {"exec": "exec", "attach": "attach", "portForward": "port-forward", "run": "run"}
+_STREAMING_PATHS = [
+    *(f"/{kind}/{{namespace}}/{{pod}}/{{container}}" for kind in ("exec", "attach", "run")),
+    *(f"/{kind}/{{namespace}}/{{pod}}/{{uid}}/{{container}}" for kind in ("exec", "attach", "run")),
+    "/portForward/{namespace}/{pod}",
+    "/portForward/{namespace}/{pod}/{uid}",
+]
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+_RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})")
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _log_options(query: Mapping[str, str], now: datetime) -> LogOptions | str:
+    """The options of a ``/containerLogs`` query, or the text of the 400 for an invalid one.
+
+    As the kubelet's ValidatePodLogOptions: tailLines >= 0, limitBytes >= 1, sinceSeconds >= 1, and
+    at most one of sinceSeconds and sinceTime (an RFC 3339 time).
+    """
+    numbers: dict[str, int] = {}
+    for name, least, rule in (
+        ("tailLines", 0, "a non-negative whole number"),
+        ("limitBytes", 1, "a whole number greater than 0"),
+        ("sinceSeconds", 1, "a whole number greater than 0"),
+    ):
+        if name in query:
+            text = query[name]
+            if not _WHOLE_NUMBER.fullmatch(text) or int(text) < least:
+                return f"{name} must be {rule}, not {text!r}\n"
+            numbers[name] = int(text)
+    since: datetime | None = None
+    if query.get("sinceTime"):
+        if "sinceSeconds" in numbers:
+            return "at most one of `sinceTime` or `sinceSeconds` may be specified\n"
+        since = _rfc3339(query["sinceTime"])
+        if since is None:
+            return f"sinceTime must be an RFC 3339 time such as 2026-01-02T15:04:05Z, not {query['sinceTime']!r}\n"
+    elif "sinceSeconds" in numbers:
+        try:
+            since = now - timedelta(seconds=numbers["sinceSeconds"])
+        except OverflowError:
+            since = None  # before any log line
+    return LogOptions(
+        tail=numbers.get("tailLines"),
+        since=since,
+        limit=numbers.get("limitBytes"),
+        timestamps=_flag(query, "timestamps"),
+        follow=_flag(query, "follow"),
+    )
+
+
+def _rfc3339(text: str) -> datetime | None:
+    """A time as Go's time.Parse(time.RFC3339) reads it (a date, "T", a time and a zone), or None."""
+    if not _RFC3339.fullmatch(text):
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:  # no such day or hour
+        return None
+
+
+async def _log_stream(source: ContainerLog, start: int, options: LogOptions) -> AsyncGenerator[bytes, None]:
+    """What ``/containerLogs`` sends, as the kubelet's ReadLogs: from line ``start`` (tailLines),
+    the lines at or after ``since``, cut at ``limit`` bytes (timestamps count), which ends the stream."""
+    left = options.limit
+    async with aclosing(_follow(source, start, options.follow)) as lines:
+        async for line in lines:
+            if options.since is not None and line.at < options.since:
+                continue
+            chunk = _format(line, options.timestamps).encode()
+            if left is not None:
+                chunk = chunk[:left]
+                left -= len(chunk)
+            yield chunk
+            if left is not None and left <= 0:
+                return
 
 
 def _flag(query: Mapping[str, str], name: str) -> bool:
