@@ -152,9 +152,9 @@ class Agent:
                 await ensure_crd(self.session, load_crd_manifest())
             except CrdError as exc:
                 raise StartupError(str(exc)) from None
-        # Agents sharing a registry elect one cache builder (caches.leader_election).
+        # Agents on one cluster elect one ImageCache builder (caches.leader_election), whatever their registries.
         elector: LeaderElector | None = None
-        if election_wanted(s.caches.leader_election, s.registry.db):
+        if election_wanted(s.caches.leader_election):
             elector = LeaderElector(
                 LeaseClient(self.session),
                 identity=leader_identity(s.node.name, random.Random()),

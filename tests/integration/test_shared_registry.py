@@ -10,9 +10,11 @@ over at once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import signal
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,7 +190,7 @@ def test_two_agents_share_one_postgresql_registry(
 
         # The leader dies: the follower takes over within the lease duration and builds new caches.
         killed_at = time.monotonic()
-        leader.stop(signal.SIGKILL)
+        leader.stop(signal.SIGKILL, release_lease=False)
         wait_for(lambda: holder_node(cluster, agents) is follower, timeout=TAKEOVER_LIMIT_SECONDS + 5,
                  what="the follower takes the Lease")  # fmt: skip
         takeover = time.monotonic() - killed_at
@@ -211,3 +213,35 @@ def test_two_agents_share_one_postgresql_registry(
         assert handover < 10, handover
         rows = postgres.psql("SELECT name FROM caches ORDER BY name", database).split()
         assert sorted([web, auto, later]) == [r for r in rows if r in (web, auto, later)]
+
+
+def test_two_agents_with_a_sqlite_file_each_share_the_clusters_caches_without_a_fight(
+    cluster: Cluster, workdir: Path, namespace: str, caches: list[str]
+) -> None:
+    """The README's second `run` example beside a running agent: ImageCache objects are the
+    cluster's, so one agent builds and writes their status; the other follows the objects."""
+    agents = [AgentProcess(cluster, workdir / side, node_name=unique(f"vk{side}"), settings=SETTINGS) for side in "ab"]
+    with agents[0], agents[1]:
+        for agent in agents:
+            agent.wait_ready()
+        leader = wait_for(lambda: holder_node(cluster, agents), timeout=30, what="a leader holding the Lease")
+        follower = next(a for a in agents if a is not leader)
+        web = unique("sqlite-web")
+        caches.append(web)
+        apply(cluster, image_cache(web, ["nginx:1.7.9"]))
+        imc_id = wait_ready(cluster, web)["imageCacheId"]
+        wait_for(lambda: f"image cache {web} ({imc_id}): Ready, as the leader reports" in follower.log,
+                 timeout=30, what="the follower sees the cache Ready")  # fmt: skip
+        assert (built_ready(leader, web), built_ready(follower, web)) == (1, 0)
+        # Nobody rewrites the status any more (before: both agents, each with its own id, many
+        # times a second): a Pod on the follower hits the cache, and the object stays as it was.
+        version = cluster.get_json("imagecache", web)["metadata"]["resourceVersion"]
+        apply(cluster, pod("by-id", follower.node_name, {EXPLICIT: imc_id}, "nginx:1.7.9"), namespace=namespace)
+        event = wait_for(functools.partial(hit_event, cluster, namespace, "by-id"), timeout=60, what="by-id hit")
+        assert imc_id in event["message"]
+        now = cluster.get_json("imagecache", web)
+        assert (now["metadata"]["resourceVersion"], now["status"]["imageCacheId"]) == (version, imc_id)
+        with contextlib.closing(sqlite3.connect(f"file:{leader.db}?mode=ro", uri=True)) as db:
+            assert db.execute("SELECT imc_id, phase FROM caches WHERE name = ?", (web,)).fetchall() == [
+                (imc_id, "Ready")
+            ]

@@ -13,8 +13,8 @@ Pod's cache never queries the database.
 cache it creates is seen by the next Pod (a burst of misses shares one automatic cache); then
 it records hits and creates automatic caches as ImageCache objects.
 
-Several agents may share one registry (PostgreSQL) and the cluster's ImageCache objects. Then
-one of them leads (``controllers.leader``: it holds a Lease) and only the leader acts on caches:
+Several agents may share the cluster's ImageCache objects, with one registry (PostgreSQL) or
+each its own (SQLite). One of them leads (``controllers.leader``: it holds a Lease) and only the leader acts on caches:
 it builds them, writes their status and their registry rows, deletes expired ones and enforces
 quotas. Every agent, leader or follower, watches the objects and keeps the in-memory index, so
 Pods on every agent resolve against every cache; a follower takes each cache from the shared
@@ -22,7 +22,7 @@ registry row (the leader writes the row before the status, so a status change se
 is already in the registry), records its own hits there, and may create an automatic cache's
 object on a miss (the leader builds it). When leadership moves, the new leader reloads the index
 from the registry and replays every object as a resync does, which resumes unfinished builds.
-Without ``leadership`` the controller always leads (one agent, its own registry).
+Without ``leadership`` (``caches.leader_election: never``) the controller always leads.
 
 Decisions live in ``domain.cachebuild`` and ``domain.resolver``; this module gathers facts and
 applies what they decide. Time comes from the injected clock and ids from the injected random

@@ -1,8 +1,10 @@
 """Leader election on a Lease, as client-go's ``leaderelection`` does it, on the injected clock.
 
-Several agents may share one registry (a PostgreSQL database) and one cluster's ImageCache
-objects. Every one of them watches the objects and resolves Pods against every cache, but only
-one, the leader, builds caches, writes their status, deletes expired ones and enforces quotas.
+Several agents may run on one cluster, sharing its ImageCache objects (cluster-scoped), with one
+registry (a PostgreSQL database) or each its own (a SQLite file). Every one of them watches the
+objects and resolves Pods against every cache, but only one, the leader, builds caches, writes
+their status, deletes expired ones and enforces quotas: two agents acting on the same objects
+would each build a cache and overwrite the other's status, many times a second.
 The leader is whoever holds the Lease (``coordination.k8s.io/v1``, ``kube-system`` by default:
 a namespace every cluster has, where control-plane components keep their own election Leases).
 
@@ -11,7 +13,8 @@ The rules are client-go's:
 - a candidate takes the Lease when it does not exist, when its holder is empty (released), or
   when the holder has not renewed it for ``leaseDurationSeconds`` *as observed on our own
   clock* (the time we last saw the record change; the holder's ``renewTime`` would need the two
-  machines' clocks to agree);
+  machines' clocks to agree). So an agent started after its predecessor was killed (not
+  stopped: that releases the Lease) follows for up to a lease duration before it leads;
 - every write carries the resourceVersion that was read, so of two candidates in one round only
   one wins (the other gets a conflict and stays a follower);
 - the leader renews every ``renew_interval_seconds``; when it has not renewed successfully for
@@ -109,17 +112,14 @@ class LeaseRecord:
     transitions: int
 
 
-def election_wanted(mode: ElectionMode, db: str) -> bool:
-    """Whether the agent must win an election before it builds caches.
+def election_wanted(mode: ElectionMode) -> bool:
+    """Whether the agent must win an election before it acts on ImageCaches.
 
-    ``auto``: when the registry is a shared database (a URL that is not SQLite). A SQLite file
-    belongs to one agent, and that agent leads alone, as before elections existed.
+    ``auto`` and ``always``: yes, whatever its registry (agents with a SQLite file each, on one
+    cluster, would otherwise fight over the objects); ``never``: it always leads (one agent per
+    cluster, and no Lease in ``kube-system`` to take).
     """
-    if mode == "always":
-        return True
-    if mode == "never":
-        return False
-    return "://" in db and not db.split("://", 1)[0].startswith("sqlite")
+    return mode != "never"
 
 
 def leader_identity(node_name: str, rng: random.Random) -> str:
