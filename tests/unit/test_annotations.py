@@ -107,6 +107,8 @@ def test_match_requirements(annotations: dict[str, str], perfect_match: bool, ma
             [f'annotation {MATCH_COUNT_REQUEST}="abc" is not a whole number; ignored'],
         ),
         ({MATCH_COUNT_REQUEST: "0"}, [f'annotation {MATCH_COUNT_REQUEST}="0" must be at least 1; ignored']),
+        ({MATCH_COUNT_REQUEST: "-3"}, [f'annotation {MATCH_COUNT_REQUEST}="-3" must be at least 1; ignored']),
+        ({MATCH_COUNT_REQUEST: "--3"}, [f'annotation {MATCH_COUNT_REQUEST}="--3" is not a whole number; ignored']),
         ({AUTO_IMC: "yes"}, [f'annotation {AUTO_IMC}="yes" is not "true" or "false"; ignored']),
         ({PERFECT_MATCH: " true"}, [f'annotation {PERFECT_MATCH}=" true" is not "true" or "false"; ignored']),
         (

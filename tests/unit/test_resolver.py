@@ -330,6 +330,22 @@ CASES = [
         written={INSTANCE_ID: INSTANCE, MATCHED_IMAGE_CACHE: "imc-two"},
     ),
     Case(
+        "a match count request above the Pod's images asks for all of them, and says so",
+        pod(("nginx:1.7.9", "redis:7"), annotations={AUTO_IMC: "true", MATCH_COUNT_REQUEST: "5"}),
+        (READY_NGINX, cache("imc-both", (NGINX, MB), (REDIS, MB), age_hours=50)),
+        Outcome.AUTO_HIT,
+        (
+            problem(
+                f'annotation {MATCH_COUNT_REQUEST}="5" is more than the Pod\'s 2 images; every one must be in the cache'
+            ),
+            hit_event("imc-both"),
+        ),
+        cache_id="imc-both",
+        covered=(NGINX, REDIS),
+        to_pull=(),
+        written={INSTANCE_ID: INSTANCE, MATCHED_IMAGE_CACHE: "imc-both"},
+    ),
+    Case(
         "expired and not-Ready caches never hit",
         pod(annotations={AUTO_IMC: "true"}),
         (

@@ -158,7 +158,8 @@ def _read_count(annotations: Mapping[str, str], key: str, problems: list[str]) -
     value = _read_raw(annotations, key, problems)
     if value is None:
         return None
-    if not (value.isascii() and value.isdigit()):
+    digits = value[1:] if value[:1] in "+-" else value
+    if not (digits.isascii() and digits.isdigit()):
         problems.append(f"annotation {key}={quote(value)} is not a whole number; ignored")
         return None
     count = int(value)

@@ -49,7 +49,7 @@ from vk_provider.domain.annotations import (
     parse_cache_annotations,
 )
 from vk_provider.domain.cachebuild import FAILED_RETENTION
-from vk_provider.domain.images import ImageRef, InvalidReference, matches, parse_reference, shorten
+from vk_provider.domain.images import ImageRef, InvalidReference, matches, parse_reference, quote, shorten
 from vk_provider.domain.matching import MatchResult, format_bytes, rank_caches
 from vk_provider.domain.model import QUOTA_FULL, CachedImage, CachePhase, ImageCache
 
@@ -150,6 +150,20 @@ class Resolution:
         return self.outcome.value if self.outcome.is_failure else None
 
 
+def _match_count_problems(request: CacheRequest, distinct_images: int) -> tuple[str, ...]:
+    """ "At least N of the Pod's images" with fewer than N images is read as all of them, and said so."""
+    wanted = request.match_count_request
+    if not request.auto or request.explicit_id is not None or request.perfect_match or wanted is None:
+        return ()
+    if distinct_images == 0 or wanted <= distinct_images:
+        return ()
+    images = f"{distinct_images} image{'s' if distinct_images != 1 else ''}"
+    return (
+        f"annotation {keys.MATCH_COUNT_REQUEST}={quote(str(wanted))} is more than the Pod's {images}; "
+        "every one must be in the cache",
+    )
+
+
 def resolve(
     pod: PodCacheFacts,
     caches: Sequence[ImageCache],
@@ -164,9 +178,8 @@ def resolve(
     wanted, invalid = _parse_images(pod.images)
     all_refs = tuple(ref.normalized for ref in wanted)
     instance_id = instance_id_for(pod.uid)
-    problem_events = tuple(
-        PodEvent(INVALID_ANNOTATION_REASON, EventType.WARNING, problem) for problem in request.problems
-    )
+    problems = request.problems + _match_count_problems(request, len(set(all_refs)))
+    problem_events = tuple(PodEvent(INVALID_ANNOTATION_REASON, EventType.WARNING, problem) for problem in problems)
     written = MappingProxyType({keys.INSTANCE_ID: instance_id})
 
     if request.explicit_id is not None:
