@@ -28,9 +28,9 @@ from vk_provider.controllers.records import RegistryStartRecorder
 from vk_provider.controllers.reporter import StatusReporter
 from vk_provider.controllers.router import PodRouter
 from vk_provider.domain.ipam import IpPool
-from vk_provider.domain.node import NodeFacts
+from vk_provider.domain.node import NodeFacts, node_endpoint
 from vk_provider.http.certs import CertificateError, serving_certificate
-from vk_provider.http.server import KubeletServer
+from vk_provider.http.server import KubeletServer, agent_answers
 from vk_provider.kube.auth import ClusterAuth
 from vk_provider.kube.imagecaches import LIST_PATH as IMAGECACHES_PATH
 from vk_provider.kube.imagecaches import CrdError, ImageCacheClient, ensure_crd, load_crd_manifest
@@ -97,6 +97,7 @@ class Agent:
 
     async def start(self) -> None:
         s = self.settings
+        await self._refuse_nodes_run_elsewhere()
         await self._open_registry()
         try:
             catalog = load_catalogs(s.images.catalog, s.images.extra_catalogs)
@@ -272,6 +273,24 @@ class Agent:
             self.nodes.append(node)
             self.supervisor.start(f"node-heartbeat:{name}", node.run())
         self.node = self.nodes[0]
+
+    async def _refuse_nodes_run_elsewhere(self) -> None:
+        """A Node of ours whose kubelet endpoint answers as a vk-provider agent is run by another
+        agent now (this one serves nothing yet): two agents on one Node would each run its Pods,
+        and the one that stops last would leave it NotReady with its endpoint gone."""
+        client = NodeClient(self.session)
+        for name in node_names(self.settings.node):
+            try:
+                node = await client.get_node(name)
+            except KubeError as exc:
+                log.debug("node %s: could not read it before starting (%s)", name, exc)
+                continue
+            host, port = node_endpoint(node) if node else ("", 0)
+            if await agent_answers(host, port):
+                raise StartupError(
+                    f"node {name} is run by another vk-provider agent now (its kubelet endpoint {host}:{port} "
+                    "answers): stop that agent first, or choose another --node-name"
+                )
 
     async def _open_registry(self) -> None:
         db = self.settings.registry.db

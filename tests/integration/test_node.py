@@ -103,6 +103,30 @@ def test_sigterm_stops_cleanly_and_restart_reuses_the_node(cluster: Cluster, wor
         assert again.stop() == 0
 
 
+def test_a_second_agent_for_a_node_another_agent_runs_refuses_to_start(cluster: Cluster, workdir: Path) -> None:
+    name = unique_node()
+    with AgentProcess(cluster, workdir, node_name=name) as first:
+        first.wait_ready()
+        second = AgentProcess(cluster, workdir / "second", node_name=name).start()
+        assert second.proc is not None
+        code = second.proc.wait(timeout=30)
+        second.stop()
+        assert code == 1, second.log
+        assert f"node {name} is run by another vk-provider agent now" in second.log
+        assert "choose another --node-name" in second.log
+        assert "registered node" not in second.log
+        assert "re-using existing node" not in second.log
+        assert first.alive()
+        assert ready_status(cluster, name) == "True"  # the first agent's Node, untouched
+        assert first.stop() == 0  # leaves the Node NotReady
+    # Once the first agent has stopped, the node is free to take.
+    again = AgentProcess(cluster, workdir / "second", node_name=name).start()
+    try:
+        again.wait_ready()
+    finally:
+        assert again.stop() == 0
+
+
 def test_sigint_with_delete_on_shutdown_removes_the_node(cluster: Cluster, workdir: Path) -> None:
     name = unique_node()
     agent = AgentProcess(cluster, workdir, node_name=name, settings={"node": {"on_shutdown": "delete"}}).start()

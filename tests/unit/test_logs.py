@@ -6,17 +6,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from vk_provider.controllers.logs import LogRun, SimLog
 from vk_provider.domain.callers import Caller
 from vk_provider.http.certs import serving_certificate
-from vk_provider.http.server import KubeletServer
+from vk_provider.http.server import KubeletServer, agent_answers
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -331,3 +333,32 @@ async def test_exec_attach_port_forward_and_run_get_a_bad_request_status(
         "code": 400,
     }
     assert anonymous == 401
+
+
+async def test_an_agent_endpoint_is_told_from_a_closed_port_and_from_other_servers(
+    certificate: tuple[str, str],
+) -> None:
+    # What an agent asks before it takes over a Node: does that Node's kubelet endpoint answer as ours?
+    async with endpoint(certificate, running_log()) as client:
+        assert await agent_answers("127.0.0.1", client.port)
+        port = client.port
+    assert not await agent_answers("127.0.0.1", port)  # stopped: nothing listens there any more
+    assert not await agent_answers("", port)
+    assert not await agent_answers("127.0.0.1", 0)
+
+    async def not_ours(request: web.Request) -> web.Response:
+        return web.Response(text="ok")  # a kubelet's /healthz: no vk-provider header
+
+    app = web.Application()
+    app.router.add_get("/healthz", not_ours)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(*certificate)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    try:
+        other = runner.addresses[0][1]
+        assert not await agent_answers("127.0.0.1", other)
+    finally:
+        await runner.cleanup()

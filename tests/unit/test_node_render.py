@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from vk_provider.domain.node import NodeFacts, lease_object, merge_taints, node_object, node_status
+from vk_provider.domain.node import NodeFacts, lease_object, merge_taints, node_endpoint, node_object, node_status
 
 FACTS = NodeFacts(
     name="virtual-kubelet", provider="alibabacloud", cpu="1000", memory="4Ti", pods=1000,
@@ -60,3 +60,19 @@ def test_status_patch_replaces_the_address_list() -> None:
 
     patch = node_status_patch(FACTS, NOW, ready=True, transition=NOW)
     assert patch["addresses"] == [{"$patch": "replace"}, {"type": "InternalIP", "address": "10.0.0.7"}]
+
+
+def test_node_endpoint_reads_where_a_nodes_kubelet_listens() -> None:
+    node = {
+        "status": {
+            "addresses": [{"type": "Hostname", "address": "h"}, {"type": "InternalIP", "address": "10.0.0.7"}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": 10250}},
+        }
+    }
+    assert node_endpoint(node) == ("10.0.0.7", 10250)
+    assert node_endpoint({}) == ("", 0)
+    assert node_endpoint({"status": {"addresses": [{"type": "InternalIP", "address": "10.0.0.7"}]}}) == ("", 0)
+    assert node_endpoint({"status": {"addresses": "x", "daemonEndpoints": {"kubeletEndpoint": {"Port": "y"}}}}) == (
+        "",
+        0,
+    )

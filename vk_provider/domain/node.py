@@ -171,3 +171,17 @@ def lease_object(name: str, namespace: str, duration_seconds: int, now: datetime
             "renewTime": rfc3339_micro(now),
         },
     }
+
+
+def node_endpoint(node: JSON) -> tuple[str, int]:
+    """Where a Node's kubelet listens: its first InternalIP and ``daemonEndpoints`` port; ("", 0)
+    when it does not say (or says it in a form we do not read)."""
+    status = node.get("status") or {}
+    try:
+        port = int(((status.get("daemonEndpoints") or {}).get("kubeletEndpoint") or {}).get("Port") or 0)
+        host = next(
+            (str(a.get("address") or "") for a in status.get("addresses") or () if a.get("type") == "InternalIP"), ""
+        )
+    except (AttributeError, TypeError, ValueError):
+        return "", 0
+    return (host, port) if host and port else ("", 0)

@@ -23,11 +23,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
+import aiohttp
 from aiohttp import web
 
 from vk_provider.domain.callers import Caller, node_subresource, verb_for
 
 log = logging.getLogger(__name__)
+AGENT_HEADER = "X-Vk-Provider"  # on /healthz: the endpoint is a vk-provider agent's
 
 
 class Authorizer(Protocol):
@@ -182,7 +184,8 @@ class KubeletServer:
         return None
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        return web.Response(text="ok")
+        # The header tells another agent starting with a node name of ours that we run it.
+        return web.Response(text="ok", headers={AGENT_HEADER: "vk-provider"})
 
     async def _pods(self, request: web.Request) -> web.Response:
         body = {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": self.pods.pod_list()}
@@ -343,6 +346,29 @@ async def _log_stream(source: ContainerLog, start: int, options: LogOptions) -> 
             yield chunk
             if left is not None and left <= 0:
                 return
+
+
+async def agent_answers(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Whether a vk-provider agent's kubelet endpoint answers at ``host:port`` (its ``/healthz``).
+
+    Asked before an agent takes over a Node: a Node whose endpoint answers is run by another
+    agent now. No certificate is checked (only whether it answers, and as what); any failure to
+    connect, or an answer from something else, is False.
+    """
+    if not host or not 0 < port < 65536:
+        return False
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    url = f"https://{host}:{port}/healthz" if ":" not in host else f"https://[{host}]:{port}/healthz"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
+            session.get(url, ssl=context) as response,
+        ):
+            return response.status == 200 and response.headers.get(AGENT_HEADER) == "vk-provider"
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
+        return False
 
 
 def _flag(query: Mapping[str, str], name: str) -> bool:
