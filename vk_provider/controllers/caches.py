@@ -14,13 +14,14 @@ cache it creates is seen by the next Pod (a burst of misses shares one automatic
 it records hits and creates automatic caches as ImageCache objects.
 
 Several agents may share the cluster's ImageCache objects, with one registry (PostgreSQL) or
-each its own (SQLite). One of them leads (``controllers.leader``: it holds a Lease) and only the leader acts on caches:
-it builds them, writes their status and their registry rows, deletes expired ones and enforces
-quotas. Every agent, leader or follower, watches the objects and keeps the in-memory index, so
-Pods on every agent resolve against every cache; a follower takes each cache from the shared
-registry row (the leader writes the row before the status, so a status change seen on the watch
-is already in the registry), records its own hits there, and may create an automatic cache's
-object on a miss (the leader builds it). When leadership moves, the new leader reloads the index
+each its own (SQLite). One of them leads (``controllers.leader``: it holds a Lease) and only the
+leader acts on caches: it builds them, writes their status and their registry rows, deletes
+expired ones and enforces quotas. Every agent, leader or follower, watches the objects and keeps
+the in-memory index, so Pods on every agent resolve against every cache; a follower takes each
+cache from the shared registry row (the leader writes the row before the status, so a status
+change seen on the watch is already in the registry), or from the object's status when its
+registry is its own, records its own hits there, and may create an automatic cache's object on a
+miss (the leader builds it). When leadership moves, the new leader reloads the index
 from the registry and replays every object as a resync does, which resumes unfinished builds.
 Without ``leadership`` (``caches.leader_election: never``) the controller always leads.
 
@@ -561,8 +562,11 @@ class ImageCacheController:
         cache = self.caches.get(name)
         if cache is None or cache.expires_at is None or not self._leading:
             return
-        shown = parse_time((self._statuses.get(name) or {}).get("expireDateTime"))
-        if shown is not None and abs(cache.expires_at - shown) <= EXPIRY_SLACK:
+        try:
+            shown = parse_time((self._statuses.get(name) or {}).get("expireDateTime"))
+        except ValueError:  # not a time we read (edited by hand): write ours
+            shown = None
+        if shown is not None and shown.tzinfo is not None and abs(cache.expires_at - shown) <= EXPIRY_SLACK:
             return
         with contextlib.suppress(_Gone):
             await self._write_status(name, with_events=False)

@@ -8,10 +8,11 @@ idempotent on the Pod's UID, so a restarted agent finishing a start it had begun
 twice; a start replaces a ``failed`` record of the Pod); metrics are observed only for starts this
 process stored.
 
-A start is stored within ``linger`` seconds, so an agent killed (SIGKILL, OOM) may not have stored
-the last ones. After a restart, the Pods found running are checked against the registry: those
-with no record are named in a warning and counted (``vk_provider_pod_starts_unrecorded_total``),
-so a comparison that misses them says so instead of being silently short.
+A start is stored within ``linger`` seconds (up to ``max_delay`` while status writes are pending),
+so an agent killed (SIGKILL, OOM) may not have stored the last ones. After a restart, the Pods
+found running are checked against the registry: those with no record are named in a warning and
+counted (``vk_provider_pod_starts_unrecorded_total``), so a comparison that misses them says so
+instead of being silently short.
 """
 
 from __future__ import annotations
