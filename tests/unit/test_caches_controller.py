@@ -473,6 +473,12 @@ async def test_a_miss_creates_one_automatic_cache_shared_by_a_burst(world: World
     await world.manager.resolve(pod("later-still", ["nginx:1.7.9", "busybox"], auto))
     assert await world.manager.flush_hits()
     assert world.status(name)["expireDateTime"] == rfc3339(world.clock.now() + timedelta(days=30))
+    # An expiry on the object that is not a time (edited by hand, and not yet corrected because that
+    # status write failed) is written over, not a crash of the hit writer.
+    world.controller._statuses[name] = {**world.status(name), "expireDateTime": "soon"}
+    await world.manager.resolve(pod("after-edit", ["nginx:1.7.9", "busybox"], auto))
+    assert await world.manager.flush_hits()
+    assert world.status(name)["expireDateTime"] == rfc3339(world.clock.now() + timedelta(days=30))
 
 
 async def test_a_pod_taken_again_after_a_restart_keeps_its_decision(world: World) -> None:
