@@ -42,7 +42,7 @@ from vk_provider.kube.session import KubeConfigError, KubeError, KubeSession
 from vk_provider.kube.watching import list_watch
 from vk_provider.metrics import NodeMetrics
 from vk_provider.oci import Platform, RegistryClient
-from vk_provider.registry.engine import database_url, open_registry
+from vk_provider.registry.engine import database_url, open_registry, sqlite_file
 from vk_provider.registry.migrate import upgrade
 from vk_provider.registry.repository import Registry
 from vk_provider.supervisor import Supervisor
@@ -295,12 +295,18 @@ class Agent:
     async def _open_registry(self) -> None:
         db = self.settings.registry.db
         try:
+            file = sqlite_file(db)
+        except ValueError:
+            file = None  # opening it says what is wrong
+        # A mistyped --db is a new, empty registry: said at start, not discovered in a report later.
+        new = "" if file is None or file.exists() else " (a new file: no caches or Pod starts from earlier runs)"
+        try:
             self.registry = await open_registry(database_url(db))
             await upgrade(self.registry.engine)
         except Exception as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise StartupError(f"registry database {db}: {first}") from None
-        log.info("registry database %s is at the newest schema", db)
+        log.info("registry database %s is at the newest schema%s", db, new)
 
     def _node_facts(self, name: str, port: int) -> NodeFacts:
         n = self.settings.node

@@ -93,12 +93,16 @@ def test_sigterm_stops_cleanly_and_restart_reuses_the_node(cluster: Cluster, wor
     for bad in ("Traceback", "Task was destroyed", "Unclosed", "unclosed", "Exception ignored"):
         assert bad not in agent.log, agent.log
     assert ready_status(cluster, name) == "False"  # left NotReady by default
+    assert agent.log.count("(a new file: no caches or Pod starts from earlier runs)") == 1
 
     again = AgentProcess(cluster, workdir, node_name=name).start()
     try:
         again.wait_ready()
         assert cluster.get_json("node", name)["metadata"]["uid"] == uid
         assert "ERROR" not in again.log
+        # The same registry file again (the log is the first run's, continued): not new this time.
+        assert again.log.count("registry database") == 2
+        assert again.log.count("(a new file: no caches or Pod starts from earlier runs)") == 1
     finally:
         assert again.stop() == 0
 
