@@ -28,9 +28,9 @@ from vk_provider.controllers.records import RegistryStartRecorder
 from vk_provider.controllers.reporter import StatusReporter
 from vk_provider.controllers.router import PodRouter
 from vk_provider.domain.ipam import IpPool
-from vk_provider.domain.node import NodeFacts, node_endpoint
+from vk_provider.domain.node import VIRTUAL_KUBELET_TYPE, NodeFacts, node_endpoint
 from vk_provider.http.certs import CertificateError, serving_certificate
-from vk_provider.http.server import KubeletServer, agent_answers
+from vk_provider.http.server import KubeletServer, agent_runs
 from vk_provider.kube.auth import ClusterAuth
 from vk_provider.kube.imagecaches import LIST_PATH as IMAGECACHES_PATH
 from vk_provider.kube.imagecaches import CrdError, ImageCacheClient, ensure_crd, load_crd_manifest
@@ -119,6 +119,7 @@ class Agent:
             client_ca_file=client_ca,
             authorizer=ClusterAuth(self.session),
             metrics=self.metrics,
+            node_names=node_names(s.node),
         )
         try:
             port = await self.server.start()
@@ -275,31 +276,38 @@ class Agent:
         self.node = self.nodes[0]
 
     async def _refuse_nodes_run_elsewhere(self) -> None:
-        """A Node of ours whose kubelet endpoint answers as a vk-provider agent is run by another
-        agent now (this one serves nothing yet): two agents on one Node would each run its Pods,
-        and the one that stops last would leave it NotReady with its endpoint gone."""
-        client = NodeClient(self.session)
-        for name in node_names(self.settings.node):
-            try:
-                node = await client.get_node(name)
-            except KubeError as exc:
-                log.debug("node %s: could not read it before starting (%s)", name, exc)
-                continue
-            host, port = node_endpoint(node) if node else ("", 0)
-            if await agent_answers(host, port):
+        """A Node of ours whose kubelet endpoint says it runs that Node is run by another agent
+        now (this one serves nothing yet): two agents on one Node would each run its Pods, and the
+        one that stops last would leave it NotReady with its endpoint gone. One list of the virtual
+        Nodes, and one question per endpoint they name (the Nodes of one agent share one)."""
+        ours = set(node_names(self.settings.node))
+        try:
+            nodes = await NodeClient(self.session).list_nodes(f"type={VIRTUAL_KUBELET_TYPE}")
+        except KubeError as exc:
+            log.debug("could not list the virtual Nodes before starting (%s)", exc)
+            return
+        asked: dict[tuple[str, int], str] = {}
+        for node in nodes:
+            name = str((node.get("metadata") or {}).get("name") or "")
+            endpoint = node_endpoint(node)
+            if name in ours and endpoint[1] and endpoint not in asked:
+                asked[endpoint] = name
+        for (host, port), name in asked.items():
+            if await agent_runs(host, port, name):
                 raise StartupError(
                     f"node {name} is run by another vk-provider agent now (its kubelet endpoint {host}:{port} "
-                    "answers): stop that agent first, or choose another --node-name"
+                    "says so): stop that agent first, or choose another --node-name"
                 )
 
     async def _open_registry(self) -> None:
         db = self.settings.registry.db
         try:
             file = sqlite_file(db)
-        except ValueError:
-            file = None  # opening it says what is wrong
-        # A mistyped --db is a new, empty registry: said at start, not discovered in a report later.
-        new = "" if file is None or file.exists() else " (a new file: no caches or Pod starts from earlier runs)"
+            # A mistyped --db is a new, empty registry: said at start, not found out in a report later.
+            is_new = file is not None and not file.exists()
+        except (ValueError, OSError):
+            is_new = False  # opening it says what is wrong
+        new = " (a new file: no caches or Pod starts from earlier runs)" if is_new else ""
         try:
             self.registry = await open_registry(database_url(db))
             await upgrade(self.registry.engine)
@@ -363,7 +371,7 @@ class Agent:
             await self.records.flush(timeout=3.0)
         if self.cache_manager is not None:
             try:
-                await asyncio.wait_for(self.cache_manager.flush_hits(), timeout=3.0)
+                await asyncio.wait_for(self.cache_manager.flush_hits(show_expiries=False), timeout=3.0)
             except TimeoutError:
                 log.warning("image cache matches were not recorded before shutdown")
         await self.supervisor.stop()

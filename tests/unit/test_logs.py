@@ -18,7 +18,7 @@ from aiohttp import web
 from vk_provider.controllers.logs import LogRun, SimLog
 from vk_provider.domain.callers import Caller
 from vk_provider.http.certs import serving_certificate
-from vk_provider.http.server import KubeletServer, agent_answers
+from vk_provider.http.server import KubeletServer, agent_runs
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -263,6 +263,7 @@ async def test_logs_since_and_limit_bytes_as_the_kubelet(
         ("limitBytes=0", "limitBytes must be a whole number greater than 0, not '0'"),
         ("limitBytes=20MB", "limitBytes must be a whole number greater than 0, not '20MB'"),
         ("tailLines=-1", "tailLines must be a non-negative whole number, not '-1'"),
+        ("tailLines=" + "9" * 5000, "tailLines must be a non-negative whole number"),  # int() would refuse it: no 500
         ("sinceSeconds=5&sinceTime=2026-01-01T00:00:20Z",
          "at most one of `sinceTime` or `sinceSeconds` may be specified"),
         ("sinceTime=2026-01-01", "sinceTime must be an RFC 3339 time such as 2026-01-02T15:04:05Z, not '2026-01-01'"),
@@ -338,13 +339,14 @@ async def test_exec_attach_port_forward_and_run_get_a_bad_request_status(
 async def test_an_agent_endpoint_is_told_from_a_closed_port_and_from_other_servers(
     certificate: tuple[str, str],
 ) -> None:
-    # What an agent asks before it takes over a Node: does that Node's kubelet endpoint answer as ours?
+    # What an agent asks before it takes over a Node: does that Node's kubelet endpoint run it now?
     async with endpoint(certificate, running_log()) as client:
-        assert await agent_answers("127.0.0.1", client.port)
+        assert await agent_runs("127.0.0.1", client.port, "n")  # the endpoint's own node
+        assert not await agent_runs("127.0.0.1", client.port, "other")  # an agent now serving other Nodes
         port = client.port
-    assert not await agent_answers("127.0.0.1", port)  # stopped: nothing listens there any more
-    assert not await agent_answers("", port)
-    assert not await agent_answers("127.0.0.1", 0)
+    assert not await agent_runs("127.0.0.1", port, "n")  # stopped: nothing listens there any more
+    assert not await agent_runs("", port, "n")
+    assert not await agent_runs("127.0.0.1", 0, "n")
 
     async def not_ours(request: web.Request) -> web.Response:
         return web.Response(text="ok")  # a kubelet's /healthz: no vk-provider header
@@ -359,6 +361,6 @@ async def test_an_agent_endpoint_is_told_from_a_closed_port_and_from_other_serve
     await site.start()
     try:
         other = runner.addresses[0][1]
-        assert not await agent_answers("127.0.0.1", other)
+        assert not await agent_runs("127.0.0.1", other, "n")
     finally:
         await runner.cleanup()

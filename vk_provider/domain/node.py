@@ -41,9 +41,12 @@ def rfc3339_micro(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+VIRTUAL_KUBELET_TYPE = "virtual-kubelet"  # the "type" label of every virtual Node
+
+
 def node_labels(facts: NodeFacts) -> dict[str, str]:
     labels = {
-        "type": "virtual-kubelet",
+        "type": VIRTUAL_KUBELET_TYPE,
         "kubernetes.io/role": "agent",
         "kubernetes.io/hostname": facts.name,
         "kubernetes.io/os": facts.operating_system,

@@ -14,10 +14,11 @@ callers get 401, callers without the permission 403.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import ssl
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -108,8 +109,10 @@ class KubeletServer:
         pods: PodView | None = None,
         metrics: MetricsView | None = None,
         now: Callable[[], datetime] | None = None,
+        node_names: Collection[str] = (),
     ) -> None:
         self._node = node_name
+        self._node_names = frozenset(node_names)  # all the Nodes this endpoint serves (node.count)
         self._now = now or _utc_now  # what sinceSeconds counts back from
         self._bind = bind_address
         self._port = port
@@ -184,8 +187,10 @@ class KubeletServer:
         return None
 
     async def _healthz(self, request: web.Request) -> web.Response:
-        # The header tells another agent starting with a node name of ours that we run it.
-        return web.Response(text="ok", headers={AGENT_HEADER: "vk-provider"})
+        # ?node=NAME: the header tells another agent starting with that node name whether we run it.
+        asked = request.query.get("node")
+        runs = asked is not None and (asked == self._node or asked in self._node_names)
+        return web.Response(text="ok", headers={AGENT_HEADER: "runs" if runs else "vk-provider"})
 
     async def _pods(self, request: web.Request) -> web.Response:
         body = {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": self.pods.pod_list()}
@@ -275,7 +280,7 @@ _STREAMING_PATHS = [
     "/portForward/{namespace}/{pod}",
     "/portForward/{namespace}/{pod}/{uid}",
 ]
-_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]+")
+_WHOLE_NUMBER = re.compile(r"[+-]?[0-9]{1,18}")  # longer: not a count anyone means (nor one int() takes)
 _RFC3339 = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?(Z|[+-][0-9]{2}:[0-9]{2})")
 
 
@@ -348,27 +353,33 @@ async def _log_stream(source: ContainerLog, start: int, options: LogOptions) -> 
                 return
 
 
-async def agent_answers(host: str, port: int, timeout: float = 2.0) -> bool:
-    """Whether a vk-provider agent's kubelet endpoint answers at ``host:port`` (its ``/healthz``).
+async def agent_runs(host: str, port: int, node: str, timeout: float = 2.0) -> bool:
+    """Whether a vk-provider agent's kubelet endpoint at ``host:port`` says it runs ``node`` now
+    (its ``/healthz?node=``).
 
-    Asked before an agent takes over a Node: a Node whose endpoint answers is run by another
-    agent now. No certificate is checked (only whether it answers, and as what); any failure to
-    connect, or an answer from something else, is False.
+    Asked before an agent takes over a Node. No certificate is checked (only what the endpoint
+    answers); any failure to connect, an answer from something else, or from an agent that runs
+    other Nodes now (it took over the address) is False.
     """
     if not host or not 0 < port < 65536:
         return False
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
     url = f"https://{host}:{port}/healthz" if ":" not in host else f"https://[{host}]:{port}/healthz"
     try:
         async with (
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout)) as session,
-            session.get(url, ssl=context) as response,
+            session.get(url, params={"node": node}, ssl=_probe_context()) as response,
         ):
-            return response.status == 200 and response.headers.get(AGENT_HEADER) == "vk-provider"
+            return response.status == 200 and response.headers.get(AGENT_HEADER) == "runs"
     except (aiohttp.ClientError, OSError, TimeoutError, ValueError):
         return False
+
+
+@functools.cache
+def _probe_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def _flag(query: Mapping[str, str], name: str) -> bool:

@@ -26,6 +26,11 @@ class NodeClient:
                 return None
             raise
 
+    async def list_nodes(self, label_selector: str) -> list[JSON]:
+        """The Nodes with these labels (one request: read once, at start-up)."""
+        body = await self._s.request("GET", "/api/v1/nodes", query={"labelSelector": label_selector})
+        return list(body.get("items") or [])
+
     async def create_node(self, body: JSON) -> JSON:
         return await self._s.request("POST", "/api/v1/nodes", body=body)
 
