@@ -268,3 +268,21 @@ async def test_a_follower_without_the_row_indexes_the_status(world: World) -> No
     assert (hit.outcome, hit.imc_id) == ("explicit_hit", ready_id)
     assert world.b.api.status_writes == 0
     assert "elsewhere" not in world.store.rows
+
+
+async def test_a_cache_deleted_while_nobody_led_is_forgotten_by_the_next_leader(world: World) -> None:
+    world.cluster.objects["gone"] = obj("gone", ["nginx:1.7.9"])
+    await world.watch()
+    await world.run(60)
+    assert world.store.rows["gone"].phase is CachePhase.READY
+    await world.a.leadership.change(False)  # e.g. killed: nobody leads for a while
+    body = world.cluster.objects.pop("gone")
+    for agent in (world.a, world.b):
+        await agent.controller.delete(body)
+    assert "gone" in world.store.rows  # a follower leaves rows to the leader
+    await world.b.leadership.change(True)
+    # Its index came from the registry's rows: the one whose object is gone must not come back.
+    assert "gone" not in world.b.controller.caches
+    assert "gone" not in world.store.rows
+    hit = await world.b.manager.resolve(pod("late", ["nginx:1.7.9"], AUTO))
+    assert hit.outcome == "miss"

@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -260,13 +260,18 @@ class ImageCacheController:
             if name:
                 seen.add(name)
                 await self._upsert(obj)
+        await self._forget_orphans(seen)
+        self.synced.set()
+
+    async def _forget_orphans(self, objects: Collection[str]) -> None:
+        """Forget the caches whose objects are gone (not among ``objects``), but for those this
+        agent created a moment ago (the watch may not have brought their objects yet)."""
         now = self.clock.monotonic()
-        for name in [n for n in self.caches if n not in seen]:
+        for name in [n for n in self.caches if n not in objects]:
             if now - self._pending.get(name, -_PENDING_SECONDS) < _PENDING_SECONDS:
                 continue
             log.info("image cache %s: its object is gone; forgetting it", name)
             await self._forget(name)
-        self.synced.set()
 
     async def upsert(self, obj: JSON) -> None:
         async with self._lock:
@@ -388,6 +393,8 @@ class ImageCacheController:
             self.caches = {name: self._with_known_match(cache) for name, cache in stored.items()} | pending
             for obj in list(self._objects.values()):
                 await self._upsert(obj)
+            # Rows of caches deleted while another agent led (or while nobody did: after a kill).
+            await self._forget_orphans(set(self._objects))
 
     def _with_known_match(self, stored: ImageCache) -> ImageCache:
         """``stored``, with a hit noted in memory whose registry write has not landed yet."""
@@ -938,8 +945,13 @@ class CacheManager:
                 await asyncio.sleep(backoff)
                 backoff = min(max_backoff, backoff * 2)
 
-    async def flush_hits(self) -> bool:
-        """Write every hit tallied so far; False if a write failed (those hits stay tallied for a retry)."""
+    async def flush_hits(self, *, show_expiries: bool = True) -> bool:
+        """Write every hit tallied so far; False if a write failed (those hits stay tallied for a retry).
+
+        Then, with ``show_expiries``, the expiries the hits moved go to the objects' status (after
+        every row is written: a slow API server must not hold up the registry; not at shutdown).
+        """
+        moved: list[str] = []
         async with self._writing_hits:
             self._hits_waiting.clear()
             batch, self._hits = self._hits, {}
@@ -954,8 +966,11 @@ class CacheManager:
                     self._tally(imc_id, hits)  # kept for the next try
                     continue
                 if hits.automatic:  # a hit extends an automatic cache: its object says so too
-                    await self.controller.show_expiry(hits.name)
-            return ok
+                    moved.append(hits.name)
+        if show_expiries:
+            for name in moved:
+                await self.controller.show_expiry(name)
+        return ok
 
     def _tally(self, imc_id: str, hits: _Hits) -> None:
         """Add ``hits``; the later of the two tallies gives the time and expiry."""
