@@ -19,6 +19,7 @@ from vk_provider.domain.annotations import (
     instance_id_for,
     parse_cache_annotations,
 )
+from vk_provider.domain.images import quote
 
 SEED_ID = "imc-2ze5tm5gehgtiigaabcd"
 NEW_ID = "imc-bp1abcdefghij0123456"
@@ -109,6 +110,10 @@ def test_match_requirements(annotations: dict[str, str], perfect_match: bool, ma
         ({MATCH_COUNT_REQUEST: "0"}, [f'annotation {MATCH_COUNT_REQUEST}="0" must be at least 1; ignored']),
         ({MATCH_COUNT_REQUEST: "-3"}, [f'annotation {MATCH_COUNT_REQUEST}="-3" must be at least 1; ignored']),
         ({MATCH_COUNT_REQUEST: "--3"}, [f'annotation {MATCH_COUNT_REQUEST}="--3" is not a whole number; ignored']),
+        (
+            {MATCH_COUNT_REQUEST: "9" * 1000},
+            [f"annotation {MATCH_COUNT_REQUEST}={quote('9' * 1000)} is too large; ignored"],
+        ),
         ({AUTO_IMC: "yes"}, [f'annotation {AUTO_IMC}="yes" is not "true" or "false"; ignored']),
         ({PERFECT_MATCH: " true"}, [f'annotation {PERFECT_MATCH}=" true" is not "true" or "false"; ignored']),
         (

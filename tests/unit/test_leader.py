@@ -25,6 +25,7 @@ NS, NAME = "kube-system", "vk-provider-imagecaches"
 class FakeError(Exception):
     def __init__(self, status: int, reason: str = "") -> None:
         super().__init__(f"{status} {reason}")
+        self.status = status
         self.is_conflict = status == 409
         self.is_already_exists = status == 409 and reason == "AlreadyExists"
         self.is_transient = status >= 500
@@ -306,3 +307,39 @@ def test_timing_problems(timing: LeaderTiming, problems: int) -> None:
 
 def test_for_lease_keeps_client_gos_proportions() -> None:
     assert LeaderTiming.for_lease(15, 5) == LeaderTiming()
+
+
+class ForbiddenLeases:
+    """RBAC without the election's Lease: every call is 403."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def get(self, namespace: str, name: str) -> Any:
+        self.calls += 1
+        raise FakeError(403, "Forbidden")
+
+    async def create(self, namespace: str, name: str, spec: Any) -> Any:
+        raise FakeError(403, "Forbidden")
+
+    async def update(self, namespace: str, name: str, spec: Any, resource_version: str) -> Any:
+        raise FakeError(403, "Forbidden")
+
+
+async def test_a_forbidden_lease_is_told_once_as_an_error_and_never_led(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    api = ForbiddenLeases()
+    elector = LeaderElector(api, identity="a_1", clock=clock, namespace=NS, name=NAME)
+    task = asyncio.create_task(elector.run())
+    try:
+        for _ in range(5):
+            await clock.advance(2)
+        assert api.calls >= 5  # it keeps trying (the permission may be granted later)
+        assert not elector.is_leader
+        errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1
+        assert "builds no ImageCache" in errors[0]
+        assert "caches.leader_election: never" in errors[0]
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -190,6 +190,7 @@ class LeaderElector:
         self._resource_version = ""
         self._last_renew = 0.0
         self.transitions = 0  # how many times this elector became leader
+        self._forbidden_told = False
 
     @property
     def is_leader(self) -> bool:
@@ -259,6 +260,18 @@ class LeaderElector:
         except Exception as exc:
             if getattr(exc, "is_conflict", False):
                 log.debug("leader election: lost a race for the Lease: %s", exc)
+            elif getattr(exc, "status", 0) == 403:
+                if not self._forbidden_told:  # once: it is a setup to fix, not a passing failure
+                    self._forbidden_told = True
+                    log.error(
+                        "leader election: this agent may not use the Lease %s/%s (%s), so it builds no "
+                        "ImageCache: grant get, create and update on it (deploy/20-rbac.yaml, Role "
+                        "vk-provider-imagecache-leader), or set caches.leader_election: never if it is the "
+                        "cluster's only agent",
+                        self.namespace,
+                        self.name,
+                        exc,
+                    )
             else:
                 log.warning("leader election: %s", exc)
             return False

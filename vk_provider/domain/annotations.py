@@ -162,6 +162,9 @@ def _read_count(annotations: Mapping[str, str], key: str, problems: list[str]) -
     if not (digits.isascii() and digits.isdigit()):
         problems.append(f"annotation {key}={quote(value)} is not a whole number; ignored")
         return None
+    if len(digits) > 9:  # more images than any Pod has, and more digits than int() may take
+        problems.append(f"annotation {key}={quote(value)} is too large; ignored")
+        return None
     count = int(value)
     if count < 1:
         problems.append(f"annotation {key}={quote(value)} must be at least 1; ignored")
