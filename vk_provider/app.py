@@ -42,7 +42,7 @@ from vk_provider.kube.session import KubeConfigError, KubeError, KubeSession
 from vk_provider.kube.watching import list_watch
 from vk_provider.metrics import NodeMetrics
 from vk_provider.oci import Platform, RegistryClient
-from vk_provider.registry.engine import database_url, open_registry, sqlite_file
+from vk_provider.registry.engine import database_url, is_sqlite, open_registry, sqlite_file
 from vk_provider.registry.migrate import upgrade
 from vk_provider.registry.repository import Registry
 from vk_provider.supervisor import Supervisor
@@ -182,6 +182,7 @@ class Agent:
                 sweep_interval_seconds=s.caches.sweep_interval_seconds,
                 snapshot_seconds=s.caches.snapshot_seconds,
                 time_scale=s.pull.time_scale,
+                shared_registry=not is_sqlite(self.registry.engine),
             ),
         )
         self.supervisor.start("imagecaches", controller.run())

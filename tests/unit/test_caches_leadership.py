@@ -286,3 +286,33 @@ async def test_a_cache_deleted_while_nobody_led_is_forgotten_by_the_next_leader(
     assert "gone" not in world.store.rows
     hit = await world.b.manager.resolve(pod("late", ["nginx:1.7.9"], AUTO))
     assert hit.outcome == "miss"
+
+
+async def test_a_follower_with_a_registry_of_its_own_follows_the_object_not_its_stale_row(world: World) -> None:
+    # Agent a built "web" (nginx) and then stopped leading; b changed it to busybox. a's registry
+    # is its own (SQLite): its row still says nginx, and it must follow the object instead.
+    world.cluster.objects["web"] = obj("web", ["nginx:1.7.9"])
+    await world.watch()
+    await world.run(60)
+    stale = world.store.rows["web"]
+    private = SharedStore()
+    private.rows["web"] = stale
+    own = Agent("own", world, leading=False)
+    own.controller = ImageCacheController(
+        api=own.api,
+        store=AgentStore(private, "own"),
+        manifests=FakeManifests(),
+        builder=own.builder,
+        clock=world.clock,
+        rng=random.Random("own"),
+        options=CacheOptions(snapshot_seconds=5, sweep_interval_seconds=3600, shared_registry=False),
+        leadership=own.leadership,
+    )
+    await own.controller.resync([])
+    changed = {**world.cluster.objects["web"], "spec": {"images": ["busybox"]}}
+    changed["status"] = {**changed["status"], "phase": "Updating", "progress": "40%"}
+    await own.controller.upsert(changed)
+    followed = own.controller.caches["web"]
+    assert (followed.imc_id, followed.phase) == (stale.imc_id, CachePhase.UPDATING)
+    assert [image.reference for image in followed.images] == ["docker.io/library/busybox:latest"]
+    assert private.writers == []  # a follower writes nothing

@@ -158,6 +158,10 @@ class CacheOptions:
     sweep_interval_seconds: float = 60.0
     snapshot_seconds: float = 5.0  # simulated seconds of the snapshot step of a build
     time_scale: float = 1.0
+    # The registry is shared with the other agents (PostgreSQL): a follower reads the leader's rows.
+    # Not shared (a SQLite file of its own): a follower's rows are its own, stale once another agent
+    # leads, so it follows the objects' status.
+    shared_registry: bool = True
 
 
 class Leadership(Protocol):
@@ -413,7 +417,7 @@ class ImageCacheController:
         current = self.caches.get(name)
         if current is not None and not cb.status_differs(status, current, current.message):
             return
-        row = await self.store.get_cache_by_name(name)
+        row = await self.store.get_cache_by_name(name) if self.options.shared_registry else None
         status_id = str(status.get("imageCacheId") or "")
         if row is not None and status_id in ("", row.imc_id):
             self._follow_to(row, current)
