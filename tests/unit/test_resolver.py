@@ -346,6 +346,22 @@ CASES = [
         written={INSTANCE_ID: INSTANCE, MATCHED_IMAGE_CACHE: "imc-both"},
     ),
     Case(
+        "a match count request counts an invalid image among the Pod's images",
+        pod(("nginx:1.7.9", "Bad Image!"), annotations={AUTO_IMC: "true", MATCH_COUNT_REQUEST: "3"}),
+        (READY_NGINX,),
+        Outcome.AUTO_HIT,
+        (
+            problem(
+                f'annotation {MATCH_COUNT_REQUEST}="3" is more than the Pod\'s 2 images; every one must be in the cache'
+            ),
+            hit_event(READY_NGINX.imc_id),
+        ),
+        cache_id=READY_NGINX.imc_id,
+        covered=(NGINX,),
+        to_pull=(),
+        written={INSTANCE_ID: INSTANCE, MATCHED_IMAGE_CACHE: READY_NGINX.imc_id},
+    ),
+    Case(
         "expired and not-Ready caches never hit",
         pod(annotations={AUTO_IMC: "true"}),
         (

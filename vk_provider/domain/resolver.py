@@ -178,7 +178,7 @@ def resolve(
     wanted, invalid = _parse_images(pod.images)
     all_refs = tuple(ref.normalized for ref in wanted)
     instance_id = instance_id_for(pod.uid)
-    problems = request.problems + _match_count_problems(request, len(set(all_refs)))
+    problems = request.problems + _match_count_problems(request, len(all_refs) + len(invalid))
     problem_events = tuple(PodEvent(INVALID_ANNOTATION_REASON, EventType.WARNING, problem) for problem in problems)
     written = MappingProxyType({keys.INSTANCE_ID: instance_id})
 
