@@ -316,3 +316,36 @@ async def test_a_follower_with_a_registry_of_its_own_follows_the_object_not_its_
     assert (followed.imc_id, followed.phase) == (stale.imc_id, CachePhase.UPDATING)
     assert [image.reference for image in followed.images] == ["docker.io/library/busybox:latest"]
     assert private.writers == []  # a follower writes nothing
+
+
+async def test_a_leader_with_a_registry_of_its_own_takes_what_it_followed_and_builds_nothing_again(
+    world: World,
+) -> None:
+    world.cluster.objects["web"] = obj("web", ["nginx:1.7.9"])
+    await world.watch()
+    await world.run(60)
+    stale = world.store.rows["web"]
+    private = SharedStore()
+    private.rows["web"] = stale  # its own row: nginx, Ready
+    builder = FakeBuilder(world.clock)
+    leadership = Leadership(False)
+    controller = ImageCacheController(
+        api=AgentApi(world.cluster),
+        store=private,
+        manifests=FakeManifests(),
+        builder=builder,
+        clock=world.clock,
+        rng=random.Random("own"),
+        options=CacheOptions(snapshot_seconds=5, sweep_interval_seconds=3600, shared_registry=False),
+        leadership=leadership,
+    )
+    # Meanwhile another leader changed the cache to busybox and finished it.
+    done = {**world.cluster.objects["web"], "spec": {"images": ["busybox"]}}
+    done["status"] = {**done["status"], "phase": "Ready", "progress": "100%"}
+    await controller.resync([done])
+    await leadership.change(True)
+    await world.clock.advance(60)
+    assert builder.pulled == []  # not built again
+    row = private.rows["web"]
+    assert (row.imc_id, row.phase) == (stale.imc_id, CachePhase.READY)
+    assert [image.reference for image in row.images] == ["docker.io/library/busybox:latest"]

@@ -392,9 +392,22 @@ class ImageCacheController:
             log.info("image caches: now the leader; resuming what is unfinished")
             if not self._loaded:
                 return  # the first resync acts as the leader
-            stored = {cache.name: cache for cache in await self.store.list_caches()}
-            pending = {n: c for n, c in self.caches.items() if n in self._pending and n not in stored}
-            self.caches = {name: self._with_known_match(cache) for name, cache in stored.items()} | pending
+            if self.options.shared_registry:  # the previous leader wrote the rows: they are current
+                stored = {cache.name: cache for cache in await self.store.list_caches()}
+                pending = {n: c for n, c in self.caches.items() if n in self._pending and n not in stored}
+                self.caches = {name: self._with_known_match(cache) for name, cache in stored.items()} | pending
+            else:
+                # A registry of its own is stale if another agent led meanwhile; what this agent
+                # followed from the objects' status is current: its rows catch up (or a cache that
+                # agent finished would be built again), and rows with no object are forgotten below.
+                now = self.clock.now()
+                for cache in list(self.caches.values()):
+                    try:
+                        self.caches[cache.name] = await self.store.upsert_cache(cache, now=now)
+                    except Exception as exc:  # e.g. its id is another row's: the replay decides
+                        log.warning("image cache %s: could not store what was followed: %s", cache.name, exc)
+                for row in await self.store.list_caches():
+                    self.caches.setdefault(row.name, row)
             for obj in list(self._objects.values()):
                 await self._upsert(obj)
             # Rows of caches deleted while another agent led (or while nobody did: after a kill).
@@ -415,7 +428,13 @@ class ImageCacheController:
         """A follower's index entry: the shared registry's row (the leader wrote it), else the
         object's status (a registry of its own), else what this agent reserved on a miss."""
         current = self.caches.get(name)
-        if current is not None and not cb.status_differs(status, current, current.message):
+        # The status agrees: nothing to do, unless, with a registry of its own, the entry holds
+        # images another leader has changed since (the status does not list them).
+        if (
+            current is not None
+            and not cb.status_differs(status, current, current.message)
+            and (self.options.shared_registry or cb.images_match(current, spec))
+        ):
             return
         row = await self.store.get_cache_by_name(name) if self.options.shared_registry else None
         status_id = str(status.get("imageCacheId") or "")
