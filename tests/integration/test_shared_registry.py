@@ -109,6 +109,27 @@ def hit_event(cluster: Cluster, namespace: str, name: str) -> dict[str, Any] | N
     return next((e for e in events if e["reason"] == "SuccessfulHitImageCache"), None)
 
 
+def leader_and_follower(cluster: Cluster, agents: list[AgentProcess]) -> tuple[AgentProcess, AgentProcess]:
+    """Once both agents' Nodes are Ready and one holds the Lease: the leader, then the other."""
+    for agent in agents:
+        agent.wait_ready()
+    leader = wait_for(lambda: holder_node(cluster, agents), timeout=30, what="a leader holding the Lease")
+    return leader, next(a for a in agents if a is not leader)
+
+
+def ready_nginx_cache(cluster: Cluster, caches: list[str], prefix: str) -> tuple[str, str]:
+    """A user's ImageCache of nginx, once Ready: its name and imc id."""
+    name = unique(prefix)
+    caches.append(name)
+    apply(cluster, image_cache(name, ["nginx:1.7.9"]))
+    return name, str(wait_ready(cluster, name)["imageCacheId"])
+
+
+def wait_followed(follower: AgentProcess, name: str, imc_id: str) -> None:
+    wait_for(lambda: f"image cache {name} ({imc_id}): Ready, as the leader reports" in follower.log,
+             timeout=30, what="the follower sees the cache Ready")  # fmt: skip
+
+
 def built_ready(agent: AgentProcess, name: str) -> int:
     """How often this agent's log says it built ``name`` to Ready (the leader's line)."""
     return sum(1 for line in agent.log.splitlines() if f"image cache {name} (" in line and line.endswith(": Ready"))
@@ -125,21 +146,14 @@ def test_two_agents_share_one_postgresql_registry(
         for side in ("a", "b")
     ]
     with agents[0], agents[1]:
-        for agent in agents:
-            agent.wait_ready()
-        leader = wait_for(lambda: holder_node(cluster, agents), timeout=30, what="a leader holding the Lease")
-        follower = next(a for a in agents if a is not leader)
+        leader, follower = leader_and_follower(cluster, agents)
 
         # A user's ImageCache: built once, by the leader, into one row of the shared registry.
-        web = unique("shared-web")
-        caches.append(web)
-        apply(cluster, image_cache(web, ["nginx:1.7.9"]))
-        imc_id = wait_ready(cluster, web)["imageCacheId"]
+        web, imc_id = ready_nginx_cache(cluster, caches, "shared-web")
         assert postgres.psql(f"SELECT imc_id, phase FROM caches WHERE name = '{web}'", database).split() == [
             f"{imc_id}|Ready"
         ]
-        wait_for(lambda: f"image cache {web} ({imc_id}): Ready, as the leader reports" in follower.log,
-                 timeout=30, what="the follower sees the cache Ready")  # fmt: skip
+        wait_followed(follower, web, imc_id)
         assert (built_ready(leader, web), built_ready(follower, web)) == (1, 0)
         assert "Start to create image cache" not in follower.log
 
@@ -222,16 +236,9 @@ def test_two_agents_with_a_sqlite_file_each_share_the_clusters_caches_without_a_
     cluster's, so one agent builds and writes their status; the other follows the objects."""
     agents = [AgentProcess(cluster, workdir / side, node_name=unique(f"vk{side}"), settings=SETTINGS) for side in "ab"]
     with agents[0], agents[1]:
-        for agent in agents:
-            agent.wait_ready()
-        leader = wait_for(lambda: holder_node(cluster, agents), timeout=30, what="a leader holding the Lease")
-        follower = next(a for a in agents if a is not leader)
-        web = unique("sqlite-web")
-        caches.append(web)
-        apply(cluster, image_cache(web, ["nginx:1.7.9"]))
-        imc_id = wait_ready(cluster, web)["imageCacheId"]
-        wait_for(lambda: f"image cache {web} ({imc_id}): Ready, as the leader reports" in follower.log,
-                 timeout=30, what="the follower sees the cache Ready")  # fmt: skip
+        leader, follower = leader_and_follower(cluster, agents)
+        web, imc_id = ready_nginx_cache(cluster, caches, "sqlite-web")
+        wait_followed(follower, web, imc_id)
         assert (built_ready(leader, web), built_ready(follower, web)) == (1, 0)
         # Nobody rewrites the status any more (before: both agents, each with its own id, many
         # times a second): a Pod on the follower hits the cache, and the object stays as it was.

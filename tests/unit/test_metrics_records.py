@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -166,6 +167,17 @@ async def test_starts_queued_together_are_stored_in_one_batch() -> None:
     assert sorted(store.rows) == [f"u{i}" for i in range(7)]
 
 
+@contextlib.asynccontextmanager
+async def running(recorder: RegistryStartRecorder) -> AsyncIterator[None]:
+    """The recorder's writer running for the block, then cancelled."""
+    writer = asyncio.create_task(recorder.run())
+    try:
+        yield
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+
+
 def numbered(i: int) -> PodStart:
     s = start()
     s.pod = replace(s.pod, uid=f"u{i}")
@@ -175,8 +187,7 @@ def numbered(i: int) -> PodStart:
 async def test_the_writer_lingers_for_more_starts_and_a_flush_cuts_that_short() -> None:
     store = Store()
     recorder = RegistryStartRecorder(store, NodeMetrics(), linger=60.0)
-    writer = asyncio.create_task(recorder.run())
-    try:
+    async with running(recorder):
         await recorder.record(numbered(0))
         await asyncio.sleep(0)  # the writer takes the first start and waits for more
         await recorder.record(numbered(1))
@@ -185,24 +196,17 @@ async def test_the_writer_lingers_for_more_starts_and_a_flush_cuts_that_short() 
         async with asyncio.timeout(5):  # not the 60 s linger
             await recorder.flush()
         assert store.batches == [3]
-    finally:
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
 
 
 async def test_a_full_batch_is_stored_without_lingering() -> None:
     store = Store()
     recorder = RegistryStartRecorder(store, NodeMetrics(), batch=3, linger=60.0)
-    writer = asyncio.create_task(recorder.run())
-    try:
+    async with running(recorder):
         for i in range(4):
             await recorder.record(numbered(i))
             await asyncio.sleep(0)
         await await_for(lambda: _async(store.batches == [3]), timeout=5, what="a batch of 3 stored")
         assert sorted(store.rows) == ["u0", "u1", "u2"]  # the fourth waits for more, or a flush
-    finally:
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
 
 
 async def _async(value: bool) -> bool:
@@ -228,8 +232,7 @@ async def test_running_pods_taken_over_without_a_record_are_named_and_counted(
     store, metrics = CheckedStore(), NodeMetrics()
     store.rows["u0"] = to_record(numbered(0))  # stored by the agent that started it
     recorder = RegistryStartRecorder(store, metrics)
-    writer = asyncio.create_task(recorder.run())
-    try:
+    async with running(recorder):
         for i in range(8):  # a resync adopting them one after another: checked in one query
             recorder.adopted(replace(numbered(i).pod, name=f"p{i}"))
         await await_for(lambda: _async(bool(store.checks)), timeout=5, what="the adopted Pods checked")
@@ -239,9 +242,6 @@ async def test_running_pods_taken_over_without_a_record_are_named_and_counted(
         (warning,) = [r.getMessage() for r in caplog.records if "not in the registry" in r.getMessage()]
         assert warning.startswith("7 Pods were running when the agent started")
         assert warning.endswith("ns/p1, ns/p2, ns/p3, ns/p4, ns/p5 and 2 more")
-    finally:
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
 
 
 async def test_a_failed_check_of_adopted_pods_is_a_warning_and_starts_are_still_stored(
@@ -249,8 +249,7 @@ async def test_a_failed_check_of_adopted_pods_is_a_warning_and_starts_are_still_
 ) -> None:
     store = CheckedStore(fail=True)
     recorder = RegistryStartRecorder(store, NodeMetrics())
-    writer = asyncio.create_task(recorder.run())
-    try:
+    async with running(recorder):
         recorder.adopted(numbered(5).pod)
         await await_for(lambda: _async(bool(store.checks)), timeout=5, what="the adopted Pod checked")
         await recorder.record(numbered(1))
@@ -258,9 +257,6 @@ async def test_a_failed_check_of_adopted_pods_is_a_warning_and_starts_are_still_
         assert list(store.rows) == ["u1"]
         assert recorder.unrecorded == []
         assert any("could not check" in r.getMessage() for r in caplog.records)
-    finally:
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
 
 
 class StatusWrites:
@@ -278,8 +274,7 @@ class StatusWrites:
 async def test_records_give_way_to_status_writes_then_are_stored() -> None:
     store, writes = Store(), StatusWrites()
     recorder = RegistryStartRecorder(store, NodeMetrics(), linger=0.0, give_way=writes.wait_idle, max_delay=60.0)
-    writer = asyncio.create_task(recorder.run())
-    try:
+    async with running(recorder):
         await recorder.record(numbered(0))
         await await_for(lambda: _async(writes.waits == 1), timeout=5, what="the writer giving way")
         await recorder.record(numbered(1))
@@ -287,29 +282,21 @@ async def test_records_give_way_to_status_writes_then_are_stored() -> None:
         assert store.batches == []  # status writes are waiting: the records wait too
         writes.idle.set()
         await await_for(lambda: _async(store.batches == [2]), timeout=5, what="both stored once status is idle")
-    finally:
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
 
 
 async def test_records_give_way_for_at_most_max_delay() -> None:
     store, writes = Store(), StatusWrites()  # status never idle
     recorder = RegistryStartRecorder(store, NodeMetrics(), linger=0.0, give_way=writes.wait_idle, max_delay=0.05)
-    writer = asyncio.create_task(recorder.run())
-    try:
+    async with running(recorder):
         await recorder.record(numbered(0))
         await await_for(lambda: _async(store.batches == [1]), timeout=5, what="stored after max_delay")
         assert writes.waits == 1
-    finally:
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)
 
 
 async def test_a_flush_does_not_give_way() -> None:
     store, writes = Store(), StatusWrites()  # status never idle
     recorder = RegistryStartRecorder(store, NodeMetrics(), linger=0.0, give_way=writes.wait_idle, max_delay=60.0)
-    writer = asyncio.create_task(recorder.run())
-    try:
+    async with running(recorder):
         await recorder.record(numbered(0))
         await await_for(lambda: _async(writes.waits == 1), timeout=5, what="the writer giving way")
         async with asyncio.timeout(5):  # not the 60 s max_delay
@@ -318,6 +305,3 @@ async def test_a_flush_does_not_give_way() -> None:
         await recorder.record(numbered(1))  # after the flush, records give way again
         await await_for(lambda: _async(writes.waits == 2), timeout=5, what="the writer giving way again")
         assert store.batches == [1]
-    finally:
-        writer.cancel()
-        await asyncio.gather(writer, return_exceptions=True)

@@ -21,8 +21,9 @@ the in-memory index, so Pods on every agent resolve against every cache; a follo
 cache from the shared registry row (the leader writes the row before the status, so a status
 change seen on the watch is already in the registry), or from the object's status when its
 registry is its own, records its own hits there, and may create an automatic cache's object on a
-miss (the leader builds it). When leadership moves, the new leader reloads the index
-from the registry and replays every object as a resync does, which resumes unfinished builds.
+miss (the leader builds it). When leadership moves, the new leader reloads the index from the
+shared registry (with a registry of its own, it stores what it followed instead) and replays every
+object as a resync does, which resumes unfinished builds.
 Without ``leadership`` (``caches.leader_election: never``) the controller always leads.
 
 Decisions live in ``domain.cachebuild`` and ``domain.resolver``; this module gathers facts and

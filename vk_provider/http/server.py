@@ -112,7 +112,8 @@ class KubeletServer:
         node_names: Collection[str] = (),
     ) -> None:
         self._node = node_name
-        self._node_names = frozenset(node_names)  # all the Nodes this endpoint serves (node.count)
+        # All the Nodes this endpoint serves (node.count); by default the one it is named for.
+        self._node_names = frozenset(node_names) or frozenset({node_name})
         self._now = now or _utc_now  # what sinceSeconds counts back from
         self._bind = bind_address
         self._port = port
@@ -188,8 +189,7 @@ class KubeletServer:
 
     async def _healthz(self, request: web.Request) -> web.Response:
         # ?node=NAME: the header tells another agent starting with that node name whether we run it.
-        asked = request.query.get("node")
-        runs = asked is not None and (asked == self._node or asked in self._node_names)
+        runs = request.query.get("node") in self._node_names
         return web.Response(text="ok", headers={AGENT_HEADER: "runs" if runs else "vk-provider"})
 
     async def _pods(self, request: web.Request) -> web.Response:
