@@ -254,30 +254,53 @@ async def test_logs_since_and_limit_bytes_as_the_kubelet(
 
 
 @pytest.mark.parametrize(
-    ("query", "message"),
+    ("query", "status", "message"),
     [
-        ("sinceSeconds=0", "sinceSeconds must be a whole number greater than 0, not '0'"),
-        ("sinceSeconds=-5", "sinceSeconds must be a whole number greater than 0, not '-5'"),
-        ("sinceSeconds=1.5", "sinceSeconds must be a whole number greater than 0, not '1.5'"),
-        ("sinceSeconds=", "sinceSeconds must be a whole number greater than 0, not ''"),
-        ("limitBytes=0", "limitBytes must be a whole number greater than 0, not '0'"),
-        ("limitBytes=20MB", "limitBytes must be a whole number greater than 0, not '20MB'"),
-        ("tailLines=-1", "tailLines must be a non-negative whole number, not '-1'"),
-        ("tailLines=" + "9" * 5000, "tailLines must be a non-negative whole number"),  # int() would refuse it: no 500
-        ("sinceSeconds=5&sinceTime=2026-01-01T00:00:20Z",
+        # A value that cannot be read: the kubelet's 400 ("Unable to decode query").
+        ("sinceSeconds=1.5", 400, "sinceSeconds must be a whole number greater than 0, not '1.5'"),
+        ("sinceSeconds=", 400, "sinceSeconds must be a whole number greater than 0, not ''"),
+        ("limitBytes=20MB", 400, "limitBytes must be a whole number greater than 0, not '20MB'"),
+        ("tailLines=" + "9" * 5000, 400, "tailLines must be a non-negative whole number"),  # int() would refuse it
+        ("tail=ten", 400, "tailLines must be a non-negative whole number, not 'ten'"),
+        ("sinceTime=2026-01-01", 400,
+         "sinceTime must be an RFC 3339 time such as 2026-01-02T15:04:05Z, not '2026-01-01'"),
+        ("sinceTime=2026-01-01T00:00:20", 400, "sinceTime must be an RFC 3339 time"),  # no zone
+        ("sinceTime=2026-02-30T00:00:20Z", 400, "sinceTime must be an RFC 3339 time"),
+        # Read first, validated after: an unreadable value is the 400 even beside an invalid one.
+        ("sinceSeconds=0&sinceTime=yesterday", 400, "sinceTime must be an RFC 3339 time"),
+        # Read, but refused by the kubelet's validation: its 422 ("Invalid request").
+        ("sinceSeconds=0", 422, "sinceSeconds must be a whole number greater than 0, not '0'"),
+        ("sinceSeconds=-5", 422, "sinceSeconds must be a whole number greater than 0, not '-5'"),
+        ("limitBytes=0", 422, "limitBytes must be a whole number greater than 0, not '0'"),
+        ("tailLines=-1", 422, "tailLines must be a non-negative whole number, not '-1'"),
+        ("tail=-2", 422, "tailLines must be a non-negative whole number, not '-2'"),
+        ("sinceSeconds=5&sinceTime=2026-01-01T00:00:20Z", 422,
          "at most one of `sinceTime` or `sinceSeconds` may be specified"),
-        ("sinceTime=2026-01-01", "sinceTime must be an RFC 3339 time such as 2026-01-02T15:04:05Z, not '2026-01-01'"),
-        ("sinceTime=2026-01-01T00:00:20", "sinceTime must be an RFC 3339 time"),  # no zone
-        ("sinceTime=2026-02-30T00:00:20Z", "sinceTime must be an RFC 3339 time"),
     ],
 )  # fmt: skip
-async def test_invalid_log_options_get_a_400_saying_what_is_wrong(
-    certificate: tuple[str, str], query: str, message: str
+async def test_invalid_log_options_are_refused_as_the_kubelet_saying_what_is_wrong(
+    certificate: tuple[str, str], query: str, status: int, message: str
 ) -> None:
     async with endpoint(certificate, running_log()) as client:
-        status, body = await client.get(f"{LOGS}?{query}")
-    assert status == 400
+        got, body = await client.get(f"{LOGS}?{query}")
+    assert got == status
     assert body.startswith(message), body
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("tail=1", "ready\n"),
+        ("tail=1&tailLines=3", "ready\n"),  # the old parameter wins, as in the kubelet
+        ("tail=all&tailLines=1", ALL),  # "all": no limit at all
+        ("tail=0", ""),
+    ],
+)
+async def test_the_old_tail_parameter_works_as_the_kubelets(
+    certificate: tuple[str, str], query: str, expected: str
+) -> None:
+    async with endpoint(certificate, running_log()) as client:
+        assert await client.get(f"{LOGS}?{query}") == (200, expected)
 
 
 async def test_following_ends_once_limit_bytes_are_sent(certificate: tuple[str, str]) -> None:

@@ -234,8 +234,8 @@ class KubeletServer:
         if isinstance(source, str):
             return web.Response(status=400, text=source)  # as the kubelet: kubectl shows it after "(BadRequest): "
         options = _log_options(query, self._now())
-        if isinstance(options, str):
-            return web.Response(status=400, text=options)
+        if isinstance(options, LogRefusal):
+            return web.Response(status=options.status, text=options.text)
         start = max(0, len(source.lines) - options.tail) if options.tail is not None else 0
         response = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
         await response.prepare(request)
@@ -273,6 +273,15 @@ class LogOptions:
     follow: bool = False
 
 
+@dataclass(frozen=True, slots=True)
+class LogRefusal:
+    """An invalid ``/containerLogs`` query, answered as the kubelet does: 400 when a value cannot be
+    read at all, 422 when it can but the kubelet's validation refuses it; ``text`` says why."""
+
+    status: int
+    text: str
+
+
 _STREAMING_NAMES = {"exec": "exec", "attach": "attach", "portForward": "port-forward", "run": "run"}
 _STREAMING_PATHS = [
     *(f"/{kind}/{{namespace}}/{{pod}}/{{container}}" for kind in ("exec", "attach", "run")),
@@ -288,31 +297,39 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def _log_options(query: Mapping[str, str], now: datetime) -> LogOptions | str:
-    """The options of a ``/containerLogs`` query, or the text of the 400 for an invalid one.
+def _log_options(query: Mapping[str, str], now: datetime) -> LogOptions | LogRefusal:
+    """The options of a ``/containerLogs`` query, or why it is refused.
 
-    As the kubelet's ValidatePodLogOptions: tailLines >= 0, limitBytes >= 1, sinceSeconds >= 1, and
-    at most one of sinceSeconds and sinceTime (an RFC 3339 time).
+    As the kubelet: the old ``tail`` parameter stands for tailLines (``tail=all``: no limit); a value
+    that is not a number (or an RFC 3339 time) is a 400; then ValidatePodLogOptions, whose refusals
+    are a 422: tailLines >= 0, limitBytes >= 1, sinceSeconds >= 1, at most one of sinceSeconds and
+    sinceTime.
     """
-    numbers: dict[str, int] = {}
-    for name, least, rule in (
-        ("tailLines", 0, "a non-negative whole number"),
-        ("limitBytes", 1, "a whole number greater than 0"),
-        ("sinceSeconds", 1, "a whole number greater than 0"),
-    ):
-        if name in query:
-            text = query[name]
-            if not _WHOLE_NUMBER.fullmatch(text) or int(text) < least:
-                return f"{name} must be {rule}, not {text!r}\n"
-            numbers[name] = int(text)
+    query = dict(query)
+    if "tail" in query:
+        tail = query.pop("tail")
+        query.pop("tailLines", None)
+        if tail != "all":
+            query["tailLines"] = tail
+    rules = {"tailLines": (0, "a non-negative whole number"), "limitBytes": (1, "a whole number greater than 0"),
+             "sinceSeconds": (1, "a whole number greater than 0")}  # fmt: skip
+    # Read every value first (400), then validate (422), as the kubelet does.
+    for name, (_, rule) in rules.items():
+        if name in query and not _WHOLE_NUMBER.fullmatch(query[name]):
+            return LogRefusal(400, f"{name} must be {rule}, not {query[name]!r}\n")
     since: datetime | None = None
     if query.get("sinceTime"):
-        if "sinceSeconds" in numbers:
-            return "at most one of `sinceTime` or `sinceSeconds` may be specified\n"
         since = _rfc3339(query["sinceTime"])
         if since is None:
-            return f"sinceTime must be an RFC 3339 time such as 2026-01-02T15:04:05Z, not {query['sinceTime']!r}\n"
-    elif "sinceSeconds" in numbers:
+            text = f"sinceTime must be an RFC 3339 time such as 2026-01-02T15:04:05Z, not {query['sinceTime']!r}\n"
+            return LogRefusal(400, text)
+    numbers = {name: int(query[name]) for name in rules if name in query}
+    for name, (least, rule) in rules.items():
+        if numbers.get(name, least) < least:
+            return LogRefusal(422, f"{name} must be {rule}, not {query[name]!r}\n")
+    if since is not None and "sinceSeconds" in numbers:
+        return LogRefusal(422, "at most one of `sinceTime` or `sinceSeconds` may be specified\n")
+    if since is None and "sinceSeconds" in numbers:
         try:
             since = now - timedelta(seconds=numbers["sinceSeconds"])
         except OverflowError:
