@@ -12,7 +12,7 @@ import pytest
 
 from tests.support.wait import await_for
 from vk_provider.controllers.pods import CacheDecision, ImageResult, PodStart
-from vk_provider.controllers.records import RegistryStartRecorder, to_record
+from vk_provider.controllers.records import CHECK_TRIES, RegistryStartRecorder, to_record
 from vk_provider.domain.podspec import ContainerSpec, PodFacts
 from vk_provider.domain.records import CacheOutcome, PodStartRecord
 from vk_provider.metrics import Counter, Histogram, NodeMetrics, image_size_bucket
@@ -214,14 +214,14 @@ async def _async(value: bool) -> bool:
 
 
 class CheckedStore(Store):
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, failures: int = 0) -> None:
         super().__init__()
-        self.fail = fail
+        self.failures = failures  # how many checks fail before they succeed
         self.checks: list[list[str]] = []
 
     async def recorded_pod_uids(self, uids: Sequence[str]) -> set[str]:
         self.checks.append(list(uids))
-        if self.fail:
+        if len(self.checks) <= self.failures:
             raise RuntimeError("database is locked")
         return {uid for uid in uids if uid in self.rows}
 
@@ -244,19 +244,33 @@ async def test_running_pods_taken_over_without_a_record_are_named_and_counted(
         assert warning.endswith("ns/p1, ns/p2, ns/p3, ns/p4, ns/p5 and 2 more")
 
 
-async def test_a_failed_check_of_adopted_pods_is_a_warning_and_starts_are_still_stored(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    store = CheckedStore(fail=True)
-    recorder = RegistryStartRecorder(store, NodeMetrics())
+async def test_a_failed_check_of_adopted_pods_is_retried(caplog: pytest.LogCaptureFixture) -> None:
+    store = CheckedStore(failures=2)
+    recorder = RegistryStartRecorder(store, NodeMetrics(), max_backoff=0.01)
     async with running(recorder):
         recorder.adopted(numbered(5).pod)
-        await await_for(lambda: _async(bool(store.checks)), timeout=5, what="the adopted Pod checked")
+        await await_for(lambda: _async(len(store.checks) == 3), timeout=5, what="the adopted Pod checked thrice")
+        await await_for(lambda: _async(recorder.unrecorded == [numbered(5).pod.key]), timeout=5, what="the Pod named")
+        assert store.checks == [["u5"]] * 3
+    retries = [r.getMessage() for r in caplog.records if "could not check" in r.getMessage()]
+    assert len(retries) == 2
+    assert all("retrying in" in m for m in retries)
+
+
+async def test_a_check_of_adopted_pods_that_keeps_failing_is_given_up_and_starts_are_still_stored(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    store = CheckedStore(failures=1000)
+    recorder = RegistryStartRecorder(store, NodeMetrics(), max_backoff=0.01)
+    async with running(recorder):
+        recorder.adopted(numbered(5).pod)
+        await await_for(lambda: _async(len(store.checks) == CHECK_TRIES), timeout=5, what="every try made")
         await recorder.record(numbered(1))
         await recorder.flush()
         assert list(store.rows) == ["u1"]
         assert recorder.unrecorded == []
-        assert any("could not check" in r.getMessage() for r in caplog.records)
+        assert len(store.checks) == CHECK_TRIES  # no more tries after giving up
+    assert any("gave up after 5 tries" in r.getMessage() for r in caplog.records)
 
 
 class StatusWrites:

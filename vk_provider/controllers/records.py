@@ -78,6 +78,9 @@ def to_record(start: PodStart) -> PodStartRecord:
     )
 
 
+CHECK_TRIES = 5  # queries to check the records of adopted Pods before giving up on them
+
+
 class RegistryStartRecorder:
     """Queues Pod starts and stores them from one writer, so a Pod never waits for the database.
 
@@ -168,7 +171,10 @@ class RegistryStartRecorder:
             await asyncio.gather(*waits, return_exceptions=True)
 
     async def _check_adopted(self) -> None:
-        """One query per batch of adopted Pods (a resync adopts them one after another)."""
+        """One query per batch of adopted Pods (a resync adopts them one after another); a failed
+        query is tried again with back-off, ``CHECK_TRIES`` times in all."""
+        first_backoff = min(0.5, self._max_backoff)
+        failed, backoff = 0, first_backoff
         while True:
             await self._adopted_added.wait()
             await asyncio.sleep(self._linger)
@@ -177,8 +183,24 @@ class RegistryStartRecorder:
             try:
                 recorded = await self._store.recorded_pod_uids([pod.uid for pod in pods])
             except Exception as exc:
-                log.warning("could not check that the starts of %d running Pods were recorded (%s)", len(pods), exc)
+                failed += 1
+                if failed < CHECK_TRIES:
+                    log.warning(
+                        "could not check that the starts of %d running Pods were recorded (%s); retrying in %.1f s",
+                        len(pods), exc, backoff,
+                    )  # fmt: skip
+                    self._adopted = pods + self._adopted
+                    self._adopted_added.set()
+                    await asyncio.sleep(backoff)
+                    backoff = min(self._max_backoff, backoff * 2)
+                else:
+                    log.warning(
+                        "could not check that the starts of %d running Pods were recorded (%s); gave up after %d tries",
+                        len(pods), exc, failed,
+                    )  # fmt: skip
+                    failed, backoff = 0, first_backoff
                 continue
+            failed, backoff = 0, first_backoff
             missing = [pod.key for pod in pods if pod.uid not in recorded]
             if missing:
                 self.unrecorded.extend(missing)
