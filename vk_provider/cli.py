@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo", help="start a local control plane (or use --kubeconfig), run the agent on it, show the results"
     )
-    _agent_flags(demo)
+    _agent_flags(demo, db=False)
     demo.add_argument("--keep-cluster", action="store_true", help="leave the local control plane running")
     demo.add_argument(
         "--time-scale",
@@ -109,7 +109,8 @@ def _output_flags(p: argparse.ArgumentParser) -> None:
     chart.add_argument("--no-chart", action="store_true", help="do not write the HTML chart")
 
 
-def _agent_flags(p: argparse.ArgumentParser) -> None:
+def _agent_flags(p: argparse.ArgumentParser, *, db: bool = True) -> None:
+    """``db=False``: --db is accepted but not offered (the demo refuses it, saying what to give instead)."""
     p.add_argument("--config", metavar="FILE", help="settings file (YAML; see config/agent.yaml)")
     p.add_argument(
         "--kubeconfig",
@@ -117,7 +118,11 @@ def _agent_flags(p: argparse.ArgumentParser) -> None:
         help="kubeconfig (default: in-cluster config, then $KUBECONFIG, then ~/.kube/config)",
     )
     p.add_argument("--node-name", metavar="NAME", help="name of the virtual Node (default virtual-kubelet)")
-    p.add_argument("--db", metavar="PATH_OR_URL", help="registry database: a SQLite file or a SQLAlchemy URL")
+    p.add_argument(
+        "--db",
+        metavar="PATH_OR_URL",
+        help="registry database: a SQLite file or a SQLAlchemy URL" if db else argparse.SUPPRESS,
+    )
     p.add_argument("--log-level", metavar="LEVEL", help="DEBUG, INFO, WARNING or ERROR")
 
 

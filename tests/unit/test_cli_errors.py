@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,14 @@ def test_invalid_settings_file(tmp_path: Path, settings_text: str, needles: tupl
 def test_missing_settings_file(tmp_path: Path) -> None:
     proc = run_cli("run", "--config", str(tmp_path / "nope.yaml"), cwd=tmp_path)
     assert_one_line_error(proc, "cannot read settings file")
+
+
+def test_demo_does_not_offer_the_db_flag_it_refuses() -> None:
+    from vk_provider.cli import build_parser
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert "--db" not in subcommands.choices["demo"].format_help()
+    assert "--db PATH_OR_URL" in subcommands.choices["run"].format_help()
 
 
 @pytest.mark.parametrize(
