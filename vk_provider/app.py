@@ -146,6 +146,7 @@ class Agent:
             store=self.registry,
             credentials=PullSecrets(self.session),
         )
+        self.supervisor.start("image-manifests", images.run())
         # ImageCache objects: the CRD (installed when missing), their controller and watch. Pods are
         # resolved against the caches only once those are listed.
         assert self.registry is not None

@@ -15,6 +15,7 @@ import pytest
 from tests.support.cluster import ROOT, Cluster
 from tests.support.fixtures import pod_manifest, start_agent
 from tests.support.wait import wait_for
+from vk_provider.catalogs import load_catalogs
 
 SETTINGS = {"pull": {"time_scale": 20, "jitter": 0}, "caches": {"snapshot_seconds": 1}}
 
@@ -87,6 +88,15 @@ def test_starts_are_recorded_measured_and_reported(
             assert mine["pods"] == row["pods"]
             assert abs(mine["mean_seconds"] - row["avg_startup_seconds"]) < 1e-6
             assert mine["bytes_pulled"] == row["total_bytes_pulled"]
+        # Queried with SQL: the images the Pods used are stored with their layers, under the
+        # reference the Pods' images are recorded with, so the two join.
+        with sqlite3.connect(agent.db) as conn:
+            joined = conn.execute(
+                "select distinct i.reference, i.source, o.layer_count from pod_start_images p "
+                "join images i on i.reference = p.reference join image_overview o on o.reference = i.reference"
+            ).fetchall()
+        layers = len(load_catalogs().get("nginx:1.7.9").layers)  # type: ignore[union-attr]
+        assert joined == [("docker.io/library/nginx:1.7.9", "catalog", layers)]
         # A hit starts faster than a miss of the same image.
         assert rows["auto_hit"]["p50_seconds"] < rows["miss"]["p50_seconds"]
         assert rows["auto_hit"]["bytes_pulled"] == 0

@@ -479,6 +479,18 @@ async def test_save_manifest_replaces_the_image(registry: Registry) -> None:
     assert await sql(registry, "SELECT count(*) FROM images") == [(1,)]
 
 
+async def test_save_manifest_without_replace_keeps_the_stored_one(registry: Registry) -> None:
+    fetched = ImageManifest("docker.io/library/nginx:latest", "sha256:reg", (layer(1),), source="registry")
+    catalog = ImageManifest("docker.io/library/nginx:latest", "sha256:cat", (layer(2), layer(3)))
+    other = ImageManifest("docker.io/library/redis:7", "sha256:r", (layer(4),), source="synthetic")
+    await registry.save_manifest(fetched)
+    await registry.save_manifest(catalog, replace=False)
+    await registry.save_manifest(other, replace=False)
+    assert await registry.get_manifest(fetched.reference) == fetched
+    assert await registry.get_manifest(other.reference) == other  # new: stored
+    assert await sql(registry, "SELECT digest FROM layers ORDER BY digest") == [(layer(1).digest,), (layer(4).digest,)]
+
+
 # ---- Pod starts ------------------------------------------------------------------------------
 
 

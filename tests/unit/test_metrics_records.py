@@ -124,6 +124,12 @@ async def test_a_pod_failed_by_its_cache_is_stored_but_not_counted_as_started() 
     assert not [line for line in metrics.render().splitlines() if line.startswith("vk_provider_pods_started_total")]
 
 
+def test_image_references_are_stored_normalised_as_the_registry_keeps_them() -> None:
+    s = start()
+    s.images.append(("Bad Image!", ImageResult("", 0)))  # not a reference: kept as written
+    assert [i.reference for i in to_record(s).images] == ["docker.io/library/nginx:1.7.9", "Bad Image!"]
+
+
 def test_unknown_outcome_is_none() -> None:
     assert to_record(start("weird")).outcome is CacheOutcome.NONE
 

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from tests.support.wait import await_for
 from vk_provider.controllers.images import CatalogImages
 from vk_provider.controllers.pods import CacheDecision, ImagePullError
 from vk_provider.controllers.puller import Puller
@@ -698,9 +699,12 @@ class FakeResolver:
 @dataclass
 class FakeStore:
     saved: dict[str, ImageManifest] = field(default_factory=dict)
+    saves: list[str] = field(default_factory=list)  # the references asked to be saved, in order
 
-    async def save_manifest(self, manifest: ImageManifest) -> None:
-        self.saved[manifest.reference] = manifest
+    async def save_manifest(self, manifest: ImageManifest, *, replace: bool = True) -> None:
+        self.saves.append(manifest.reference)
+        if replace or manifest.reference not in self.saved:
+            self.saved[manifest.reference] = manifest
 
     async def get_manifest(self, reference: str) -> ImageManifest | None:
         return self.saved.get(reference)
@@ -780,6 +784,31 @@ async def test_a_stored_synthetic_manifest_is_not_taken_for_the_registrys() -> N
     planned = await service(resolver, store).for_pod(pod(APP), CacheDecision())
     assert [call[0] for call in resolver.calls] == [APP]
     assert planned.plan.bytes_to_fetch == 100
+
+
+async def test_catalog_and_synthetic_manifests_used_are_stored_once_without_replacing_a_registrys() -> None:
+    catalogued = manifest("docker.io/library/nginx:1.7.9", 30, 40)
+    fetched = manifest(TOOL, 9)  # read from its registry by an earlier run, now also a synthetic image here
+    store = FakeStore({TOOL: fetched})
+    images = CatalogImages(
+        Catalog({catalogued.reference: catalogued}), Puller(FAST, random.Random(1)), unknown="synthetic", store=store
+    )
+    writer = asyncio.create_task(images.run())
+    try:
+        for _ in range(3):  # three Pods: each image stored once
+            await images.for_pod(pod("nginx:1.7.9", APP, TOOL), CacheDecision())
+        await await_for(lambda: _at_least(store.saves, 3), timeout=5, what="three manifests stored")
+    finally:
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+    assert sorted(store.saves) == sorted([catalogued.reference, APP, TOOL])
+    assert store.saved[catalogued.reference] == catalogued
+    assert store.saved[APP].source == "synthetic"
+    assert store.saved[TOOL] == fetched  # the registry's manifest stays
+
+
+async def _at_least(items: Sequence[object], count: int) -> bool:
+    return len(items) >= count
 
 
 async def test_pods_wanting_the_same_image_share_one_registry_read() -> None:

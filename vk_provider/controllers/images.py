@@ -56,7 +56,9 @@ class ManifestResolver(Protocol):
 class ManifestStore(Protocol):
     """Where resolved manifests are remembered across restarts (``registry.Registry``)."""
 
-    async def save_manifest(self, manifest: ImageManifest) -> None: ...
+    async def save_manifest(self, manifest: ImageManifest, *, replace: bool = True) -> None:
+        """``replace=False``: leave a manifest already stored under that reference as it is."""
+        ...
 
     async def get_manifest(self, reference: str) -> ImageManifest | None: ...
 
@@ -101,6 +103,10 @@ class CatalogImages:
         self._private: dict[str, Credentials] = {}
         # One registry request per image and credentials, however many Pods want it at once.
         self._inflight: dict[tuple[str, Credentials | None], asyncio.Task[ImageManifest | ImagePullError]] = {}
+        # Catalog and synthetic manifests used, stored once each by :meth:`run`, so the database
+        # shows every image the node used (its layers too), not only those read from a registry.
+        self._to_store: asyncio.Queue[ImageManifest] = asyncio.Queue()
+        self._noted: set[str] = set()
 
     def manifest(self, image: str) -> ImageManifest | InvalidReference | None:
         """The manifest for an image reference, without waiting.
@@ -123,9 +129,26 @@ class CatalogImages:
         found = self.catalog.get(ref.normalized)
         if found is None and self.unknown == "synthetic":
             found = synthetic_manifest(ref.normalized, self.seed)
-        if found is not None and self._on_manifest is not None:
-            self._on_manifest(found)
+        if found is not None:
+            if self._on_manifest is not None:
+                self._on_manifest(found)
+            if self._store is not None and found.reference not in self._noted:
+                self._noted.add(found.reference)
+                self._to_store.put_nowait(found)
         return found
+
+    async def run(self) -> None:
+        """Store the catalog and synthetic manifests used (once each, one at a time), never in
+        place of one already stored: a registry's manifest stays. A failure is logged; the next
+        agent run stores the manifest again."""
+        while True:
+            manifest = await self._to_store.get()
+            if self._store is None:
+                continue
+            try:
+                await self._store.save_manifest(manifest, replace=False)
+            except Exception as exc:
+                log.warning("image %s: cannot store its manifest (%s); it is kept in memory", manifest.reference, exc)
 
     async def resolve(
         self, image: str, *, namespace: str = "", pull_secrets: Sequence[str] = ()

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from vk_provider.controllers.pods import PodStart
+from vk_provider.domain.images import normalize
 from vk_provider.domain.podspec import PodFacts
 from vk_provider.domain.records import CacheOutcome, ImagePullRecord, PodStartRecord
 from vk_provider.metrics import NodeMetrics, image_size_bucket
@@ -52,7 +53,8 @@ def to_record(start: PodStart) -> PodStartRecord:
     assert start.started_at is not None
     images = tuple(
         ImagePullRecord(
-            reference=image,
+            # Normalised, as the registry's other references (and a simulation's) are: joins find it.
+            reference=normalize(image) or image,
             bytes_pulled=result.downloaded,
             pull_seconds=result.seconds,
             from_cache=result.from_cache,

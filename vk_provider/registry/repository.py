@@ -574,8 +574,10 @@ class Registry:
 
     # ---- image manifests ----------------------------------------------------------------------
 
-    async def save_manifest(self, manifest: ImageManifest, *, resolved_at: datetime | None = None) -> None:
-        """Store (or replace) the manifest of ``manifest.reference``.
+    async def save_manifest(
+        self, manifest: ImageManifest, *, resolved_at: datetime | None = None, replace: bool = True
+    ) -> None:
+        """Store (or, with ``replace``, replace) the manifest of ``manifest.reference``.
 
         A layer is stored once by digest, however many images share it; its sizes are those
         first recorded (a digest names its content).
@@ -589,6 +591,10 @@ class Registry:
             "resolved_at": resolved_at,
         }
         async with self._writing() as session:
+            if not replace:
+                stored = select(ImageRow.id).where(ImageRow.reference == manifest.reference)
+                if (await session.execute(stored)).first() is not None:
+                    return
             if layers:
                 await session.execute(
                     self._insert(session, LayerRow).on_conflict_do_nothing(index_elements=["digest"]),
@@ -605,14 +611,15 @@ class Registry:
                 )
             # One statement, not "update, else insert": agents sharing a PostgreSQL registry may
             # resolve the same image at once, and the loser of an insert race would fail.
-            image_id = (
-                await session.execute(
-                    self._insert(session, ImageRow)
-                    .values(reference=manifest.reference, **image_values)
-                    .on_conflict_do_update(index_elements=["reference"], set_=image_values)
-                    .returning(ImageRow.id)
-                )
-            ).scalar_one()
+            upsert = self._insert(session, ImageRow).values(reference=manifest.reference, **image_values)
+            upsert = (
+                upsert.on_conflict_do_update(index_elements=["reference"], set_=image_values)
+                if replace
+                else upsert.on_conflict_do_nothing(index_elements=["reference"])
+            )
+            image_id = (await session.execute(upsert.returning(ImageRow.id))).scalar_one_or_none()
+            if image_id is None:  # already stored, and not to be replaced
+                return
             await session.execute(delete(ImageLayerRow).where(ImageLayerRow.image_id == image_id))
             if manifest.layers:
                 await session.execute(
