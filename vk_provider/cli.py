@@ -213,13 +213,40 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _write_chart(comparison: Comparison, args: argparse.Namespace, db: str) -> Path | None:
-    """The HTML chart, where the flags say (None with --no-chart). Raises OSError."""
-    from vk_provider.report import default_chart_path, write_chart
+def _chart_path(args: argparse.Namespace, db: str) -> Path | int | None:
+    """Where the chart goes (None with --no-chart), or the exit code after saying why it cannot go there."""
+    from vk_provider.report import ReportError, chart_target, default_chart_path
 
     if args.no_chart:
         return None
-    return write_chart(comparison, Path(args.chart) if args.chart else default_chart_path(db))
+    if args.chart is not None and not args.chart.strip():
+        _error("--chart needs a path (or give --no-chart)")
+        return EXIT_USAGE
+    path = Path(args.chart) if args.chart else default_chart_path(db)
+    try:
+        chart_target(path)
+    except ReportError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    return path
+
+
+def _write_chart(comparison: Comparison, args: argparse.Namespace, db: str) -> Path | int | None:
+    """The HTML chart, where the flags say (None with --no-chart), or the exit code after saying
+    why it cannot be written."""
+    from vk_provider.report import ReportError, write_chart
+
+    path = _chart_path(args, db)
+    if path is None or isinstance(path, int):
+        return path
+    try:
+        return write_chart(comparison, path)
+    except ReportError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except OSError as exc:
+        _error(f"cannot write the chart {path}: {exc.strerror or exc}")
+        return EXIT_FAILURE
 
 
 def _print_comparison(
@@ -279,11 +306,9 @@ def _report(args: argparse.Namespace) -> int:
         _error(f"{exc}{hint}")
         return EXIT_FAILURE
     comparison = build_comparison(records, report_filter)
-    try:
-        chart = _write_chart(comparison, args, args.db)
-    except OSError as exc:
-        _error(f"cannot write the chart: {exc.strerror or exc}")
-        return EXIT_FAILURE
+    chart = _write_chart(comparison, args, args.db)
+    if isinstance(chart, int):
+        return chart
     return _output(comparison, args, chart)
 
 
@@ -295,6 +320,9 @@ def _simulate(args: argparse.Namespace) -> int:
     refused = _refuse_db(args.db, must_exist=False)  # before a long run: a --db that can never be written
     if refused is not None:
         return refused
+    chart_path = _chart_path(args, args.db)  # nor a chart path that is some other file (the database!)
+    if isinstance(chart_path, int):
+        return chart_path
     try:
         workload = load_workload(args.workload)
         result = simulate(workload, seed=args.seed)
@@ -302,11 +330,9 @@ def _simulate(args: argparse.Namespace) -> int:
         _error(str(exc))
         return EXIT_USAGE
     comparison = build_comparison(result.records, ReportFilter())
-    try:  # before the database: a chart that cannot be written leaves nothing half done
-        chart = _write_chart(comparison, args, args.db)
-    except OSError as exc:
-        _error(f"cannot write the chart: {exc.strerror or exc}")
-        return EXIT_FAILURE
+    chart = _write_chart(comparison, args, args.db)  # before the database: nothing half done
+    if isinstance(chart, int):
+        return chart
     try:
         stored = asyncio.run(store(result, args.db))
     except CacheConflictError as exc:

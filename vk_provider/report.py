@@ -738,11 +738,36 @@ to all containers started; percentiles are nearest-rank.</p>
 
 
 def write_chart(comparison: Comparison, path: Path) -> Path:
-    """Write the HTML page to ``path`` (directories made as needed); returns the absolute path."""
-    target = path.expanduser().resolve()
+    """Write the HTML page to ``path`` (directories made as needed); returns the absolute path.
+
+    A chart replaces an earlier chart, never another file (the database, a workload file, …):
+    raises :class:`ReportError` for an existing file that is not one; OSError if it cannot be written.
+    """
+    target = chart_target(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(render_html(comparison), encoding="utf-8")
     return target
+
+
+def chart_target(path: Path) -> Path:
+    """The absolute path a chart for ``path`` goes to; :class:`ReportError` if that is a file
+    other than a chart (checked before a long run, and again when writing)."""
+    target = path.expanduser().resolve()
+    if not _replaceable(target):
+        raise ReportError(f"--chart {path}: {target} exists and is not a vk-provider chart; not overwriting it")
+    return target
+
+
+def _replaceable(target: Path) -> bool:
+    """Whether ``target`` is absent, empty or a chart this module wrote (its head says so)."""
+    try:
+        with target.open("rb") as file:
+            head = file.read(1024)
+    except (FileNotFoundError, IsADirectoryError):  # a directory: writing says so
+        return True
+    except OSError:  # unreadable: writing says why
+        return True
+    return not head or (head.startswith(b"<!DOCTYPE html>") and b"<title>vk-provider" in head)
 
 
 def default_chart_path(db: str) -> Path:

@@ -187,7 +187,42 @@ def test_report_chart_that_cannot_be_written(filled: Path, tmp_path: Path, capsy
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert main(["report", "--db", str(filled), "--json", "--chart", str(blocker / "c.html")]) == EXIT_FAILURE
-    one_error(capsys, "cannot write the chart")
+    one_error(capsys, f"cannot write the chart {blocker / 'c.html'}: ")
+
+
+def _pod_starts(db: Path) -> int:
+    with sqlite3.connect(db) as conn:
+        return int(conn.execute("select count(*) from pod_starts").fetchone()[0])
+
+
+def test_a_chart_never_overwrites_the_database_or_the_workload(
+    filled: Path, workload: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    starts, text = _pod_starts(filled), workload.read_text()
+    assert main(["report", "--db", str(filled), "--csv", "--chart", str(filled)]) == EXIT_USAGE
+    one_error(capsys, f"--chart {filled}", "exists and is not a vk-provider chart; not overwriting it")
+    # Refused before the run: nothing simulated, nothing stored.
+    assert main(["simulate", str(workload), "--db", str(filled), "--chart", str(filled)]) == EXIT_USAGE
+    one_error(capsys, "is not a vk-provider chart")
+    assert main(["simulate", str(workload), "--db", str(filled), "--chart", str(workload)]) == EXIT_USAGE
+    one_error(capsys, "is not a vk-provider chart")
+    assert _pod_starts(filled) == starts
+    assert workload.read_text() == text
+
+
+def test_a_chart_replaces_an_earlier_chart(filled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    chart = tmp_path / "c.html"
+    for _ in range(2):
+        assert main(["report", "--db", str(filled), "--json", "--chart", str(chart)]) == EXIT_OK
+        capsys.readouterr()
+    assert chart.read_text().startswith("<!DOCTYPE html>")
+    chart.write_text("")  # an empty file is no loss either
+    assert main(["report", "--db", str(filled), "--json", "--chart", str(chart)]) == EXIT_OK
+
+
+def test_an_empty_chart_path_is_refused(filled: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", "--db", str(filled), "--chart", ""]) == EXIT_USAGE
+    one_error(capsys, "--chart needs a path")
 
 
 def test_simulate_missing_workload(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
