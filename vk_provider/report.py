@@ -182,7 +182,10 @@ def parse_time(text: str, flag: str) -> datetime:
         parsed = datetime.fromisoformat(text.strip())
     except ValueError:
         raise ReportError(f"{flag} {text!r}: not an ISO 8601 time (e.g. 2026-01-01T10:00:00Z)") from None
-    return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    try:
+        return parsed.replace(tzinfo=UTC) if parsed.tzinfo is None else parsed.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00:00+05:00 is before the year 1 in UTC
+        raise ReportError(f"{flag} {text!r}: out of range once in UTC (years 1 to 9999)") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -807,7 +810,13 @@ async def load_records(db: str, report_filter: ReportFilter | None = None) -> tu
             raise ReportError(f"cannot read registry database {db}: {str(exc).splitlines()[0]}") from None
         if revision is None:
             raise ReportError(f"{db} has no registry schema (run `vk-provider db upgrade --db {db}`)")
-        records = await registry.list_pod_starts(namespace=chosen.namespace, since=chosen.since, until=chosen.until)
+        try:
+            records = await registry.list_pod_starts(namespace=chosen.namespace, since=chosen.since, until=chosen.until)
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a row edited by hand, say
+            what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ReportError(
+                f"cannot read registry database {db}: a Pod start row holds a value vk-provider did not write ({what})"
+            ) from None
     finally:
         await registry.close()
     return tuple(record for record in records if chosen.matches(record))

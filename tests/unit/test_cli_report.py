@@ -172,6 +172,8 @@ def test_a_file_that_is_not_a_database(command: list[str], tmp_path: Path, capsy
         (["--since", "2026-01-02", "--until", "2026-01-01"], ("is not after --since",)),
         (["--selector", "app in ()"], ("in needs at least one value in 'app in ()'",)),
         (["--selector", "app notin ( )"], ("notin needs at least one value",)),
+        (["--since", "0001-01-01T00:00:00+05:00"], ("--since '0001-01-01T00:00:00+05:00': out of range",)),
+        (["--until", "9999-12-31T23:59:59-05:00"], ("--until '9999-12-31T23:59:59-05:00': out of range",)),
         (["--namespace", ""], ("--namespace '': not a namespace name",)),
         (["--namespace", "Shop"], ("--namespace 'Shop': not a namespace name",)),
     ],
@@ -208,6 +210,23 @@ def test_a_chart_never_overwrites_the_database_or_the_workload(
     one_error(capsys, "is not a vk-provider chart")
     assert _pod_starts(filled) == starts
     assert workload.read_text() == text
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "update pod_starts set labels = 'not json'",
+        "update pod_starts set labels = '[1, 2]'",
+        "update pod_starts set started_at = 'garbage'",
+    ],
+)
+def test_a_row_edited_by_hand_is_one_error_line(filled: Path, edit: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with sqlite3.connect(filled) as conn:
+        conn.execute(edit)
+    assert main(["report", "--db", str(filled), "--no-chart"]) == EXIT_FAILURE
+    one_error(
+        capsys, f"cannot read registry database {filled}: a Pod start row holds a value vk-provider did not write"
+    )
 
 
 def test_a_chart_replaces_an_earlier_chart(filled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
