@@ -297,6 +297,12 @@ def _report(args: argparse.Namespace) -> int:
     except ReportError as exc:
         _error(str(exc))
         return EXIT_USAGE
+    from vk_provider.registry.engine import db_problem
+
+    problem = db_problem(args.db) if args.db else None
+    if problem is not None:
+        _error(f"registry database {args.db}: {problem}")
+        return EXIT_USAGE
     try:
         records = asyncio.run(load_records(args.db, report_filter))
     except ReportError as exc:
@@ -318,6 +324,8 @@ def _simulate(args: argparse.Namespace) -> int:
     from vk_provider.simulate import CacheNameTakenError, WorkloadError, load_workload, simulate, store, summary_lines
 
     refused = _refuse_db(args.db, must_exist=False)  # before a long run: a --db that can never be written
+    if refused is None:
+        refused = _refuse_unknown_schema(args.db)
     if refused is not None:
         return refused
     chart_path = _chart_path(args, args.db)  # nor a chart path that is some other file (the database!)
@@ -342,7 +350,7 @@ def _simulate(args: argparse.Namespace) -> int:
         _error(f"{args.workload}: {exc} (database {args.db}: nothing of this run was written)")
         return EXIT_FAILURE
     except Exception as exc:  # a database that cannot be opened or written
-        _error(f"cannot write registry database {args.db}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+        _error(f"cannot write registry database {args.db}: {_first_line(exc)}")
         return EXIT_FAILURE
     return _output(comparison, args, chart, summary_lines(result, stored))
 
@@ -355,6 +363,12 @@ def _output(comparison: Comparison, args: argparse.Namespace, chart: Path | None
         # Python would report the pipe again when it flushes stdout at exit: point stdout elsewhere.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's first line, to end a one-line error (its type when it has no text)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _seed(text: str) -> int:
@@ -381,6 +395,22 @@ def _refuse_db(db: str, *, must_exist: bool) -> int | None:
     return None
 
 
+def _refuse_unknown_schema(db: str) -> int | None:
+    """The exit code for an existing database a newer vk-provider made (after saying so), or None."""
+    from vk_provider.registry import migrate
+    from vk_provider.registry.engine import sqlite_file
+
+    file = sqlite_file(db)
+    if file is not None and not file.is_file():
+        return None  # a new file: nothing to check, and none made here
+    try:
+        asyncio.run(migrate.check_known(db))
+    except migrate.MigrationError as exc:
+        _error(f"registry database {db}: {exc}")
+        return EXIT_FAILURE
+    return None
+
+
 def _db(args: argparse.Namespace) -> int:
     from vk_provider.registry import migrate
 
@@ -397,7 +427,7 @@ def _db(args: argparse.Namespace) -> int:
         else:
             print(migrate.current_sync(args.db) or "base (empty)")
     except Exception as exc:  # Alembic's errors (unknown revision, …) and the database's
-        _error(f"db {args.db_command} {args.db}: {str(exc).splitlines()[0] if str(exc) else exc!r}")
+        _error(f"db {args.db_command} {args.db}: {_first_line(exc)}")
         return EXIT_FAILURE
     return EXIT_OK
 

@@ -172,7 +172,7 @@ class CacheSettings:
     snapshot_seconds: float = 5.0
     # Agents sharing one registry elect a leader (holder of a Lease), which alone builds caches, writes
     # their status, deletes expired ones and enforces quotas; every agent matches Pods against every
-    # cache. auto: elect when registry.db is a shared database (a URL other than SQLite); always; never.
+    # cache. auto (= always): agents on one cluster elect one builder, whatever their registries; never.
     leader_election: Literal["auto", "always", "never"] = "auto"
     # The election's Lease. kube-system: a namespace every cluster has (RBAC: get, create, update leases).
     leader_lease: str = "vk-provider-imagecaches"
@@ -455,8 +455,11 @@ def _validate(s: Settings) -> None:
         raise bad("kube.max_backoff_seconds", f"must be positive, got {s.kube.max_backoff_seconds}")
     if s.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
         raise bad("log_level", f"must be DEBUG, INFO, WARNING or ERROR, got {s.log_level!r}")
-    if not s.registry.db:
-        raise bad("registry.db", "must not be empty")
+    from vk_provider.registry.engine import db_problem
+
+    db_refused = db_problem(s.registry.db)
+    if db_refused is not None:
+        raise bad("registry.db", f"{db_refused} (got {s.registry.db!r})" if s.registry.db else db_refused)
     try:
         ipaddress.ip_network(s.pods.pod_cidr, strict=False)
     except ValueError:

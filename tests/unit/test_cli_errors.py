@@ -78,8 +78,19 @@ def test_no_kubeconfig_anywhere(tmp_path: Path) -> None:
         ("node: {name: Not_A_DNS_Name}\n", ("node.name",)),
         ("node: {on_shutdown: vanish}\n", ("node.on_shutdown", "'delete'")),
         ("- a list\n", ("mapping",)),
+        ("registry: {db: ':memory:'}\n", ("registry.db", "an in-memory database is lost")),
+        ("registry: {db: 'mysql://u@h/d'}\n", ("registry.db", "SQLite (a file) or PostgreSQL, not mysql")),
     ],
-    ids=["unknown-key", "bad-type", "bad-yaml", "bad-node-name", "bad-choice", "not-a-mapping"],
+    ids=[
+        "unknown-key",
+        "bad-type",
+        "bad-yaml",
+        "bad-node-name",
+        "bad-choice",
+        "not-a-mapping",
+        "in-memory-db",
+        "mysql",
+    ],
 )
 def test_invalid_settings_file(tmp_path: Path, settings_text: str, needles: tuple[str, ...]) -> None:
     settings = tmp_path / "s.yaml"

@@ -229,6 +229,45 @@ def test_a_row_edited_by_hand_is_one_error_line(filled: Path, edit: str, capsys:
     )
 
 
+def test_a_database_a_newer_vk_provider_made_is_refused_before_the_run(
+    filled: Path, workload: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with sqlite3.connect(filled) as conn:
+        conn.execute("update alembic_version set version_num = '9999'")
+    starts = _pod_starts(filled)
+    chart = filled.with_name("never.html")
+    assert main(["simulate", str(workload), "--db", str(filled), "--chart", str(chart)]) == EXIT_FAILURE
+    one_error(capsys, f"registry database {filled}: its schema is at revision '9999'", "a newer vk-provider wrote it")
+    assert not chart.exists()  # refused before the run
+    assert _pod_starts(filled) == starts
+    assert main(["db", "upgrade", "--db", str(filled)]) == EXIT_FAILURE
+    message = one_error(capsys, f"db upgrade {filled}: its schema is at revision '9999'")
+    assert '"' not in message  # the cause is not quoted as a Python string
+
+
+@pytest.mark.parametrize(
+    ("db", "needle"),
+    [
+        (":memory:", "an in-memory database is lost when the command ends"),
+        ("sqlite://", "an in-memory database is lost when the command ends"),
+        ("mysql://u@h/d", "vk-provider keeps its registry in SQLite (a file) or PostgreSQL, not mysql"),
+    ],
+)
+def test_databases_that_cannot_hold_a_registry_are_refused_before_anything(
+    db: str,
+    needle: str,
+    workload: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for command in (["simulate", str(workload)], ["report"], ["db", "upgrade"], ["db", "current"]):
+        assert main([*command, "--db", db]) == EXIT_USAGE
+        one_error(capsys, f"registry database {db}: {needle}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small-workload.yaml"]  # no chart, no database
+
+
 def test_a_chart_replaces_an_earlier_chart(filled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     chart = tmp_path / "c.html"
     for _ in range(2):

@@ -19,6 +19,7 @@ before handing it out, so a restarted database server costs a reconnect rather t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -61,6 +62,27 @@ def database_url(db: str) -> str:
     return f"{_DRIVERS.get(scheme, scheme)}://{rest}"
 
 
+SUPPORTED_BACKENDS = ("sqlite", "postgresql")
+_SCHEME = re.compile(r"[a-z][a-z0-9.-]*")
+
+
+def db_problem(db: str) -> str | None:
+    """Why a ``--db`` / ``registry.db`` value can never hold a registry, or None. Plain text checks
+    (no connection): an in-memory SQLite database (gone when the command ends, and one per
+    connection), or a database other than SQLite and PostgreSQL."""
+    if not db:
+        return "must not be empty"
+    scheme = db.split("://", 1)[0].split("+", 1)[0].lower() if "://" in db else "sqlite"
+    scheme = "postgresql" if scheme == "postgres" else scheme
+    if not _SCHEME.fullmatch(scheme):
+        return None  # not a URL at all: parsing it says so
+    if scheme not in SUPPORTED_BACKENDS:
+        return f"vk-provider keeps its registry in SQLite (a file) or PostgreSQL, not {scheme}"
+    if scheme == "sqlite" and db.rsplit("://", 1)[-1].lstrip("/") in ("", ":memory:"):
+        return "an in-memory database is lost when the command ends: give a file"
+    return None
+
+
 def sqlite_file(db: str) -> Path | None:
     """The file a ``--db`` value names when it is a SQLite database on disk (a path or a sqlite URL).
 
@@ -88,6 +110,9 @@ def existing_sqlite_file(db: str, *, must_exist: bool = True) -> Path | None:
     registry must never create an empty one. Raises :class:`DatabaseArgumentError`."""
     if not db:
         raise DatabaseArgumentError("no registry database given (--db is empty)", usage=True)
+    problem = db_problem(db)
+    if problem is not None:
+        raise DatabaseArgumentError(f"registry database {db}: {problem}", usage=True)
     try:
         file = sqlite_file(db)
     except ValueError as exc:

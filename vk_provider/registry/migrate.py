@@ -119,9 +119,14 @@ async def on_migration_connection(target: AsyncEngine | str, work: Callable[[Con
 
 
 async def upgrade(target: AsyncEngine | str, revision: str = "head") -> None:
-    """Upgrade the database at ``target`` (an engine, path or URL) to ``revision``."""
-    if revision in ("head", HEAD) and await _stamped(target) == HEAD:
+    """Upgrade the database at ``target`` (an engine, path or URL) to ``revision``.
+
+    Raises :class:`MigrationError` for a database a newer vk-provider made (a revision not in ``migrations/``).
+    """
+    stamped = await _stamped(target)
+    if revision in ("head", HEAD) and stamped == HEAD:
         return  # already the newest schema
+    refuse_unknown(stamped)
 
     def work(connection: Connection) -> None:
         from alembic import command
@@ -160,6 +165,28 @@ async def _stamped(target: AsyncEngine | str) -> str | None:
     except DBAPIError:
         return None
     return str(rows[0][0]) if len(rows) == 1 else None
+
+
+async def check_known(target: AsyncEngine | str) -> None:
+    """Raise :class:`MigrationError` if the database is at a revision this vk-provider does not know."""
+    refuse_unknown(await _stamped(target))
+
+
+def refuse_unknown(stamped: str | None) -> None:
+    if stamped is None or stamped == HEAD:
+        return
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+
+    try:
+        known = ScriptDirectory.from_config(alembic_config()).get_revision(stamped) is not None
+    except CommandError:
+        known = False
+    if not known:
+        raise MigrationError(
+            f"its schema is at revision {stamped!r}, which this vk-provider does not know (its newest is {HEAD}): "
+            "a newer vk-provider wrote it; use that one, or another database"
+        )
 
 
 def head_revision() -> str | None:
