@@ -299,9 +299,9 @@ def _report(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from vk_provider.registry.engine import db_problem
 
-    problem = db_problem(args.db) if args.db else None
-    if problem is not None:
-        _error(f"registry database {args.db}: {problem}")
+    db_refused = db_problem(args.db) if args.db else None
+    if db_refused is not None:
+        _error(f"registry database {args.db}: {db_refused}")
         return EXIT_USAGE
     try:
         records = asyncio.run(load_records(args.db, report_filter))

@@ -19,6 +19,7 @@ import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -236,6 +237,13 @@ def load_settings(
     settings: Settings = _build(Settings, merged, source=config_file or "settings")
     settings = _resolve_internal_ip(settings, environment)
     _validate(settings)
+    older = environment.get(f"{ENV_PREFIX}DB")
+    if older is not None and older != settings.registry.db:
+        # Not silently ignored: whoever set it meant the agent's database.
+        raise ConfigError(
+            f"environment variable {ENV_PREFIX}DB={older!r} is the migrations' older name for the database, but the "
+            f"agent's registry.db is {settings.registry.db!r}: set {ENV_PREFIX}REGISTRY_DB (or --db) instead"
+        )
     return settings
 
 
@@ -272,6 +280,11 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
         if rest in groups and not dataclasses.is_dataclass(_field_type(Settings, rest)):
             out[rest] = _EnvValue(key, value)
             continue
+        if rest in groups:
+            raise ConfigError(
+                f"environment variable {key}: {rest} is a group of settings; set one of them, "
+                f"e.g. {key}_{next(f.name for f in dataclasses.fields(_field_type(Settings, rest))).upper()}"
+            )
         group, _, name = rest.partition("_")
         if group in groups and name:
             out.setdefault(group, {})[name] = _EnvValue(key, value)
@@ -373,7 +386,12 @@ def _coerce(kind: Any, value: Any, source: str, name: str) -> Any:
                 raise TypeError("one of " + ", ".join(repr(c) for c in choices))
             return value
         if origin is list:
-            if isinstance(value, str):
+            if isinstance(value, str) and value.strip().startswith("["):
+                try:  # the YAML form, as in the settings file: [a, b]
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    raise TypeError("a list of strings (a, b or [a, b])") from None
+            elif isinstance(value, str):
                 value = [v for v in value.split(",") if v.strip()]
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise TypeError("a list of strings")
@@ -447,6 +465,19 @@ def _validate(s: Settings) -> None:
         raise bad("kubelet.port", f"must be a TCP port (0 picks a free one), got {s.kubelet.port}")
     if bool(s.kubelet.tls_cert_file) != bool(s.kubelet.tls_key_file):
         raise bad("kubelet.tls_cert_file", "and kubelet.tls_key_file must be given together")
+    if s.simulation.seed < 0:
+        raise bad("simulation.seed", f"must be 0 or more, got {s.simulation.seed}")
+    # Files the agent reads once connected: a wrong path is a settings error, said before connecting.
+    named_files = [
+        ("images.catalog", s.images.catalog),
+        *((f"images.extra_catalogs[{i}]", path) for i, path in enumerate(s.images.extra_catalogs)),
+        ("kubelet.tls_cert_file", s.kubelet.tls_cert_file),
+        ("kubelet.tls_key_file", s.kubelet.tls_key_file),
+        ("kubelet.client_ca_file", s.kubelet.client_ca_file),
+    ]
+    for name, path in named_files:
+        if path and not Path(path).is_file():
+            raise bad(name, f"must name a file; there is none at {path!r}")
     if s.kube.qps < 0 or s.kube.burst < 1:
         raise bad("kube.qps", "must be >= 0 and kube.burst >= 1")
     if s.kube.startup_timeout_seconds < 0 or s.kube.request_timeout_seconds <= 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,42 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
     assert s.node.name == "from-file"
 
 
+def test_the_migrations_older_database_variable_is_not_silently_ignored() -> None:
+    both = {"VK_PROVIDER_DB": "/data/r.db", "VK_PROVIDER_REGISTRY_DB": "/data/r.db"}
+    assert load_settings(env=both).registry.db == "/data/r.db"
+    assert load_settings(env={"VK_PROVIDER_DB": "/data/r.db"}, overrides={"registry.db": "/data/r.db"})
+    with pytest.raises(ConfigError, match=re.escape("VK_PROVIDER_DB='/data/r.db' is the migrations' older name")):
+        load_settings(env={"VK_PROVIDER_DB": "/data/r.db"})
+
+
+def test_a_group_named_in_the_environment_is_an_error_naming_the_variable() -> None:
+    with pytest.raises(ConfigError, match="environment variable VK_PROVIDER_NODE: node is a group of settings"):
+        load_settings(config_file=None, env={"VK_PROVIDER_NODE": "x"})
+
+
+def test_files_named_by_settings_must_exist_before_anything_connects(tmp_path: Path) -> None:
+    there = tmp_path / "there.pem"
+    there.write_text("x")
+    for name, env in [
+        ("images.catalog", {"VK_PROVIDER_IMAGES_CATALOG": str(tmp_path / "no.yaml")}),
+        ("images.extra_catalogs[1]", {"VK_PROVIDER_IMAGES_EXTRA_CATALOGS": f"[{there}, {tmp_path / 'no.yaml'}]"}),
+        ("kubelet.client_ca_file", {"VK_PROVIDER_KUBELET_CLIENT_CA_FILE": str(tmp_path / "ca.crt")}),
+        ("kubelet.tls_key_file",
+         {"VK_PROVIDER_KUBELET_TLS_CERT_FILE": str(there), "VK_PROVIDER_KUBELET_TLS_KEY_FILE": str(tmp_path / "k")}),
+    ]:  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"setting {re.escape(name)} must name a file; there is none at"):
+            load_settings(env=env)
+
+
+@pytest.mark.parametrize("text", ["a.yaml, b.yaml", "[a.yaml, b.yaml]", "a.yaml,b.yaml,"])
+def test_env_lists_plain_or_in_brackets(text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("a.yaml", "b.yaml"):
+        (tmp_path / name).write_text("images: {}\n")
+    s = load_settings(env={"VK_PROVIDER_IMAGES_EXTRA_CATALOGS": text})
+    assert s.images.extra_catalogs == ["a.yaml", "b.yaml"]
+
+
 def test_env_dict_and_bool_and_float() -> None:
     s = load_settings(
         env={
@@ -48,7 +85,7 @@ def test_env_dict_and_bool_and_float() -> None:
             "VK_PROVIDER_KUBE_QPS": "5.5",
             "VK_PROVIDER_LOG_LEVEL": "warning",
             "VK_PROVIDER_TEST_SOMETHING": "ignored",
-            "VK_PROVIDER_DB": "ignored: the migrations' own variable",
+            "VK_PROVIDER_DB": "vk-provider.db",  # the migrations' older name: the same database, so no conflict
             # What Kubernetes sets in a namespace with a Service named vk-provider:
             "VK_PROVIDER_SERVICE_HOST": "10.96.0.10",
             "VK_PROVIDER_PORT": "tcp://10.96.0.10:443",
@@ -72,6 +109,7 @@ def test_env_dict_and_bool_and_float() -> None:
         ({"VK_PROVIDER_KUBELET_PORT": "70000"}, "kubelet.port"),
         ({"VK_PROVIDER_KUBELET_TLS_CERT_FILE": "/x.crt"}, "given together"),
         ({"VK_PROVIDER_LOG_LEVEL": "loud"}, "log_level"),
+        ({"VK_PROVIDER_SIMULATION_SEED": "-5"}, "simulation.seed must be 0 or more, got -5"),
         ({"VK_PROVIDER_PODS_STATUS_SETTLE_SECONDS": "-1"}, "pods.status_settle_seconds must be between 0 and 10"),
         ({"VK_PROVIDER_KUBE_QPS": "nan"}, "kube.qps must be a finite number"),
         ({"VK_PROVIDER_CACHES_SWEEP_INTERVAL_SECONDS": "inf"}, "caches.sweep_interval_seconds must be a finite"),
