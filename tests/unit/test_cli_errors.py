@@ -64,6 +64,11 @@ def test_bad_kubeconfig(tmp_path: Path, kubeconfig_text: str | None, needles: tu
     assert_one_line_error(proc, *needles)
 
 
+def test_a_kubeconfig_that_is_a_directory(tmp_path: Path) -> None:
+    proc = run_cli("run", "--kubeconfig", str(tmp_path), cwd=tmp_path)
+    assert_one_line_error(proc, f"kubeconfig {tmp_path}: a directory, not a file")
+
+
 def test_no_kubeconfig_anywhere(tmp_path: Path) -> None:
     proc = run_cli("run", cwd=tmp_path)
     assert_one_line_error(proc, "no cluster credentials", ".kube/config")

@@ -355,6 +355,14 @@ def test_db_current_on_a_missing_database(tmp_path: Path, capsys: pytest.Capture
     one_error(capsys, "no registry database at")
 
 
+def test_db_current_leaves_an_empty_file_empty(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.db"
+    empty.write_bytes(b"")
+    assert main(["db", "current", "--db", str(empty)]) == EXIT_OK
+    assert capsys.readouterr().out.strip() == "base (empty)"
+    assert empty.read_bytes() == b""  # asked, not made into a database
+
+
 @pytest.mark.parametrize("command", [["report"], ["db", "current"], ["db", "downgrade", "base"]])
 def test_reading_never_creates_a_database_named_by_url(
     command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]

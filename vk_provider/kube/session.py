@@ -122,7 +122,9 @@ async def load_configuration(kubeconfig: str = "") -> tuple[k8s_client.Configura
     if kubeconfig:
         source = f"kubeconfig {kubeconfig}"
         if not Path(kubeconfig).is_file():
-            raise KubeConfigError(f"{source}: no such file")
+            raise KubeConfigError(
+                f"{source}: " + ("a directory, not a file" if Path(kubeconfig).is_dir() else "no such file")
+            )
         await _load_kubeconfig(cfg, kubeconfig, source)
         return cfg, source
     if os.environ.get("KUBERNETES_SERVICE_HOST"):

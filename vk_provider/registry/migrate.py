@@ -75,13 +75,13 @@ _MIGRATION_LOCK = 0x766B7072  # "vkpr": the advisory lock key that serialises mi
 
 
 @asynccontextmanager
-async def _engine_for(target: AsyncEngine | str) -> AsyncIterator[AsyncEngine]:
+async def _engine_for(target: AsyncEngine | str, *, read_only: bool = False) -> AsyncIterator[AsyncEngine]:
     """The caller's engine (shared: the agent's running loop and pool), or one made for a path or
-    URL and disposed afterwards."""
+    URL (``read_only``: see ``create_engine``) and disposed afterwards."""
     if not isinstance(target, str):
         yield target
         return
-    engine = create_engine(target)
+    engine = create_engine(target, read_only=read_only)
     try:
         yield engine
     finally:
@@ -152,7 +152,8 @@ async def current(target: AsyncEngine | str) -> str | None:
 
     from alembic.runtime.migration import MigrationContext
 
-    async with _engine_for(target) as engine, engine.connect() as connection:
+    # Only read: asking an empty file its revision must not turn it into a database.
+    async with _engine_for(target, read_only=True) as engine, engine.connect() as connection:
         return await connection.run_sync(lambda sync: MigrationContext.configure(sync).get_current_revision())
 
 
