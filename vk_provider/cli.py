@@ -341,18 +341,28 @@ def _simulate(args: argparse.Namespace) -> int:
     chart = _write_chart(comparison, args, args.db)  # before the database: nothing half done
     if isinstance(chart, int):
         return chart
+    from vk_provider.registry.engine import sqlite_file
+
+    file = sqlite_file(args.db)
+    new_file = file if file is not None and not file.exists() else None
     try:
         stored = asyncio.run(store(result, args.db))
-    except CacheConflictError as exc:
-        _error(f"{args.workload}: a cache id is already used by another cache in {args.db}: {exc}")
-        return EXIT_FAILURE
-    except CacheNameTakenError as exc:
-        _error(f"{args.workload}: {exc} (database {args.db}: nothing of this run was written)")
-        return EXIT_FAILURE
-    except Exception as exc:  # a database that cannot be opened or written
-        _error(f"cannot write registry database {args.db}: {_first_line(exc)}")
+    except Exception as exc:
+        if new_file is not None:  # made for this run, which stored nothing: not left behind empty
+            _remove_database(new_file)
+        if isinstance(exc, CacheConflictError):
+            _error(f"{args.workload}: a cache id is already used by another cache in {args.db}: {exc}")
+        elif isinstance(exc, CacheNameTakenError):
+            _error(f"{args.workload}: {exc} (database {args.db}: nothing of this run was written)")
+        else:  # a database that cannot be opened or written
+            _error(f"cannot write registry database {args.db}: {_first_line(exc)}")
         return EXIT_FAILURE
     return _output(comparison, args, chart, summary_lines(result, stored))
+
+
+def _remove_database(file: Path) -> None:
+    for path in (file, file.with_name(file.name + "-wal"), file.with_name(file.name + "-shm")):
+        path.unlink(missing_ok=True)
 
 
 def _output(comparison: Comparison, args: argparse.Namespace, chart: Path | None, preamble: Sequence[str] = ()) -> int:

@@ -214,6 +214,15 @@ def test_sizes_accept_bytes_or_units(text: object, size: int) -> None:
     assert catalog.images[hub("a:1")].layers[0].size == size
 
 
+@pytest.mark.parametrize("size", [2**50 + 1, 10**19, "2000000 GB", "1" + "0" * 400 + " GB"])
+def test_sizes_beyond_a_pebibyte_are_problems(size: object) -> None:
+    catalog = parse_catalog({"images": {"a:1": {"layers": [good_layer(size=size)]}}})
+    assert catalog.images == {}
+    (problem,) = catalog.problems
+    assert "must be at most 1125899906842624 bytes (1 PiB" in str(problem)
+    assert len(str(problem)) < 200
+
+
 def test_empty_documents_are_empty_catalogs() -> None:
     assert parse_catalog(None) == Catalog()
     assert parse_catalog({"version": 1, "images": None}).images == {}

@@ -268,6 +268,27 @@ def test_databases_that_cannot_hold_a_registry_are_refused_before_anything(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["small-workload.yaml"]  # no chart, no database
 
 
+def test_a_new_database_the_run_could_not_be_stored_in_is_not_left_behind(
+    workload: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vk_provider.simulate
+    from vk_provider.registry import migrate
+
+    async def failing_store(result: object, db: str) -> object:
+        await migrate.upgrade(db)  # the schema is made first, as the real store does
+        raise RuntimeError("disk I/O error")
+
+    monkeypatch.setattr(vk_provider.simulate, "store", failing_store)
+    db = tmp_path / "new.db"
+    assert main(["simulate", str(workload), "--db", str(db), "--no-chart"]) == EXIT_FAILURE
+    one_error(capsys, f"cannot write registry database {db}: disk I/O error")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["small-workload.yaml"]
+    # An existing database is left as it was (the run's own transaction was not committed).
+    assert main(["db", "upgrade", "--db", str(db)]) == EXIT_OK
+    assert main(["simulate", str(workload), "--db", str(db), "--no-chart"]) == EXIT_FAILURE
+    assert db.is_file()
+
+
 def test_a_chart_replaces_an_earlier_chart(filled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     chart = tmp_path / "c.html"
     for _ in range(2):

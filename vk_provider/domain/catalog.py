@@ -42,6 +42,7 @@ _UNITS = {
     "GiB": 2**30,
 }
 _IMAGE_KEYS = frozenset({"digest", "layers", "approximate", "note"})
+MAX_LAYER_BYTES = 2**50  # also keeps every sum of sizes within the registry's 64-bit integers
 _LAYER_KEYS = frozenset({"digest", "size", "uncompressed_size", "note"})
 
 # Synthetic images look like real ones: a few layers, one of them (the base) larger.
@@ -267,12 +268,20 @@ def _parse_size(value: object, where: str, problem: _Report, minimum: int) -> in
     elif isinstance(value, str):
         match = _SIZE_RE.fullmatch(value.strip())
         if match and match.group(2) in _UNITS:
-            number = round(float(match.group(1)) * _UNITS[match.group(2)])
+            scaled = float(match.group(1)) * _UNITS[match.group(2)]
+            number = round(scaled) if scaled <= MAX_LAYER_BYTES else MAX_LAYER_BYTES + 1  # inf cannot be rounded
     if number is None:
         problem(where, f"must be a number of bytes or a size like '39.1 MB', got {value!r}")
         return None
     if number < minimum:
         problem(where, f"must be at least {minimum} bytes, got {number}")
+        return None
+    if number > MAX_LAYER_BYTES:
+        shown = value if len(str(value)) <= 40 else f"{str(value)[:40]}…"
+        problem(
+            where,
+            f"must be at most {MAX_LAYER_BYTES} bytes (1 PiB; no registry serves a layer that big), got {shown!r}",
+        )
         return None
     return number
 
