@@ -30,10 +30,13 @@ import hashlib
 import math
 import random
 import re
+import reprlib
+import sys
+import typing
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,7 +47,7 @@ from vk_provider.domain.catalog import Catalog, kind_of, manifest_for
 from vk_provider.domain.images import InvalidReference, parse_reference
 from vk_provider.domain.labels import is_label_value, is_namespace_name, label_problem
 from vk_provider.domain.model import CachedImage, CachePhase, ImageCache, ImageManifest
-from vk_provider.domain.pullmodel import PullPolicy, PullSettings, plan_pod_pull
+from vk_provider.domain.pullmodel import MAX_RETRIES, PullPolicy, PullSettings, plan_pod_pull
 from vk_provider.domain.records import CacheOutcome, ImagePullRecord, PodStartRecord
 from vk_provider.domain.resolver import Outcome, PodCacheFacts, Resolution, resolve
 from vk_provider.virtualtime import VirtualClock, run_virtual
@@ -72,6 +75,9 @@ _DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*)+$")
 _DURATION_PART_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|m|h|d)\s*$")
+# A number written as text: YAML 1.1 (PyYAML) reads `1e-3` (no dot) or `1e6` as a string.
+_NUMBER_RE = re.compile(r"^\s*[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?\s*$")
+_FLOAT_MAX = int(sys.float_info.max)
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
 _IMC_ID_RE = re.compile(r"^imc-[a-z0-9]{20}$")
 
@@ -161,6 +167,34 @@ class WorkloadSpec:
         return sum(group.count for group in self.pods)
 
 
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel = 2
+_SHOWN.maxstring = _SHOWN.maxother = _SHOWN.maxlong = 80
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 4
+_SHOWN_LENGTH = 100
+
+
+def _shown(value: object) -> str:
+    """A bad value as an error message quotes it: its repr, cut short. A few lines of YAML aliases
+    can make a value of billions of elements, whose whole repr would never be done."""
+    text = _SHOWN.repr(value)
+    return text if len(text) <= _SHOWN_LENGTH else text[: _SHOWN_LENGTH - 3] + "..."
+
+
+def _number(value: object) -> float | None:
+    """A number from YAML (not a bool), or a string that is one: PyYAML follows YAML 1.1, which
+    reads ``1e-3`` (no dot) as a string where JSON and YAML 1.2 read a number. None otherwise."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int) and abs(value) > _FLOAT_MAX:  # float() would raise OverflowError
+        return math.inf if value > 0 else -math.inf
+    if isinstance(value, int | float):
+        return float(value)
+    if isinstance(value, str) and _NUMBER_RE.match(value):
+        return float(value)  # "1e400" is inf, refused as not finite
+    return None
+
+
 class _Problems:
     def __init__(self) -> None:
         self.found: list[str] = []
@@ -172,10 +206,9 @@ class _Problems:
 def parse_duration(value: object) -> float | None:
     """Seconds from a number or a string like ``90s``, ``1h30m``, ``250ms``, ``2d``; None if invalid
     or negative."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        seconds = float(value)
+    number = _number(value)
+    if number is not None:
+        seconds = number
     elif isinstance(value, str) and _DURATION_RE.match(value):
         seconds = sum(float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION_PART_RE.findall(value))
     else:
@@ -186,10 +219,9 @@ def parse_duration(value: object) -> float | None:
 def parse_rate(value: object) -> float | None:
     """Pods per second from a number (per second) or ``N/s``, ``N/m``, ``N/h``, ``N/d``; None if
     invalid or not positive."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        rate = float(value)
+    number = _number(value)
+    if number is not None:
+        rate = number
     elif isinstance(value, str) and (found := _RATE_RE.match(value)):
         rate = float(found[1]) / _UNIT_SECONDS[found[2]]
     else:
@@ -198,12 +230,18 @@ def parse_rate(value: object) -> float | None:
 
 
 def _labels(raw: object, where: str, problems: _Problems) -> tuple[tuple[str, str], ...]:
-    """A label map: strings, each a valid Kubernetes label (report --selector filters on them)."""
+    """A label map: strings, each a valid Kubernetes label (report --selector filters on them), and
+    none of the run's own (its workload and seed: every Pod start and cache of the run has them)."""
     valid = []
     for key, value in _string_map(raw, where, problems):
         problem = label_problem(key, value)
         if problem:
-            problems.add(f"{where}.{key}", f"{problem}, got {key}: {value!r}")
+            problems.add(f"{where}.{key}", f"{problem}, got {key}: {_shown(value)}")
+        elif key in RUN_LABELS:
+            problems.add(
+                f"{where}.{key}",
+                "is the run's own label, set by simulate to the workload's name and seed; use another key",
+            )
         else:
             valid.append((key, value))
     return tuple(valid)
@@ -245,7 +283,7 @@ def _images(raw: object, where: str, problems: _Problems, maximum: int | None = 
             continue
         parsed = parse_reference(image)
         if isinstance(parsed, InvalidReference):
-            problems.add(f"{where}[{index}]", f"invalid image reference {image!r}: {parsed.reason}")
+            problems.add(f"{where}[{index}]", f"invalid image reference {_shown(image)}: {parsed.reason}")
             continue
         images.append(image)
     return tuple(images)
@@ -265,7 +303,7 @@ def _duration_field(raw: Mapping[str, Any], key: str, where: str, problems: _Pro
     if seconds is None:
         problems.add(
             f"{where}.{key}" if where else key,
-            f"must be zero or more seconds (a number, or e.g. '90s', '1h30m'), got {raw[key]!r}",
+            f"must be zero or more seconds (a number, or e.g. '90s', '1h30m'), got {_shown(raw[key])}",
         )
         return default
     return seconds
@@ -276,7 +314,7 @@ def _int_field(
 ) -> int:
     value = raw.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        problems.add(f"{where}.{key}", f"must be a whole number from {low} to {high}, got {value!r}")
+        problems.add(f"{where}.{key}", f"must be a whole number from {low} to {high}, got {_shown(value)}")
         return default
     return value
 
@@ -284,7 +322,7 @@ def _int_field(
 def _name_field(raw: Mapping[str, Any], where: str, problems: _Problems) -> str:
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME_RE.match(name) or len(name) > 200:
-        problems.add(f"{where}.name", f"must be a lowercase DNS name (a-z, 0-9, '-', '.'), got {name!r}")
+        problems.add(f"{where}.name", f"must be a lowercase DNS name (a-z, 0-9, '-', '.'), got {_shown(name)}")
         return ""
     return name
 
@@ -297,18 +335,18 @@ def _parse_cache(raw: object, where: str, problems: _Problems) -> CacheSpec | No
     name = _name_field(raw, where, problems)
     imc_id = raw.get("id", "imc-" + base36_digest(f"workload cache {name}", 20))
     if not isinstance(imc_id, str) or not _IMC_ID_RE.match(imc_id):
-        problems.add(f"{where}.id", f"must be 'imc-' and 20 lowercase letters or digits, got {imc_id!r}")
+        problems.add(f"{where}.id", f"must be 'imc-' and 20 lowercase letters or digits, got {_shown(imc_id)}")
     build = raw.get("build", False)
     if not isinstance(build, bool):
-        problems.add(f"{where}.build", f"must be true or false, got {build!r}")
+        problems.add(f"{where}.build", f"must be true or false, got {_shown(build)}")
     retention = raw.get("retention_days")
     if retention is not None and (
         isinstance(retention, bool) or not isinstance(retention, int) or not 1 <= retention <= 65536
     ):
-        problems.add(f"{where}.retention_days", f"must be a whole number from 1 to 65536, got {retention!r}")
+        problems.add(f"{where}.retention_days", f"must be a whole number from 1 to 65536, got {_shown(retention)}")
     return CacheSpec(
         name=name,
-        imc_id=str(imc_id),
+        imc_id=imc_id if isinstance(imc_id, str) else "",  # not str(): it may be a huge aliased list
         images=_images(raw.get("images"), f"{where}.images", problems, maximum=20),
         size_gib=_int_field(raw, "size_gib", where, problems, 20, 20, 32768),
         at=_duration_field(raw, "at", where, problems, 0.0),
@@ -340,7 +378,7 @@ def _parse_arrival(raw: object, count: int | None, where: str, problems: _Proble
         for index, value in enumerate(listed):
             seconds = parse_duration(value)
             if seconds is None:
-                problems.add(f"{where}.times[{index}]", f"must be zero or more seconds, got {value!r}")
+                problems.add(f"{where}.times[{index}]", f"must be zero or more seconds, got {_shown(value)}")
             else:
                 times.append(seconds)
         if count is not None and count != len(listed):
@@ -349,13 +387,14 @@ def _parse_arrival(raw: object, count: int | None, where: str, problems: _Proble
     if "interval" in raw:
         interval = parse_duration(raw["interval"])
         if interval is None:
-            problems.add(f"{where}.interval", f"must be zero or more seconds, got {raw['interval']!r}")
+            problems.add(f"{where}.interval", f"must be zero or more seconds, got {_shown(raw['interval'])}")
         return Arrival(start, interval=interval)
     if "rate" in raw:
         rate = parse_rate(raw["rate"])
         if rate is None:
             problems.add(
-                f"{where}.rate", f"must be a positive rate (Pods per second, or e.g. '30/m'), got {raw['rate']!r}"
+                f"{where}.rate",
+                f"must be a positive rate (Pods per second, or e.g. '30/m'), got {_shown(raw['rate'])}",
             )
         return Arrival(start, rate=rate or 1.0)
     return Arrival(start)
@@ -374,7 +413,9 @@ def _parse_group(raw: object, where: str, problems: _Problems) -> PodGroupSpec |
     name = _name_field(raw, where, problems)
     namespace = raw.get("namespace", "default")
     if not isinstance(namespace, str) or not is_namespace_name(namespace):
-        problems.add(f"{where}.namespace", f"must be a namespace name (a DNS label: a-z, 0-9, '-'), got {namespace!r}")
+        problems.add(
+            f"{where}.namespace", f"must be a namespace name (a DNS label: a-z, 0-9, '-'), got {_shown(namespace)}"
+        )
         namespace = "default"
     arrival_raw = raw.get("arrival")
     listed = (
@@ -384,10 +425,10 @@ def _parse_group(raw: object, where: str, problems: _Problems) -> PodGroupSpec |
     )
     count = _int_field(raw, "count", where, problems, listed or 1, 1, MAX_PODS)
     policy_raw = raw.get("pull_policy", PullPolicy.IF_NOT_PRESENT.value)
-    try:
+    if isinstance(policy_raw, str) and policy_raw in {policy.value for policy in PullPolicy}:
         policy = PullPolicy(policy_raw)
-    except ValueError:
-        problems.add(f"{where}.pull_policy", f"must be Always, IfNotPresent or Never, got {policy_raw!r}")
+    else:  # not PullPolicy(anything) first: its error would quote the whole value
+        problems.add(f"{where}.pull_policy", f"must be Always, IfNotPresent or Never, got {_shown(policy_raw)}")
         policy = PullPolicy.IF_NOT_PRESENT
     return PodGroupSpec(
         name=name,
@@ -402,6 +443,8 @@ def _parse_group(raw: object, where: str, problems: _Problems) -> PodGroupSpec |
 
 
 _PULL_FIELDS = tuple(f.name for f in fields(PullSettings) if f.name != "time_scale")
+_PULL_TYPES: dict[str, type] = typing.get_type_hints(PullSettings)
+_PULL_MAXIMUM = {"max_retries": MAX_RETRIES}
 
 
 def _parse_pull(raw: object, problems: _Problems) -> PullSettings:
@@ -413,21 +456,24 @@ def _parse_pull(raw: object, problems: _Problems) -> PullSettings:
     if "time_scale" in raw:
         problems.add("pull.time_scale", "not used by simulate: it runs on virtual time, a day takes seconds")
     _unknown({k: v for k, v in raw.items() if k != "time_scale"}, _PULL_FIELDS, "pull", problems)
-    defaults = PullSettings()
     changes: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in _PULL_FIELDS:
             continue
-        expected = type(getattr(defaults, key))
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or (expected is int and not isinstance(value, int))
-        ):
-            problems.add(f"pull.{key}", f"must be a {'whole number' if expected is int else 'number'}, got {value!r}")
-            continue
-        changes[key] = expected(value)
-    settings = replace(defaults, **changes)
+        if _PULL_TYPES[key] is int:  # by the field's type: a float's default may be a whole number
+            maximum = _PULL_MAXIMUM.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or (maximum is not None and value > maximum):
+                upto = f" up to {maximum}" if maximum is not None else ""
+                problems.add(f"pull.{key}", f"must be a whole number{upto}, got {_shown(value)}")
+                continue
+            changes[key] = value
+        else:
+            number = _number(value)
+            if number is None:
+                problems.add(f"pull.{key}", f"must be a number, got {_shown(value)}")
+                continue
+            changes[key] = number
+    settings = replace(PullSettings(), **changes)
     for problem in settings.problems():
         problems.add("pull", problem)
     return settings
@@ -458,36 +504,30 @@ def parse_workload(data: object, source: str = "workload", base_dir: Path | None
     if not isinstance(data, dict):
         raise WorkloadError(f"{source}: must be a YAML mapping with 'version: 1' and 'pods', got {kind_of(data)}")
     _unknown(data, _TOP_FIELDS, "", problems)
-    if data.get("version") != WORKLOAD_VERSION:
-        problems.add("version", f"must be {WORKLOAD_VERSION}, got {data.get('version')!r}")
+    version = data.get("version")
+    if isinstance(version, bool) or not isinstance(version, int) or version != WORKLOAD_VERSION:  # not true, 1.0
+        problems.add("version", f"must be {WORKLOAD_VERSION}, got {_shown(version)}")
     # The name labels the run's Pod starts (vk-provider.io/simulation), so it is a label value;
     # the file's name, when there is none, is made into one.
     name = data.get("name", _as_label_value(Path(source).stem))
     if not isinstance(name, str) or not name or not is_label_value(name):
         problems.add(
-            "name", f"must be 1-63 letters, digits, '-', '_' or '.', starting and ending alphanumeric, got {name!r}"
+            "name",
+            f"must be 1-63 letters, digits, '-', '_' or '.', starting and ending alphanumeric, got {_shown(name)}",
         )
         name = "workload"
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        problems.add("seed", f"must be a whole number from 0 to {MAX_SEED}, got {seed!r}")
+        problems.add("seed", f"must be a whole number from 0 to {MAX_SEED}, got {_shown(seed)}")
         seed = 0
-    start = DEFAULT_START
-    if "start" in data:
-        raw_start = data["start"]
-        try:
-            start = raw_start if isinstance(raw_start, datetime) else datetime.fromisoformat(str(raw_start))
-            start = start.replace(tzinfo=UTC) if start.tzinfo is None else start.astimezone(UTC)
-        except ValueError:
-            problems.add("start", f"must be an ISO 8601 time such as 2026-01-01T00:00:00Z, got {raw_start!r}")
-            start = DEFAULT_START
+    start = _parse_start(data, problems)
     node = data.get("node", "virtual-kubelet")
     if not isinstance(node, str) or not _NAME_RE.match(node):
-        problems.add("node", f"must be a lowercase DNS name, got {node!r}")
+        problems.add("node", f"must be a lowercase DNS name, got {_shown(node)}")
         node = "virtual-kubelet"
     default_auto = data.get("default_auto", False)
     if not isinstance(default_auto, bool):
-        problems.add("default_auto", f"must be true or false, got {default_auto!r}")
+        problems.add("default_auto", f"must be true or false, got {_shown(default_auto)}")
         default_auto = False
     snapshot_seconds = _duration_field(data, "snapshot_seconds", "", problems, DEFAULT_SNAPSHOT_SECONDS)
     catalogs_raw = data.get("catalogs", [])
@@ -553,11 +593,34 @@ def parse_workload(data: object, source: str = "workload", base_dir: Path | None
     )
 
 
+def _parse_start(data: Mapping[str, Any], problems: _Problems) -> datetime:
+    """The workload's ``start``, in UTC (a time without a zone is taken as UTC)."""
+    if "start" not in data:
+        return DEFAULT_START
+    raw = data["start"]
+    try:
+        if isinstance(raw, datetime):  # YAML reads an unquoted timestamp itself
+            start = raw
+        elif isinstance(raw, date):
+            start = datetime(raw.year, raw.month, raw.day)
+        elif isinstance(raw, str):
+            start = datetime.fromisoformat(raw)
+        else:
+            raise ValueError(raw)
+        return start.replace(tzinfo=UTC) if start.tzinfo is None else start.astimezone(UTC)
+    except ValueError:
+        problems.add("start", f"must be an ISO 8601 time such as 2026-01-01T00:00:00Z, got {_shown(raw)}")
+    except OverflowError:  # its zone's offset takes it out of the years 1 to 9999 in UTC
+        written = raw.isoformat() if isinstance(raw, date) else raw
+        problems.add("start", f"must be from year 1 to year 9999 once in UTC, got {_shown(written)}")
+    return DEFAULT_START
+
+
 def _check_unique(values: Sequence[tuple[str, int]], where: str, key: str, problems: _Problems) -> None:
     seen: dict[str, int] = {}
     for value, index in values:
         if value and value in seen:
-            problems.add(f"{where}[{index}].{key}", f"{value!r} is already used by {where}[{seen[value]}]")
+            problems.add(f"{where}[{index}].{key}", f"{_shown(value)} is already used by {where}[{seen[value]}]")
         seen.setdefault(value, index)
 
 
@@ -897,9 +960,12 @@ def simulate(workload: WorkloadSpec, catalog: Catalog | None = None, *, seed: in
     injection and Poisson arrivals. Same workload, catalog and seed: same result."""
     chosen = workload.seed if seed is None else seed
     simulation = _Simulation(workload, catalog if catalog is not None else load_workload_catalog(workload), chosen)
+    # Virtual time stops at the year 9999 (or at infinity, where it would spin for ever: a rate or
+    # bandwidth so small that a duration overflows, a back-off doubled too often).
+    limit = (datetime.max.replace(tzinfo=UTC) - workload.start).total_seconds()
     try:
-        return run_virtual(simulation.run)
-    except OverflowError:  # a timestamp past datetime's range
+        return run_virtual(simulation.run, limit=limit)
+    except OverflowError:  # a timestamp past datetime's range, or virtual time stopped there
         raise WorkloadError(
             f"{workload.source}: simulated time runs past the year 9999 (start {workload.start:%Y-%m-%d} "
             "plus the arrivals and durations); use an earlier start or shorter times"

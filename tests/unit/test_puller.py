@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import random
+import signal
 import threading
 from collections import Counter
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -72,6 +75,31 @@ SMALL = image("small:1", layer("s1", 3.6), layer("s2", 12.0))
 
 def miss(*manifests: ImageManifest, policy: PullPolicy = PullPolicy.IF_NOT_PRESENT) -> PodPullPlan:
     return plan_pod_pull([(m, policy) for m in manifests], set(), set())
+
+
+def test_an_interrupted_virtual_run_stops_the_tasks_its_tasks_start_as_they_stop(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stopped: list[str] = []
+
+    async def pulling(name: str) -> None:
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            stopped.append(name)
+            if name == "a":  # as a bandwidth pool re-times its downloads when one leaves
+                asyncio.get_running_loop().create_task(pulling("a-timer"))
+
+    async def main() -> None:
+        asyncio.get_running_loop().create_task(pulling("a"))
+        await asyncio.sleep(1)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_virtual(main)
+    gc.collect()  # a task left pending when the loop closed logs "Task was destroyed but it is pending!"
+    assert stopped == ["a", "a-timer"]
+    assert caplog.records == []
 
 
 async def pull_concurrently(puller: Puller, plans: list[PodPullPlan]) -> list[PodPullResult]:
@@ -560,3 +588,50 @@ def test_an_interrupted_virtual_run_stops_its_tasks() -> None:
     with pytest.raises(KeyboardInterrupt):
         run_virtual(main)
     assert sorted(stopped) == ["a", "b"]  # cancelled, not left to complain when collected
+
+
+class _InterruptingClock:
+    """The loop's virtual clock, but Ctrl-C comes once ``at`` is reached, in a bandwidth pool's timer
+    task as it reads the clock: the timer no longer in the pool's hands (as in the field)."""
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+        self.interrupted_in: str | None = None
+
+    def now(self) -> datetime:
+        return datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=self.monotonic())
+
+    def monotonic(self) -> float:
+        now = asyncio.get_running_loop().time()
+        task = asyncio.current_task()
+        name = task.get_name() if task is not None else ""
+        if self.interrupted_in is None and now >= self.at and name.startswith("bandwidth-pool-timer-"):
+            self.interrupted_in = name
+            signal.raise_signal(signal.SIGINT)  # Python's handler runs here, in this task's frame
+        return now
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+def test_ctrl_c_during_a_virtual_run_cancels_it_without_killing_a_task(caplog: pytest.LogCaptureFixture) -> None:
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    clock = _InterruptingClock(at=5.0)
+    pools = [BandwidthPool(10 * MB, clock)]
+
+    async def main() -> None:
+        group = object()
+        await asyncio.gather(
+            *(pools[0].transfer(size * MB, stream_cap=10 * MB, group=group, group_cap=10 * MB) for size in (20, 40, 80))
+        )
+
+    with pytest.raises(KeyboardInterrupt):
+        run_virtual(main)
+    assert clock.interrupted_in is not None
+    assert clock.interrupted_in.startswith("bandwidth-pool-timer-")
+    assert pools[0].active_downloads == 0  # every download left the pool
+    pools.clear()  # and with it its tasks: one that died of the KeyboardInterrupt logs it when collected
+    gc.collect()
+    assert "never retrieved" not in caplog.text
+    assert caplog.records == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C works as before again

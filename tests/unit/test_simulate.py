@@ -7,16 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
+import reprlib
 import sqlite3
+import threading
 import time
-from datetime import UTC, datetime
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from vk_provider import cli
 from vk_provider.domain.catalog import Catalog
 from vk_provider.domain.model import CachePhase
 from vk_provider.domain.records import CacheOutcome
@@ -36,6 +41,7 @@ from vk_provider.simulate import (
     store,
     summary_lines,
 )
+from vk_provider.virtualtime import VirtualTimeOverflow, run_virtual
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKLOADS = sorted((ROOT / "config").glob("*workload*.yaml"))
@@ -108,6 +114,7 @@ def test_shipped_workloads_are_there() -> None:
 
 
 GOOD_POD: dict[str, Any] = {"name": "web", "images": ["nginx:1.27"]}
+HOURS_5 = timedelta(hours=5)
 
 
 @pytest.mark.parametrize(
@@ -166,6 +173,41 @@ GOOD_POD: dict[str, Any] = {"name": "web", "images": ["nginx:1.27"]}
         (
             {"version": 1, "pods": [GOOD_POD], "caches": [{"name": "c", "images": ["nginx"], "labels": {"-x": "1"}}]},
             "caches[0].labels.-x: the key's name",
+        ),
+        # A zone's offset taking the start out of the years 1 to 9999 in UTC.
+        (
+            {"version": 1, "pods": [GOOD_POD], "start": "0001-01-01T00:00:00+14:00"},
+            "start: must be from year 1 to year 9999 once in UTC, got '0001-01-01T00:00:00+14:00'",
+        ),
+        (
+            {"version": 1, "pods": [GOOD_POD], "start": datetime(9999, 12, 31, 23, 59, tzinfo=timezone(-HOURS_5))},
+            "start: must be from year 1 to year 9999 once in UTC, got '9999-12-31T23:59:00-05:00'",
+        ),
+        # YAML's true is a Python int, 1.0 equals 1: neither is version 1.
+        ({"version": True, "pods": [GOOD_POD]}, "version: must be 1, got True"),
+        ({"version": 1.0, "pods": [GOOD_POD]}, "version: must be 1, got 1.0"),
+        # The run's own labels: simulate sets them to the workload's name and seed.
+        (
+            {"version": 1, "pods": [{**GOOD_POD, "labels": {"vk-provider.io/simulation": "other"}}]},
+            "pods[0].labels.vk-provider.io/simulation: is the run's own label, set by simulate to the workload's "
+            "name and seed; use another key",
+        ),
+        (
+            {"version": 1, "pods": [{**GOOD_POD, "labels": {"vk-provider.io/simulation-seed": "42"}}]},
+            "pods[0].labels.vk-provider.io/simulation-seed: is the run's own label",
+        ),
+        (
+            {
+                "version": 1,
+                "pods": [GOOD_POD],
+                "caches": [{"name": "c", "images": ["nginx"], "labels": {"vk-provider.io/simulation": "w"}}],
+            },
+            "caches[0].labels.vk-provider.io/simulation: is the run's own label",
+        ),
+        # Retries whose doubled back-off is past any date, or that take no time and never end.
+        (
+            {"version": 1, "pods": [GOOD_POD], "pull": {"max_retries": 10000}},
+            "pull.max_retries: must be a whole number up to 1000, got 10000",
         ),
     ],
 )
@@ -603,6 +645,169 @@ def test_simulated_time_past_the_year_9999_is_a_workload_error(top: dict[str, An
     spec = workload([{**GOOD_POD, "arrival": {"at": 10}}], **top)
     with pytest.raises(WorkloadError, match="simulated time runs past the year 9999"):
         run(spec)
+
+
+def finishes(work: Callable[[], object]) -> object:
+    """What ``work()`` returns or raises, run on a thread: a deadline, not a wait (it takes
+    milliseconds, or spins for ever)."""
+    outcome: list[object] = []
+
+    def target() -> None:
+        try:
+            outcome.append(work())
+        except BaseException as exc:  # handed to the test
+            outcome.append(exc)
+
+    runner = threading.Thread(target=target, daemon=True)
+    runner.start()
+    runner.join(20)
+    assert outcome, "still running: it spins for ever"
+    return outcome[0]
+
+
+@pytest.mark.parametrize(
+    ("pod", "top"),
+    [
+        ({"arrival": {"rate": 1.0e-310}}, {}),  # positive, but the mean gap 1/rate is infinite
+        ({}, {"pull": {"pod_bandwidth": 1.0e-310}}),  # a layer's bytes / bandwidth: infinite
+        ({}, {"pull": {"failure_probability": 1, "max_retries": 3, "retry_backoff_seconds": 1.0e308}}),
+    ],
+)
+def test_simulated_time_reaching_infinity_is_the_year_9999_error_not_a_hang(
+    pod: dict[str, Any], top: dict[str, Any]
+) -> None:
+    spec = workload([{**GOOD_POD, **pod}], **top)
+    outcome = finishes(lambda: run(spec))
+    assert isinstance(outcome, WorkloadError), outcome
+    assert "simulated time runs past the year 9999" in str(outcome)
+
+
+@pytest.mark.parametrize("when", [math.inf, math.nan])
+def test_the_virtual_clock_never_jumps_to_infinity(when: float) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        loop.call_at(when, done.set_result, None)  # a time never reached (NaN: not even ordered)
+        await done
+
+    outcome = finishes(lambda: run_virtual(main))
+    assert isinstance(outcome, VirtualTimeOverflow), outcome
+
+
+def test_a_virtual_run_stops_at_its_limit() -> None:
+    async def main() -> None:
+        await asyncio.sleep(100)
+        await asyncio.sleep(1)
+
+    with pytest.raises(VirtualTimeOverflow, match="virtual time would jump to 101 s, past its limit of 100 s"):
+        run_virtual(main, limit=100)
+    assert run_virtual(lambda: asyncio.sleep(100), limit=100) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("start: 0001-01-01T00:00:00+14:00\n", "start: must be from year 1 to year 9999 once in UTC"),  # YAML's own
+        ('start: "9999-12-31T23:59:00-05:00"\n', "start: must be from year 1 to year 9999 once in UTC"),
+        ("[a, b]: 1\n", "line 2: a mapping key must be a string, number or boolean, not a list"),
+        ("x:\n  ? {x: 1}\n  : y\n", "line 3: a mapping key must be a string, number or boolean, not a mapping"),
+    ],
+)
+def test_a_bad_workload_file_is_a_one_line_error_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, needle: str
+) -> None:
+    path = tmp_path / "w.yaml"
+    path.write_text("version: 1\n" + text + "pods: [{name: web, images: [nginx]}]\n")
+    assert cli.main(["simulate", str(path), "--db", str(tmp_path / "sim.db"), "--no-chart"]) == cli.EXIT_USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("vk-provider: error: "), err
+    assert err.count("\n") == 1, err
+    assert needle in err
+
+
+def aliased(levels: int) -> list[Any]:
+    """What nested YAML aliases make: each level nine times the one below, shared, not copied."""
+    value: list[Any] = ["lol"] * 9
+    for _ in range(levels):
+        value = [value] * 9
+    return value
+
+
+HUGE = aliased(6)  # 9**7 strings: a repr of tens of megabytes (the tester's nine levels: gigabytes)
+_CACHE = {"name": "c", "images": ["nginx"]}
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"version": HUGE},
+        {"name": HUGE},
+        {"seed": HUGE},
+        {"start": HUGE},
+        {"node": HUGE},
+        {"default_auto": HUGE},
+        {"snapshot_seconds": HUGE},
+        {"pull": {"jitter": HUGE}},
+        {"pull": {"max_retries": HUGE}},
+        {"pods": [{**GOOD_POD, "name": HUGE}]},
+        {"pods": [{**GOOD_POD, "count": HUGE}]},
+        {"pods": [{**GOOD_POD, "namespace": HUGE}]},
+        {"pods": [{**GOOD_POD, "pull_policy": HUGE}]},
+        {"pods": [{**GOOD_POD, "arrival": {"at": HUGE}}]},
+        {"pods": [{**GOOD_POD, "arrival": {"times": [HUGE]}}]},
+        {"pods": [{**GOOD_POD, "arrival": {"interval": HUGE}}]},
+        {"pods": [{**GOOD_POD, "arrival": {"rate": HUGE}}]},
+        {"caches": [{**_CACHE, "id": HUGE}]},
+        {"caches": [{**_CACHE, "build": HUGE}]},
+        {"caches": [{**_CACHE, "size_gib": HUGE}]},
+        {"caches": [{**_CACHE, "retention_days": HUGE}]},
+        {"caches": [{**_CACHE, "at": HUGE}]},
+        {"pods": [{**GOOD_POD, "namespace": "x" * 100_000}]},
+        {"pods": [{**GOOD_POD, "images": ["NGINX" * 100_000]}]},
+    ],
+    ids=reprlib.repr,
+)
+def test_an_error_quotes_a_huge_bad_value_cut_short(document: dict[str, Any]) -> None:
+    with pytest.raises(WorkloadError) as caught:
+        parse_workload({"version": 1, "pods": [GOOD_POD], **document}, source="w.yaml")
+    message = str(caught.value)
+    assert len(message) < 400, message[:400]
+    assert "got" in message or "invalid image reference" in message
+
+
+def test_bandwidths_written_as_floats_are_numbers_not_whole_numbers() -> None:
+    pull = {"stream_bandwidth": 2.5e7, "registry_bandwidth": 1.25e8, "decompression_throughput": 3.6e8}
+    spec = workload([GOOD_POD], pull=pull)
+    assert (spec.pull.stream_bandwidth, spec.pull.registry_bandwidth, spec.pull.decompression_throughput) == (
+        2.5e7,
+        1.25e8,
+        3.6e8,
+    )
+    with pytest.raises(WorkloadError, match=r"pull\.max_retries: must be a whole number up to 1000, got 2\.0"):
+        workload([GOOD_POD], pull={"max_retries": 2.0})  # a count stays a whole number
+
+
+def test_numbers_yaml_reads_as_strings_are_numbers(tmp_path: Path) -> None:
+    # YAML 1.1 (PyYAML) reads 1e-3 and 1e7, with no dot, as strings; JSON and YAML 1.2 as numbers.
+    path = tmp_path / "w.yaml"
+    path.write_text(
+        "version: 1\nsnapshot_seconds: 3e1\npull: {pod_bandwidth: 1e7, retry_backoff_seconds: 5E-1}\n"
+        "pods: [{name: web, images: [nginx], count: 2, arrival: {rate: 1e-3, start: 1e2}}]\n"
+    )
+    spec = load_workload(path)
+    assert (spec.snapshot_seconds, spec.pull.pod_bandwidth, spec.pull.retry_backoff_seconds) == (30.0, 1e7, 0.5)
+    assert (spec.pods[0].arrival.rate, spec.pods[0].arrival.start) == (1e-3, 100.0)
+    assert (parse_rate("1e-300"), parse_duration("1e3"), parse_duration("+2.5e1")) == (1e-300, 1000.0, 25.0)
+    for bad in ("1e400", "-1e3", "nan", "inf", "1_000", "0e0", "1e"):
+        assert parse_rate(bad) is None, bad
+    for bad in ("1e400", "-1e3", "nan", "inf", "1_000", "1e"):
+        assert parse_duration(bad) is None, bad
+
+
+def test_a_whole_number_too_big_for_a_float_is_an_error_not_a_traceback() -> None:
+    assert (parse_rate(10**400), parse_duration(10**400)) == (None, None)
+    with pytest.raises(WorkloadError, match="pull: pod_bandwidth must be a positive number, got inf"):
+        workload([GOOD_POD], pull={"pod_bandwidth": 10**400})
 
 
 def test_a_workload_running_for_years_of_simulated_time_finishes() -> None:
