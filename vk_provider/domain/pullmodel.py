@@ -32,6 +32,10 @@ CALIBRATION_HIT_SECONDS = 5.0
 """...and in about 5 s with a cache hit."""
 
 
+MAX_RETRIES = 1000
+"""pull.max_retries at most: the back-off doubles with each try, so 2**1000 seconds is already past any date."""
+
+
 @dataclass(frozen=True, slots=True)
 class PullSettings:
     """Every number of the simulated pull. Durations are simulated seconds, bandwidths bytes/s.
@@ -136,8 +140,8 @@ class PullSettings:
                 found.append(f"{name} must be zero or more seconds, got {value!r}")
         if self.max_concurrent_layers < 1:
             found.append(f"max_concurrent_layers must be at least 1, got {self.max_concurrent_layers!r}")
-        if self.max_retries < 0:
-            found.append(f"max_retries must be zero or more, got {self.max_retries!r}")
+        if not 0 <= self.max_retries <= MAX_RETRIES:
+            found.append(f"max_retries must be from 0 to {MAX_RETRIES}, got {self.max_retries!r}")
         if not 0 <= self.jitter < 1:
             found.append(f"jitter must be a fraction in [0, 1), got {self.jitter!r}")
         if not 0 <= self.failure_probability <= 1:
