@@ -406,7 +406,8 @@ def _refuse_db(db: str, *, must_exist: bool) -> int | None:
 
 
 def _refuse_unknown_schema(db: str) -> int | None:
-    """The exit code for an existing database a newer vk-provider made (after saying so), or None."""
+    """The exit code for an existing database a newer vk-provider made, or a server that cannot be
+    reached (after saying so), or None."""
     from vk_provider.registry import migrate
     from vk_provider.registry.engine import sqlite_file
 
@@ -415,8 +416,8 @@ def _refuse_unknown_schema(db: str) -> int | None:
         return None  # a new file: nothing to check, and none made here
     try:
         asyncio.run(migrate.check_known(db))
-    except migrate.MigrationError as exc:
-        _error(f"registry database {db}: {exc}")
+    except Exception as exc:  # a newer schema; a server that cannot be reached (found out before the run)
+        _error(f"registry database {db}: {_first_line(exc)}")
         return EXIT_FAILURE
     return None
 

@@ -289,6 +289,16 @@ def test_a_new_database_the_run_could_not_be_stored_in_is_not_left_behind(
     assert db.is_file()
 
 
+def test_a_database_server_that_cannot_be_reached_is_found_out_before_the_run(
+    workload: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    chart = tmp_path / "c.html"
+    db = "postgresql://u@127.0.0.1:1/registry"  # nothing listens on port 1
+    assert main(["simulate", str(workload), "--db", db, "--chart", str(chart)]) == EXIT_FAILURE
+    one_error(capsys, f"registry database {db}: ")
+    assert not chart.exists()
+
+
 def test_a_chart_replaces_an_earlier_chart(filled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     chart = tmp_path / "c.html"
     for _ in range(2):
