@@ -299,6 +299,17 @@ def test_a_database_server_that_cannot_be_reached_is_found_out_before_the_run(
     assert not chart.exists()
 
 
+def test_a_database_of_something_else_is_not_called_an_old_registry(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("create table caches (id integer primary key, what text)")
+    assert main(["report", "--db", str(other), "--no-chart"]) == EXIT_FAILURE
+    message = one_error(capsys, f"{other} is not a vk-provider registry: it holds other tables (caches)")
+    assert "db upgrade" not in message
+
+
 def test_a_chart_replaces_an_earlier_chart(filled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     chart = tmp_path / "c.html"
     for _ in range(2):

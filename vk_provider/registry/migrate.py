@@ -157,6 +157,14 @@ async def current(target: AsyncEngine | str) -> str | None:
         return await connection.run_sync(lambda sync: MigrationContext.configure(sync).get_current_revision())
 
 
+async def table_names(target: AsyncEngine | str) -> list[str]:
+    """The database's tables (to tell an empty database from one that holds something else)."""
+    from sqlalchemy import inspect
+
+    async with _engine_for(target, read_only=True) as engine, engine.connect() as connection:
+        return await connection.run_sync(lambda sync: inspect(sync).get_table_names())
+
+
 async def _stamped(target: AsyncEngine | str) -> str | None:
     """The revision recorded in ``alembic_version``, read with plain SQL (None: no such table, or
     not exactly one row; Alembic then decides)."""
