@@ -308,6 +308,11 @@ def test_a_database_of_something_else_is_not_called_an_old_registry(
     assert main(["report", "--db", str(other), "--no-chart"]) == EXIT_FAILURE
     message = one_error(capsys, f"{other} is not a vk-provider registry: it holds other tables (caches)")
     assert "db upgrade" not in message
+    # Nor are the registry's tables mixed into it, by db upgrade or by a simulation.
+    assert main(["db", "upgrade", "--db", str(other)]) == EXIT_FAILURE
+    one_error(capsys, "it holds other tables (caches) and no registry schema: not a vk-provider registry")
+    with sqlite3.connect(other) as conn:
+        assert conn.execute("select name from sqlite_master where type = 'table'").fetchall() == [("caches",)]
 
 
 def test_a_chart_replaces_an_earlier_chart(filled: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -127,6 +127,8 @@ async def upgrade(target: AsyncEngine | str, revision: str = "head") -> None:
     if revision in ("head", HEAD) and stamped == HEAD:
         return  # already the newest schema
     refuse_unknown(stamped)
+    if stamped is None:
+        await _refuse_foreign(target)
 
     def work(connection: Connection) -> None:
         from alembic import command
@@ -155,6 +157,18 @@ async def current(target: AsyncEngine | str) -> str | None:
     # Only read: asking an empty file its revision must not turn it into a database.
     async with _engine_for(target, read_only=True) as engine, engine.connect() as connection:
         return await connection.run_sync(lambda sync: MigrationContext.configure(sync).get_current_revision())
+
+
+async def _refuse_foreign(target: AsyncEngine | str) -> None:
+    """A SQLite file with tables but no schema revision is something else's: the registry's tables
+    are not mixed into it (on PostgreSQL a database may well hold other applications' tables)."""
+    async with _engine_for(target) as engine:
+        if not is_sqlite(engine):
+            return
+        tables = [name for name in await table_names(engine) if name != "alembic_version"]
+    if tables:
+        shown = ", ".join(sorted(tables)[:5]) + (", …" if len(tables) > 5 else "")
+        raise MigrationError(f"it holds other tables ({shown}) and no registry schema: not a vk-provider registry")
 
 
 async def table_names(target: AsyncEngine | str) -> list[str]:
