@@ -137,9 +137,7 @@ class World:
         return {agent for agent, _ in self.store.writers}
 
 
-@pytest.fixture
-async def world() -> AsyncIterator[World]:
-    made = World()
+async def started(made: World) -> AsyncIterator[World]:
     await made.a.controller.resync([])
     await made.b.controller.resync([])
     yield made
@@ -148,6 +146,20 @@ async def world() -> AsyncIterator[World]:
         for task in builds:
             task.cancel()
         await asyncio.gather(*builds, return_exceptions=True)
+
+
+@pytest.fixture
+async def world() -> AsyncIterator[World]:
+    async for made in started(World()):
+        yield made
+
+
+async def follower_made_auto_cache(world: World) -> str:
+    """The follower's miss creates an automatic cache; the leader builds it. Its name."""
+    await world.b.manager.resolve(pod("p", ["busybox"], AUTO))
+    await world.watch()
+    await world.run(30)
+    return world.b.api.created[0]
 
 
 async def test_only_the_leader_builds_and_both_index_the_cache(world: World) -> None:
@@ -229,10 +241,7 @@ async def test_the_leader_sees_follower_hits_before_it_deletes_an_expired_cache(
     runner = asyncio.create_task(world.a.controller.run())
     hits = asyncio.create_task(world.b.manager.run())  # the follower records its hits in the background
     try:
-        await world.b.manager.resolve(pod("p", ["busybox"], AUTO))
-        await world.watch()
-        await world.run(30)
-        name = world.b.api.created[0]
+        name = await follower_made_auto_cache(world)
         assert world.store.rows[name].phase is CachePhase.READY
         # Days later the follower keeps using it; the leader's own index knows nothing of those hits.
         for day in range(1, 40):
@@ -349,3 +358,77 @@ async def test_a_leader_with_a_registry_of_its_own_takes_what_it_followed_and_bu
     row = private.rows["web"]
     assert (row.imc_id, row.phase) == (stale.imc_id, CachePhase.READY)
     assert [image.reference for image in row.images] == ["docker.io/library/busybox:latest"]
+
+
+class OwnRegistries(World):
+    """Two agents with a registry each (SQLite files of their own): only the objects connect them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stores = {"a": SharedStore(), "b": SharedStore()}
+        for agent in (self.a, self.b):
+            agent.controller = ImageCacheController(
+                api=agent.api,
+                store=AgentStore(self.stores[agent.name], agent.name),
+                manifests=FakeManifests(),
+                builder=agent.builder,
+                clock=self.clock,
+                rng=random.Random(agent.name),
+                options=CacheOptions(snapshot_seconds=5, sweep_interval_seconds=3600, shared_registry=False),
+                leadership=agent.leadership,
+            )
+            agent.manager = CacheManager(agent.controller, FakeManifests(), self.clock)
+
+
+@pytest.fixture
+async def own() -> AsyncIterator[OwnRegistries]:
+    async for made in started(OwnRegistries()):
+        assert isinstance(made, OwnRegistries)
+        yield made
+
+
+async def test_a_follower_with_a_registry_of_its_own_keeps_alive_a_cache_it_uses(own: OwnRegistries) -> None:
+    world = own
+    runner = asyncio.create_task(world.a.controller.run())  # the leader's sweep
+    hits = asyncio.create_task(world.b.manager.run())  # the follower records its hits in the background
+    try:
+        name = await follower_made_auto_cache(world)
+        leader = world.stores["a"].rows
+        assert leader[name].phase is CachePhase.READY
+        leader_writes = world.a.api.status_writes
+        # Only the follower uses it, for 40 days: past the 30 days an automatic cache lives unused.
+        for day in range(1, 41):
+            await world.clock.advance(24 * 3600)
+            hit = await world.b.manager.resolve(pod(f"day{day}", ["busybox"], AUTO))
+            assert hit.outcome == "auto_hit", day
+            last_hit = world.clock.now()
+            await world.run(2)  # the follower shows the expiry its hit moved; the leader's watch brings it
+        # The leader took the follower's hits into its own registry, without writing the status back.
+        row = leader[name]
+        assert row.last_matched_at is not None
+        assert abs(row.last_matched_at - last_hit) <= timedelta(minutes=1)
+        assert row.expires_at == row.last_matched_at + timedelta(days=30)
+        assert world.a.api.status_writes == leader_writes
+        assert {method for _, method in world.stores["b"].writers} == {"mark_cache_matched"}  # its own hits only
+        # Unused from then on, it goes 30 days after the follower's last hit.
+        assert row.expires_at is not None
+        await world.clock.advance((row.expires_at - world.clock.now()).total_seconds() - 3600)
+        assert name in leader
+        await world.clock.advance(7200)
+        assert name not in leader
+        assert name not in world.cluster.objects
+    finally:
+        runner.cancel()
+        hits.cancel()
+        await asyncio.gather(runner, hits, return_exceptions=True)
+
+
+async def test_an_expiry_no_hit_could_set_is_not_taken_by_the_leader(own: OwnRegistries) -> None:
+    name = await follower_made_auto_cache(own)
+    row = own.stores["a"].rows[name]
+    assert row.expires_at is not None
+    far = own.clock.now() + timedelta(days=365)  # edited by hand: no hit made now sets that
+    await own.cluster.patch_status(name, {"expireDateTime": cb.rfc3339(far)})
+    await own.watch()
+    assert own.stores["a"].rows[name].expires_at == row.expires_at
+    assert own.cluster.objects[name]["status"]["expireDateTime"] == cb.rfc3339(row.expires_at)  # put back

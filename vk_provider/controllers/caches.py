@@ -336,6 +336,7 @@ class ImageCacheController:
             self._start_build(name, spec, update=True)
         elif not self.building(name):
             current = await self._apply_settings(name, current, spec)
+            current = await self._take_followers_expiry(current, status)
             if cb.status_differs(status, current, self._message(name)):
                 await self._write_status(name, with_events=True)
 
@@ -589,9 +590,16 @@ class ImageCacheController:
     async def show_expiry(self, name: str) -> None:
         """Hits moved the cache's expiry (an automatic cache's): write it to the object's status
         when the expiry it shows is more than ``EXPIRY_SLACK`` off, so a burst of hits is not a
-        status write each."""
+        status write each.
+
+        A follower with a registry of its own writes only the expiry, and only a later one: that is
+        how its hits reach the leader, whose registry is another (the leader takes it, see
+        :meth:`_take_followers_expiry`). With a shared registry the leader reads the hits from it.
+        """
         cache = self.caches.get(name)
-        if cache is None or cache.expires_at is None or not self._leading:
+        if cache is None or cache.expires_at is None:
+            return
+        if not self._leading and self.options.shared_registry:
             return
         try:
             shown = parse_time((self._statuses.get(name) or {}).get("expireDateTime"))
@@ -599,8 +607,50 @@ class ImageCacheController:
             shown = None
         if shown is not None and shown.tzinfo is not None and abs(cache.expires_at - shown) <= EXPIRY_SLACK:
             return
-        with contextlib.suppress(_Gone):
-            await self._write_status(name, with_events=False)
+        if self._leading:
+            with contextlib.suppress(_Gone):
+                await self._write_status(name, with_events=False)
+        elif shown is None or shown.tzinfo is None or cache.expires_at > shown:
+            await self._show_followers_expiry(name, cache.expires_at)
+
+    async def _show_followers_expiry(self, name: str, expires: datetime) -> None:
+        try:
+            written = await self.api.patch_status(name, {"expireDateTime": cb.rfc3339(expires)})
+        except Exception as exc:  # the next hit tries again
+            log.warning("image cache %s: could not show the expiry this agent's hits moved: %s", name, exc)
+            return
+        self._statuses[name] = written.get("status") or {
+            **self._statuses.get(name, {}),
+            "expireDateTime": cb.rfc3339(expires),
+        }
+
+    async def _take_followers_expiry(self, current: ImageCache, status: JSON) -> ImageCache:
+        """An automatic cache whose object shows a later expiry than this leader's row: a follower
+        with a registry of its own matched it (see :meth:`show_expiry`). Its last match is then
+        30 days before that expiry; the row takes both, so the sweep and quotas count the hit.
+        An expiry further out than a hit made now could set (edited by hand) is not taken."""
+        if self.options.shared_registry or not current.automatic:
+            return current
+        try:
+            shown = parse_time(status.get("expireDateTime"))
+        except ValueError:
+            return current
+        now = self.clock.now()
+        if (
+            shown is None
+            or shown.tzinfo is None
+            or (current.expires_at is not None and shown <= current.expires_at)
+            or shown > now + cb.AUTO_USED_RETENTION + EXPIRY_SLACK  # the furthest a hit made now sets
+        ):
+            return current
+        matched = shown - cb.AUTO_USED_RETENTION
+        if current.last_matched_at is not None and matched < current.last_matched_at:
+            matched = current.last_matched_at
+        await self.store.mark_cache_matched(current.imc_id, matched, expires_at=shown, count=0)
+        taken = replace(current, last_matched_at=matched, expires_at=shown)
+        self.caches[current.name] = taken
+        log.info("image cache %s: another agent's hits moved its expiry to %s", current.name, cb.rfc3339(shown))
+        return taken
 
     # -- internals: object → cache
 
