@@ -315,3 +315,25 @@ async def test_aiohttp_can_carry_every_request_when_asked() -> None:
     (seen,) = server.seen
     assert seen.query["limit"] == "5"
     assert seen.headers["User-Agent"] == USER_AGENT
+
+
+async def test_lease_renewals_do_not_wait_behind_rate_limited_writes() -> None:
+    from vk_provider.kube.leases import LeaseClient
+    from vk_provider.kube.nodes import NodeClient
+
+    async with serving() as (server, url):
+        cfg = k8s_client.Configuration()
+        cfg.host = url
+        async with KubeSession(cfg, qps=0.2, burst=1) as session:  # a token every 5 s
+            await session.request("PATCH", "/api/v1/namespaces/ns/pods/p0/status", body={})  # the burst's one
+            bulk = asyncio.create_task(session.request("PATCH", "/api/v1/namespaces/ns/pods/p1/status", body={}))
+            await until(lambda: server.calls == 1 and session._limiter._lock.locked())  # it waits for a token
+            async with asyncio.timeout(2.0):  # well before the bulk write's token
+                await LeaseClient(session).get("kube-system", "vk-provider-imagecaches")
+                await NodeClient(session).renew_lease(
+                    {"metadata": {"name": "vk", "namespace": "kube-node-lease"}, "spec": {}}, None
+                )
+            assert not bulk.done()
+            bulk.cancel()
+            await asyncio.gather(bulk, return_exceptions=True)
+    assert [r.method for r in server.seen] == ["PATCH", "GET", "PATCH"]

@@ -17,7 +17,8 @@ def _collection(namespace: str) -> str:
 
 
 class LeaseClient:
-    """Implements :class:`vk_provider.controllers.leader.LeaseApi` over a :class:`KubeSession`.
+    """Implements :class:`vk_provider.controllers.leader.LeaseApi` over a :class:`KubeSession`,
+    outside its rate limit (renewals must not queue behind bulk writes).
 
     Every method raises :class:`KubeError` on failure (409 on a lost race, 403 when RBAC lacks
     ``get``/``create``/``update`` on leases in the namespace).
@@ -29,7 +30,7 @@ class LeaseClient:
     async def get(self, namespace: str, name: str) -> JSON | None:
         """The Lease, or None if there is none."""
         try:
-            return await self._s.request("GET", f"{_collection(namespace)}/{name}")
+            return await self._s.request("GET", f"{_collection(namespace)}/{name}", limited=False)
         except KubeError as exc:
             if exc.is_not_found:
                 return None
@@ -38,7 +39,7 @@ class LeaseClient:
     async def create(self, namespace: str, name: str, spec: JSON) -> JSON:
         """Create the Lease; 409 AlreadyExists if another candidate created it first."""
         body = {"apiVersion": API_VERSION, "kind": "Lease", "metadata": {"name": name}, "spec": spec}
-        return await self._s.request("POST", _collection(namespace), body=body)
+        return await self._s.request("POST", _collection(namespace), body=body, limited=False)
 
     async def update(self, namespace: str, name: str, spec: JSON, resource_version: str) -> JSON:
         """Replace the Lease's spec if it is still at ``resource_version`` (else 409 Conflict)."""
@@ -48,4 +49,4 @@ class LeaseClient:
             "metadata": {"name": name, "namespace": namespace, "resourceVersion": resource_version},
             "spec": spec,
         }
-        return await self._s.request("PUT", f"{_collection(namespace)}/{name}", body=body)
+        return await self._s.request("PUT", f"{_collection(namespace)}/{name}", body=body, limited=False)

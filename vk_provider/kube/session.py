@@ -243,18 +243,24 @@ class KubeSession:
         content_type: str = "application/json",
         timeout: float | None = None,
         want_body: bool = True,
+        limited: bool = True,
     ) -> JSON:
         """Send one request and return its JSON body (``{}`` for an empty one, or when not ``want_body``).
 
         ``want_body=False`` skips decoding a successful answer (a whole Pod for a status patch) that
         the caller would throw away; an error answer is still decoded for its message.
 
+        ``limited=False`` skips the client-side rate limit (kube.qps): for Lease renewals, which must
+        not wait behind a queue of bulk writes (a Node or a leader that renews late is taken for
+        dead), as client-go gives leader election a client of its own.
+
         Like client-go, a 429 or 503 answer carrying ``Retry-After`` (the API server shedding load:
         the request was not processed) is retried after that many seconds, a few times.
         """
         attempt = 0
         while True:
-            await self._limiter.acquire()
+            if limited:
+                await self._limiter.acquire()
             self.requests_by_verb[method] = self.requests_by_verb.get(method, 0) + 1
             try:
                 status, data, retry_after = await self._send(method, path, body, query, content_type, timeout)
