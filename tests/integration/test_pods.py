@@ -97,6 +97,30 @@ def test_seed_pod_reaches_running_with_a_full_status(cluster: Cluster, workdir: 
         assert agent.stop() == 0
 
 
+def ready(cluster: Cluster, namespace: str, name: str) -> str:
+    found = pod(cluster, namespace, name) or {}
+    return next((c["status"] for c in found.get("status", {}).get("conditions", []) if c["type"] == "Ready"), "")
+
+
+def test_a_pod_marked_not_ready_by_another_writer_is_made_ready_again(
+    cluster: Cluster, workdir: Path, namespace: str
+) -> None:
+    with start_agent(cluster, workdir, FAST) as agent:
+        apply(cluster, namespace, pod_manifest("marked", agent.node_name))
+        wait_for(lambda: ready(cluster, namespace, "marked") == "True", timeout=30, what="Ready")
+        # What kube-controller-manager does to the Pods of a node that went silent for 40 s.
+        found = pod(cluster, namespace, "marked")
+        assert found is not None
+        for condition in found["status"]["conditions"]:
+            if condition["type"] == "Ready":
+                condition["status"] = "False"
+        path = f"/api/v1/namespaces/{namespace}/pods/marked/status"
+        cluster.kubectl("replace", "--raw", path, "-f", "-", input=json.dumps(found))
+        wait_for(lambda: ready(cluster, namespace, "marked") == "True", timeout=30, what="Ready written again")
+        assert "status was changed by another writer" in agent.log
+        assert agent.stop() == 0
+
+
 def test_deployment_scales_up_and_down(cluster: Cluster, workdir: Path, namespace: str) -> None:
     with start_agent(cluster, workdir, FAST) as agent:
         deployment = {

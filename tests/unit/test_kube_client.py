@@ -337,3 +337,12 @@ async def test_lease_renewals_do_not_wait_behind_rate_limited_writes() -> None:
             bulk.cancel()
             await asyncio.gather(bulk, return_exceptions=True)
     assert [r.method for r in server.seen] == ["PATCH", "GET", "PATCH"]
+
+
+def test_an_undecoded_answer_still_gives_the_objects_resource_version() -> None:
+    from vk_provider.kube.session import _version_only
+
+    pod = b'{"kind":"Pod","apiVersion":"v1","metadata":{"name":"p","namespace":"ns","uid":"u",'
+    pod += b'"resourceVersion":"4242","managedFields":[{"manager":"x"}]},"status":{"phase":"Running"}}'
+    assert _version_only(pod) == {"metadata": {"resourceVersion": "4242"}}
+    assert _version_only(b"{}") == {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -171,6 +171,46 @@ async def test_pod_runs_through_pull_create_start(harness: Harness, clock: FakeC
     assert harness.events.reasons("a") == ["Pulling", "Pulled", "Created", "Started"]
     # coalescing: accepted, running (started, then ready in the same instant) -> few writes
     assert len(harness.api.statuses["a"]) <= 3
+
+
+async def test_a_status_another_writer_changed_is_written_again_and_a_label_change_is_not(
+    harness: Harness, clock: FakeClock
+) -> None:
+    await harness.ctl.resync([pod("a")])
+    await clock.advance(20)
+    ours = harness.api.last("a")
+    assert ours["phase"] == "Running"
+    writes = len(harness.api.statuses["a"])
+    # A label added by someone: the status is what the node wrote, so nothing is written.
+    labelled = pod("a", status=ours)
+    labelled["metadata"]["labels"] = {"team": "web"}
+    await harness.ctl.upsert(labelled)
+    await clock.advance(5)
+    assert len(harness.api.statuses["a"]) == writes
+    # The node controller marks the Pod not ready while the node was silent (as kube-controller-manager).
+    marked = dict(ours)
+    marked["conditions"] = [{**c, "status": "False"} if c["type"] == "Ready" else c for c in ours["conditions"]]
+    await harness.ctl.upsert(pod("a", status=marked))
+    await clock.advance(5)
+    assert len(harness.api.statuses["a"]) == writes + 1
+    assert harness.api.last("a") == ours  # the node's status again, though it equals what it wrote before
+
+
+def test_a_status_summary_reads_the_api_servers_copy_as_the_rendered_one() -> None:
+    from vk_provider.domain import lifecycle as lc
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    state = lc.accepted(restart_policy="Always", init_containers=[], containers=[("c", "nginx:1.7.9")],
+                        host_ip="10.0.0.1", pod_ip="10.234.0.9", now=t0)  # fmt: skip
+    state = lc.became_ready(lc.started(state, "c", "uid-a", "x", t0), "c", t0)
+    rendered = lc.render_status(state)
+    # What the API server gives back: nulls dropped, its own fields added, conditions in its order.
+    served = {k: v for k, v in rendered.items() if v is not None} | {"qosClass": "BestEffort"}
+    served["conditions"] = list(
+        reversed([{k: v for k, v in c.items() if v is not None} for c in rendered["conditions"]])
+    )
+    assert lc.status_summary(served) == lc.status_summary(rendered)
+    assert lc.status_summary({**served, "phase": "Failed", "reason": "Evicted"}) != lc.status_summary(rendered)
 
 
 async def test_admission_out_of_cpu_and_pods(clock: FakeClock) -> None:

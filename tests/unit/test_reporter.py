@@ -20,6 +20,7 @@ class SlowApi:
         self.fail_next: list[int] = []
         self.in_flight = 0
         self.max_in_flight_per_pod = 0
+        self.version = 100  # the resourceVersion each accepted write answers with, then counts on
 
     async def patch_status(
         self,
@@ -39,7 +40,8 @@ class SlowApi:
                 self.calls.append((uid, status))
             if annotations:
                 self.annotated.append((uid, dict(annotations)))
-            return {}
+            self.version += 1
+            return {"metadata": {"resourceVersion": str(self.version)}}
         finally:
             self.in_flight -= 1
 
@@ -110,6 +112,26 @@ async def test_seen_status_is_not_resent_and_forget_discards() -> None:
         api.gate.set()
         await settle()
         assert [s["phase"] for _, s in api.calls] == ["Pending"]
+
+
+async def test_versions_no_newer_than_the_last_write_are_the_reporters_own() -> None:
+    api = SlowApi()
+    reporter = StatusReporter(api, workers=1)
+    async with running(reporter):
+        assert not reporter.written("u1", "5")  # nothing written yet: an event must be read
+        reporter.seen("u1", "ns", "p", {"phase": "Running"}, "90")  # adopted at version 90
+        assert reporter.written("u1", "90")
+        assert not reporter.written("u1", "91")
+        reporter.publish("u1", "ns", "p", {"phase": "Succeeded"})
+        await asyncio.wait_for(reporter.flushed("u1"), 5)
+        assert reporter.written("u1", "101")  # the write's answer
+        assert not reporter.written("u1", "102")  # someone wrote after it
+        assert not reporter.written("u1", "not-a-number")
+        # Told another writer changed it, the same status is written again rather than skipped.
+        reporter.rewrite("u1")
+        reporter.publish("u1", "ns", "p", {"phase": "Succeeded"})
+        await asyncio.wait_for(reporter.flushed("u1"), 5)
+        assert [s["phase"] for _, s in api.calls] == ["Succeeded", "Succeeded"]
 
 
 async def test_annotations_ride_on_the_next_status_write() -> None:

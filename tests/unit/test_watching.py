@@ -34,12 +34,16 @@ def event(kind: str = "MODIFIED", uid: str = UID, **meta: object) -> bytes:
     return json.dumps({"type": kind, "object": obj}, separators=(",", ":")).encode()
 
 
-def known(uid: str) -> bool:
-    return uid == UID
+def known(uid: str, version: str) -> bool:
+    return uid == UID and int(version) <= 4711  # as the Pod watch's: tracked, and no newer than our write
 
 
 def test_a_change_to_a_tracked_object_is_passed_over_with_its_version() -> None:
     assert passed_over(event(), known) == "4711"
+
+
+def test_a_change_newer_than_what_the_agent_wrote_is_decoded() -> None:
+    assert passed_over(event(resourceVersion="4712"), known) is None
 
 
 def test_everything_else_is_decoded() -> None:

@@ -246,10 +246,12 @@ class PodController:
             worker = self._take(obj)
             if worker is None:
                 return
-        # Nothing but a deletionTimestamp matters in a Pod already taken: the watch passes over
-        # other changes to it undecoded (PodRouter.tracks). Reading more here must change that.
+        # In a Pod already taken, only a deletionTimestamp and a status another writer changed
+        # matter: the watch passes over the agent's own writes undecoded (PodRouter.tracks).
         if meta.get("deletionTimestamp") and not worker.stopping:
             worker.request_stop(meta.get("deletionGracePeriodSeconds"))
+        elif not worker.stopping:
+            worker.reconcile(obj.get("status"))
 
     async def delete(self, obj: JSON) -> None:
         uid = (obj.get("metadata") or {}).get("uid")
@@ -317,7 +319,8 @@ class PodController:
         if adopted is not None:
             worker.state = adopted
             self.ips.reserve(adopted.pod_ip)
-            self.reporter.seen(facts.uid, facts.namespace, facts.name, lc.render_status(adopted))
+            version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
+            self.reporter.seen(facts.uid, facts.namespace, facts.name, lc.render_status(adopted), version)
             worker.adopted = True
             if all(c.has_run for c in adopted.main_containers):
                 self.records.adopted(facts)
@@ -453,6 +456,17 @@ class PodWorker:
             self.ctl.uncount(self)
         f = self.facts
         self.ctl.reporter.publish(f.uid, f.namespace, f.name, partial(lc.render_status, state))
+
+    def reconcile(self, status: JSON | None) -> None:
+        """The API server's copy of the status says something else than this Pod's state (the node
+        controller marked it not ready while the node was silent, say, or someone edited it): write
+        the state again, as the kubelet's status manager does."""
+        if self.state is None or lc.status_summary(status) == lc.status_summary(lc.render_status(self.state)):
+            return
+        log.info("pod %s: its status was changed by another writer; writing the node's again", self.facts.key)
+        f = self.facts
+        self.ctl.reporter.rewrite(f.uid)
+        self.ctl.reporter.publish(f.uid, f.namespace, f.name, partial(lc.render_status, self.state))
 
     def _log(self, container: str, text: str) -> None:
         sim_log = self.logs.get(container)

@@ -48,6 +48,7 @@ class _Entry:
     pending: JSON | Callable[[], JSON] | None = None
     annotations: dict[str, str] | None = None  # to add with the next write
     sent: int | None = None  # digest of the last status the API server accepted (or already had)
+    version: int | None = None  # the Pod's resourceVersion after that write (or when seen)
     in_flight: bool = False
     queued: bool = False
     waiters: list[asyncio.Future[None]] | None = None
@@ -91,11 +92,26 @@ class StatusReporter:
         entry.annotations = {**(entry.annotations or {}), **annotations}
         self._schedule(uid, entry)
 
-    def seen(self, uid: str, namespace: str, name: str, status: JSON) -> None:
+    def seen(self, uid: str, namespace: str, name: str, status: JSON, version: str = "") -> None:
         """Record what the API server already has (e.g. after an agent restart), so it is not re-sent."""
         entry = self._entry(uid, namespace, name)
         if entry.sent is None:
             entry.sent = digest(status)
+            entry.version = _number(version)
+
+    def written(self, uid: str, version: str) -> bool:
+        """Whether the Pod at ``version`` holds nothing newer than this reporter's last write to it
+        (or what it had when seen): a watch event of it then needs no reading."""
+        entry = self._entries.get(uid)
+        number = _number(version)
+        return entry is not None and entry.version is not None and number is not None and number <= entry.version
+
+    def rewrite(self, uid: str) -> None:
+        """Another writer changed the Pod's status: the next status published is sent, even if it
+        equals the last one this reporter wrote."""
+        entry = self._entries.get(uid)
+        if entry is not None:
+            entry.sent = None
 
     def forget(self, uid: str) -> None:
         entry = self._entries.pop(uid, None)
@@ -195,8 +211,11 @@ class StatusReporter:
         backoff = 0.25
         while True:
             try:
-                await self._api.patch_status(entry.namespace, entry.name, uid, status, annotations)
+                written = await self._api.patch_status(entry.namespace, entry.name, uid, status, annotations)
                 self.writes += 1
+                version = _number(str((written.get("metadata") or {}).get("resourceVersion") or ""))
+                if version is not None and (entry.version is None or version > entry.version):
+                    entry.version = version
                 return True
             except Exception as exc:
                 if getattr(exc, "is_not_found", False) or getattr(exc, "is_conflict", False):
@@ -212,3 +231,8 @@ class StatusReporter:
                     return False
                 await asyncio.sleep(backoff)
                 backoff = min(self._max_backoff, backoff * 2)
+
+
+def _number(version: str) -> int | None:
+    """A resourceVersion as a number (etcd's revisions are), or None: compared only as numbers."""
+    return int(version) if version.isdigit() and len(version) < 20 else None

@@ -36,9 +36,13 @@ class PodRouter:
             await controller.resync(groups[name])
         self.synced.set()
 
-    def tracks(self, uid: str) -> bool:
-        """Whether one of the nodes runs this Pod (its upsert then only looks for a deletionTimestamp)."""
-        return any(uid in c.workers for c in self.controllers.values())
+    def tracks(self, uid: str, version: str) -> bool:
+        """Whether one of the nodes runs this Pod and ``version`` is no newer than its status
+        reporter's last write: the upsert would then only look for a deletionTimestamp."""
+        for c in self.controllers.values():
+            if uid in c.workers:
+                return c.reporter.written(uid, version)
+        return False
 
     async def upsert(self, obj: JSON) -> None:
         controller = self._of(obj)

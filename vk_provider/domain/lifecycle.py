@@ -408,6 +408,37 @@ def render_status(state: PodState) -> JSON:
     }
 
 
+def status_summary(status: JSON | None) -> tuple[object, ...]:
+    """What a Pod's status says that its node answers for (phase, reason, conditions, each
+    container's readiness, restarts and state), read alike from a rendered status and from the
+    API server's copy: they differ only when another writer changed the status."""
+    status = status or {}
+
+    def containers(key: str) -> tuple[tuple[object, ...], ...]:
+        found = status.get(key) or []
+        return tuple(
+            sorted(
+                (
+                    str(c.get("name")),
+                    bool(c.get("ready")),
+                    c.get("restartCount") or 0,
+                    tuple(sorted((c.get("state") or {}).keys())),
+                )
+                for c in found
+                if isinstance(c, dict)
+            )
+        )
+
+    conditions = status.get("conditions") or []
+    return (
+        status.get("phase"),
+        status.get("reason") or None,
+        tuple(sorted((str(c.get("type")), str(c.get("status"))) for c in conditions if isinstance(c, dict))),
+        containers("initContainerStatuses"),
+        containers("containerStatuses"),
+    )
+
+
 # One status renders the same few moments several times (conditions, start, container states).
 _time = functools.lru_cache(maxsize=1024)(rfc3339)
 

@@ -21,6 +21,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import ssl
 import urllib.parse
 import urllib.request
@@ -84,6 +85,17 @@ class KubeError(Exception):
     def is_transient(self) -> bool:
         """Worth retrying: no answer, throttled, or the server failing."""
         return self.status == 0 or self.status == 429 or self.status >= 500
+
+
+# An object's own resourceVersion: the first in its JSON (metadata comes first, and nothing in
+# metadata before it holds one).
+_RESOURCE_VERSION = re.compile(rb'"resourceVersion":"([^"]*)"')
+
+
+def _version_only(data: bytes) -> JSON:
+    """An answer not decoded (``want_body=False``): only the object's resourceVersion, if it has one."""
+    found = _RESOURCE_VERSION.search(data)
+    return {"metadata": {"resourceVersion": found[1].decode()}} if found else {}
 
 
 class RateLimiter:
@@ -271,7 +283,7 @@ class KubeSession:
             wait = _retry_after(retry_after) if status in (429, 503) else None
             if wait is None or attempt >= MAX_THROTTLED_RETRIES:
                 if not want_body and 200 <= status < 300:
-                    return {}
+                    return _version_only(data)
                 return _decode(status, data, method, path)
             attempt += 1
             self.throttled += 1
