@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from tests.support.wait import await_for
-from vk_provider.controllers.images import CatalogImages
+from vk_provider.controllers.images import CatalogImages, UnknownImages
 from vk_provider.controllers.pods import CacheDecision, ImagePullError
 from vk_provider.controllers.puller import Puller
 from vk_provider.domain.catalog import Catalog
@@ -805,6 +805,27 @@ async def test_catalog_and_synthetic_manifests_used_are_stored_once_without_repl
     assert store.saved[catalogued.reference] == catalogued
     assert store.saved[APP].source == "synthetic"
     assert store.saved[TOOL] == fetched  # the registry's manifest stays
+
+
+@pytest.mark.parametrize("unknown", ["fail", "registry"])
+async def test_an_unknown_image_never_pulled_is_err_image_never_pull_not_a_pull(unknown: UnknownImages) -> None:
+    resolver = FakeResolver({APP: manifest(APP, 10)})
+    images = CatalogImages(
+        Catalog(),
+        Puller(FAST, random.Random(1)),
+        unknown=unknown,
+        resolver=resolver,
+        store=FakeStore(),
+    )
+    never = replace(pod(APP), containers=(ContainerSpec("c0", APP, "Never"),))
+    planned = await images.for_pod(never, CacheDecision())
+    assert not planned.will_pull(never.containers[0])  # no Pulling Event
+    with pytest.raises(ImagePullError) as caught:
+        await planned.pull(never.containers[0])
+    assert caught.value.reason == "ErrImageNeverPull"
+    assert caught.value.message == f'Container image "{APP}" is not present with pull policy of Never'
+    assert not caught.value.retry
+    assert resolver.calls == []  # the registry is never asked
 
 
 async def _at_least(items: Sequence[object], count: int) -> bool:

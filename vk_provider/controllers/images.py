@@ -173,7 +173,8 @@ class CatalogImages:
         if self.unknown == "registry":
             for spec in pod.containers:
                 ref = parse_reference(spec.image)
-                if found[spec.name] is None and isinstance(ref, ImageRef):
+                never = _policy(spec.pull_policy) is PullPolicy.NEVER  # the registry is never asked
+                if found[spec.name] is None and isinstance(ref, ImageRef) and not never:
                     remote[spec.name] = ref
         if remote:
             unique = list({ref.normalized: ref for ref in remote.values()}.values())
@@ -184,7 +185,13 @@ class CatalogImages:
         retryable: set[str] = set()
         for spec in pod.containers:
             manifest = found[spec.name]
-            if isinstance(manifest, InvalidReference):
+            if manifest is None and _policy(spec.pull_policy) is PullPolicy.NEVER:
+                # Not on the instance and never pulled: the kubelet's ErrImageNeverPull, whatever
+                # unknown images do (they would only come from a pull).
+                problems[spec.name] = ImagePullError(
+                    "ErrImageNeverPull", ErrImageNeverPull(spec.image).message, retry=False
+                )
+            elif isinstance(manifest, InvalidReference):
                 problems[spec.name] = ImagePullError(
                     "InvalidImageName",
                     f'Failed to apply default image tag "{spec.image[:200]}": couldn\'t parse image reference: '
