@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -387,3 +388,31 @@ async def test_an_agent_endpoint_is_told_from_a_closed_port_and_from_other_serve
         assert not await agent_runs("127.0.0.1", other, "n")
     finally:
         await runner.cleanup()
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [b"GARBAGE\r\n\r\n", b"GET / HTTP/9.9\r\n\r\n", b"GET /pods HTTP/1.1\r\nContent-Length: -1\r\n\r\n"],
+)
+async def test_a_malformed_request_is_a_400_without_an_error_in_the_log(
+    certificate: tuple[str, str], request_bytes: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with endpoint(certificate, running_log()) as client:
+        tls = ssl.create_default_context()
+        tls.check_hostname, tls.verify_mode = False, ssl.CERT_NONE
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.port, ssl=tls)
+        try:
+            writer.write(request_bytes)
+            await writer.drain()
+            async with asyncio.timeout(5):
+                answer = await reader.read(200)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+        # A fresh, well-formed request still works.
+        assert (await client.get(f"{LOGS}?tailLines=1"))[0] == 200
+    status_line = answer.split(b"\r\n")[0]
+    assert status_line.startswith(b"HTTP/1.")
+    assert b" 400 " in status_line
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []

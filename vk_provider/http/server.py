@@ -30,6 +30,24 @@ from aiohttp import web
 from vk_provider.domain.callers import Caller, node_subresource, verb_for
 
 log = logging.getLogger(__name__)
+
+
+class _QuietBadRequests(logging.Filter):
+    """A malformed request (anyone may send one: the port is open to the network) is answered 400
+    by aiohttp, which also logs it as an ERROR with a traceback; a caller could fill the log so.
+    Those records are kept at DEBUG, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, aiohttp.http_exceptions.HttpProcessingError):
+            if not log.isEnabledFor(logging.DEBUG):
+                return False
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.msg, record.args, record.exc_info = f"bad request to the kubelet endpoint: {exc}", None, None
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_QuietBadRequests())
 AGENT_HEADER = "X-Vk-Provider"  # on /healthz: the endpoint is a vk-provider agent's
 
 
