@@ -283,3 +283,10 @@ def test_manifest_for_prefers_the_catalog(shipped: Catalog) -> None:
     assert unknown.source == "synthetic"
     assert unknown.reference == "example.com/team/app:3"
     assert manifest_for(shipped, "Not A Ref") is None
+
+
+def test_a_synthetic_image_pinned_by_digest_has_that_digest() -> None:
+    pinned = "sha256:" + "1" * 64
+    assert synthetic_manifest(f"nginx@{pinned}").digest == pinned
+    assert synthetic_manifest(f"nginx:1.7.9@{pinned}").digest == pinned
+    assert synthetic_manifest("nginx:1.7.9").digest != pinned

@@ -180,7 +180,9 @@ def synthetic_manifest(reference: str, seed: int | str = 0) -> ImageManifest:
         digest = hashlib.sha256(f"synthetic\0{seed}\0{normalised}\0{index}".encode()).hexdigest()
         layers.append(Layer(digest=f"sha256:{digest}", size=size, uncompressed_size=round(size * ratio)))
     as_tuple = tuple(layers)
-    return ImageManifest(normalised, manifest_digest(as_tuple), as_tuple, source="synthetic")
+    # An image pinned by digest is that manifest: its digest (and so the container's imageID) is the pinned one.
+    pinned = normalised.rsplit("@", 1)[1] if "@" in normalised else manifest_digest(as_tuple)
+    return ImageManifest(normalised, pinned, as_tuple, source="synthetic")
 
 
 def manifest_for(catalog: Catalog, reference: str, seed: int | str = 0) -> ImageManifest | None:
