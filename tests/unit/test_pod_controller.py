@@ -187,6 +187,12 @@ async def test_a_status_another_writer_changed_is_written_again_and_a_label_chan
     await harness.ctl.upsert(labelled)
     await clock.advance(5)
     assert len(harness.api.statuses["a"]) == writes
+    # A readiness gate's condition, set by its own controller, is not the node's to undo.
+    gated = dict(ours)
+    gated["conditions"] = [*ours["conditions"], {"type": "target-health.example.com/web", "status": "False"}]
+    await harness.ctl.upsert(pod("a", status=gated))
+    await clock.advance(5)
+    assert len(harness.api.statuses["a"]) == writes
     # The node controller marks the Pod not ready while the node was silent (as kube-controller-manager).
     marked = dict(ours)
     marked["conditions"] = [{**c, "status": "False"} if c["type"] == "Ready" else c for c in ours["conditions"]]

@@ -461,7 +461,11 @@ class PodWorker:
         """The API server's copy of the status says something else than this Pod's state (the node
         controller marked it not ready while the node was silent, say, or someone edited it): write
         the state again, as the kubelet's status manager does."""
-        if self.state is None or lc.status_summary(status) == lc.status_summary(lc.render_status(self.state)):
+        if self.state is None:
+            return
+        ours = lc.render_status(self.state)
+        owned = {c["type"] for c in ours["conditions"]}  # a readiness gate's condition is its writer's
+        if lc.status_summary(status, owned) == lc.status_summary(ours):
             return
         log.info("pod %s: its status was changed by another writer; writing the node's again", self.facts.key)
         f = self.facts

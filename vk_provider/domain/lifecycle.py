@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import functools
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any
@@ -408,10 +408,11 @@ def render_status(state: PodState) -> JSON:
     }
 
 
-def status_summary(status: JSON | None) -> tuple[object, ...]:
+def status_summary(status: JSON | None, condition_types: Collection[str] | None = None) -> tuple[object, ...]:
     """What a Pod's status says that its node answers for (phase, reason, conditions, each
     container's readiness, restarts and state), read alike from a rendered status and from the
-    API server's copy: they differ only when another writer changed the status."""
+    API server's copy: they differ only when another writer changed the status. With
+    ``condition_types``, only those conditions count: others (readiness gates) are other writers' own."""
     status = status or {}
 
     def containers(key: str) -> tuple[tuple[object, ...], ...]:
@@ -433,7 +434,13 @@ def status_summary(status: JSON | None) -> tuple[object, ...]:
     return (
         status.get("phase"),
         status.get("reason") or None,
-        tuple(sorted((str(c.get("type")), str(c.get("status"))) for c in conditions if isinstance(c, dict))),
+        tuple(
+            sorted(
+                (str(c.get("type")), str(c.get("status")))
+                for c in conditions
+                if isinstance(c, dict) and (condition_types is None or c.get("type") in condition_types)
+            )
+        ),
         containers("initContainerStatuses"),
         containers("containerStatuses"),
     )
