@@ -809,10 +809,9 @@ async def load_records(db: str, report_filter: ReportFilter | None = None) -> tu
         except Exception as exc:  # a file that is not SQLite, a server that refuses us
             raise ReportError(f"cannot read registry database {db}: {str(exc).splitlines()[0]}") from None
         if revision is None:
-            tables = await migrate.table_names(registry.engine)
-            if tables:  # something else's database: upgrading it would fail (or mix two schemas)
-                shown = ", ".join(sorted(tables)[:5]) + (", …" if len(tables) > 5 else "")
-                raise ReportError(f"{db} is not a vk-provider registry: it holds other tables ({shown})")
+            others = await migrate.other_tables(registry.engine)
+            if others:  # something else's database: upgrading it would fail (or mix two schemas)
+                raise ReportError(f"{db} is not a vk-provider registry: it holds other tables ({others})")
             raise ReportError(f"{db} has no registry schema (run `vk-provider db upgrade --db {db}`)")
         try:
             records = await registry.list_pod_starts(namespace=chosen.namespace, since=chosen.since, until=chosen.until)

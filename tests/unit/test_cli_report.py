@@ -299,6 +299,15 @@ def test_a_database_server_that_cannot_be_reached_is_found_out_before_the_run(
     assert not chart.exists()
 
 
+def test_a_downgraded_registry_is_told_to_upgrade(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = tmp_path / "down.db"
+    assert main(["db", "upgrade", "--db", str(db)]) == EXIT_OK
+    assert main(["db", "downgrade", "base", "--db", str(db)]) == EXIT_OK
+    capsys.readouterr()
+    assert main(["report", "--db", str(db), "--no-chart"]) == EXIT_FAILURE
+    one_error(capsys, f"{db} has no registry schema (run `vk-provider db upgrade --db {db}`)")
+
+
 def test_a_database_of_something_else_is_not_called_an_old_registry(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -165,18 +165,20 @@ async def _refuse_foreign(target: AsyncEngine | str) -> None:
     async with _engine_for(target) as engine:
         if not is_sqlite(engine):
             return
-        tables = [name for name in await table_names(engine) if name != "alembic_version"]
-    if tables:
-        shown = ", ".join(sorted(tables)[:5]) + (", …" if len(tables) > 5 else "")
-        raise MigrationError(f"it holds other tables ({shown}) and no registry schema: not a vk-provider registry")
+        others = await other_tables(engine)
+    if others:
+        raise MigrationError(f"it holds other tables ({others}) and no registry schema: not a vk-provider registry")
 
 
-async def table_names(target: AsyncEngine | str) -> list[str]:
-    """The database's tables (to tell an empty database from one that holds something else)."""
+async def other_tables(target: AsyncEngine | str) -> str:
+    """The database's tables besides Alembic's own, listed for a message ("" when there are none):
+    a database without the registry's schema that holds some is something else's."""
     from sqlalchemy import inspect
 
     async with _engine_for(target, read_only=True) as engine, engine.connect() as connection:
-        return await connection.run_sync(lambda sync: inspect(sync).get_table_names())
+        names = await connection.run_sync(lambda sync: inspect(sync).get_table_names())
+    tables = sorted(name for name in names if name != "alembic_version")
+    return ", ".join(tables[:5]) + (", …" if len(tables) > 5 else "")
 
 
 async def _stamped(target: AsyncEngine | str) -> str | None:
