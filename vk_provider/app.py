@@ -28,6 +28,7 @@ from vk_provider.controllers.records import RegistryStartRecorder
 from vk_provider.controllers.reporter import StatusReporter
 from vk_provider.controllers.router import PodRouter
 from vk_provider.domain.ipam import IpPool
+from vk_provider.domain.messages import first_line
 from vk_provider.domain.node import VIRTUAL_KUBELET_TYPE, NodeFacts, node_endpoint
 from vk_provider.http.certs import CertificateError, serving_certificate
 from vk_provider.http.server import KubeletServer, agent_runs
@@ -314,8 +315,7 @@ class Agent:
             self.registry = await open_registry(database_url(db))
             await upgrade(self.registry.engine)
         except Exception as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise StartupError(f"registry database {db}: {first}") from None
+            raise StartupError(f"registry database {db}: {first_line(exc)}") from None
         log.info("registry database %s is at the newest schema%s", db, new)
 
     def _node_facts(self, name: str, port: int) -> NodeFacts:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from vk_provider import __version__
 from vk_provider.config import ConfigError, Settings, load_settings
+from vk_provider.domain.messages import first_line
 
 if TYPE_CHECKING:
     from vk_provider.report import Comparison
@@ -355,7 +356,7 @@ def _simulate(args: argparse.Namespace) -> int:
         elif isinstance(exc, CacheNameTakenError):
             _error(f"{args.workload}: {exc} (database {args.db}: nothing of this run was written)")
         else:  # a database that cannot be opened or written
-            _error(f"cannot write registry database {args.db}: {_first_line(exc)}")
+            _error(f"cannot write registry database {args.db}: {first_line(exc)}")
         return EXIT_FAILURE
     return _output(comparison, args, chart, summary_lines(result, stored))
 
@@ -373,12 +374,6 @@ def _output(comparison: Comparison, args: argparse.Namespace, chart: Path | None
         # Python would report the pipe again when it flushes stdout at exit: point stdout elsewhere.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return EXIT_OK
-
-
-def _first_line(exc: BaseException) -> str:
-    """An exception's first line, to end a one-line error (its type when it has no text)."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def _seed(text: str) -> int:
@@ -417,7 +412,7 @@ def _refuse_unknown_schema(db: str) -> int | None:
     try:
         asyncio.run(migrate.check_known(db))
     except Exception as exc:  # a newer schema; a server that cannot be reached (found out before the run)
-        _error(f"registry database {db}: {_first_line(exc)}")
+        _error(f"registry database {db}: {first_line(exc)}")
         return EXIT_FAILURE
     return None
 
@@ -438,7 +433,7 @@ def _db(args: argparse.Namespace) -> int:
         else:
             print(migrate.current_sync(args.db) or "base (empty)")
     except Exception as exc:  # Alembic's errors (unknown revision, …) and the database's
-        _error(f"db {args.db_command} {args.db}: {_first_line(exc)}")
+        _error(f"db {args.db_command} {args.db}: {first_line(exc)}")
         return EXIT_FAILURE
     return EXIT_OK
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from vk_provider.domain.labels import is_label_name, is_label_value, is_namespace_name
+from vk_provider.domain.messages import first_line
 from vk_provider.domain.records import CacheOutcome, PodStartRecord
 
 PERCENTILE_METHOD = "nearest-rank"
@@ -807,7 +808,7 @@ async def load_records(db: str, report_filter: ReportFilter | None = None) -> tu
         try:
             revision = await migrate.current(registry.engine)
         except Exception as exc:  # a file that is not SQLite, a server that refuses us
-            raise ReportError(f"cannot read registry database {db}: {str(exc).splitlines()[0]}") from None
+            raise ReportError(f"cannot read registry database {db}: {first_line(exc)}") from None
         if revision is None:
             others = await migrate.other_tables(registry.engine)
             if others:  # something else's database: upgrading it would fail (or mix two schemas)
@@ -816,9 +817,9 @@ async def load_records(db: str, report_filter: ReportFilter | None = None) -> tu
         try:
             records = await registry.list_pod_starts(namespace=chosen.namespace, since=chosen.since, until=chosen.until)
         except (ValueError, TypeError, AttributeError, KeyError) as exc:  # a row edited by hand, say
-            what = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise ReportError(
-                f"cannot read registry database {db}: a Pod start row holds a value vk-provider did not write ({what})"
+                f"cannot read registry database {db}: a Pod start row holds a value vk-provider did not write "
+                f"({first_line(exc)})"
             ) from None
     finally:
         await registry.close()

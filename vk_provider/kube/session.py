@@ -38,6 +38,7 @@ from kubernetes_asyncio.config.config_exception import ConfigException
 from yarl import URL
 
 from vk_provider import __version__
+from vk_provider.domain.messages import first_line
 from vk_provider.kube.h1 import H1Error, H1Pool
 
 log = logging.getLogger(__name__)
@@ -162,8 +163,7 @@ async def _load_kubeconfig(cfg: k8s_client.Configuration, path: str, source: str
     except ConfigException as exc:
         raise KubeConfigError(f"{source}: {exc}") from None
     except Exception as exc:  # yaml errors, bad base64, unreadable files...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise KubeConfigError(f"{source}: invalid kubeconfig ({first})") from None
+        raise KubeConfigError(f"{source}: invalid kubeconfig ({first_line(exc)})") from None
 
 
 class KubeSession:
