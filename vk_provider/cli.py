@@ -232,14 +232,13 @@ def _chart_path(args: argparse.Namespace, db: str) -> Path | int | None:
     return path
 
 
-def _write_chart(comparison: Comparison, args: argparse.Namespace, db: str) -> Path | int | None:
-    """The HTML chart, where the flags say (None with --no-chart), or the exit code after saying
-    why it cannot be written."""
+def _write_chart(comparison: Comparison, path: Path | None) -> Path | int | None:
+    """The HTML chart written at ``path`` (from :func:`_chart_path`; None: --no-chart), or the exit
+    code after saying why it cannot be written."""
     from vk_provider.report import ReportError, write_chart
 
-    path = _chart_path(args, db)
-    if path is None or isinstance(path, int):
-        return path
+    if path is None:
+        return None
     try:
         return write_chart(comparison, path)
     except ReportError as exc:
@@ -313,7 +312,10 @@ def _report(args: argparse.Namespace) -> int:
         _error(f"{exc}{hint}")
         return EXIT_FAILURE
     comparison = build_comparison(records, report_filter)
-    chart = _write_chart(comparison, args, args.db)
+    chart_path = _chart_path(args, args.db)
+    if isinstance(chart_path, int):
+        return chart_path
+    chart = _write_chart(comparison, chart_path)
     if isinstance(chart, int):
         return chart
     return _output(comparison, args, chart)
@@ -339,7 +341,7 @@ def _simulate(args: argparse.Namespace) -> int:
         _error(str(exc))
         return EXIT_USAGE
     comparison = build_comparison(result.records, ReportFilter())
-    chart = _write_chart(comparison, args, args.db)  # before the database: nothing half done
+    chart = _write_chart(comparison, chart_path)  # before the database: nothing half done
     if isinstance(chart, int):
         return chart
     from vk_provider.registry.engine import sqlite_file
