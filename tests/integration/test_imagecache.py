@@ -246,6 +246,7 @@ def test_image_changes_apply_only_when_ready(cluster: Cluster, workdir: Path, ca
             ("docker.io/library/nginx:1.7.9",)
         ]
         assert "not applied" in status_of(cluster, name)["message"]
+        assert status_of(cluster, name)["images"] == ["docker.io/library/nginx:1.7.9"]  # not the refused ones
         # In Ready, a new change is applied: Updating → Ready with the new images.
         cluster.apply(cache_manifest(name, ["busybox:latest", "nginx:1.7.9"]))
         phases: list[str] = []
@@ -258,6 +259,39 @@ def test_image_changes_apply_only_when_ready(cluster: Cluster, workdir: Path, ca
         wait_for(updated, timeout=60, interval=0.05, what="updated")
         assert query(agent.db, "select images from cache_overview where name = ?", name) == [
             ("docker.io/library/busybox:latest docker.io/library/nginx:1.7.9",)
+        ]
+        both = ["docker.io/library/busybox:latest", "docker.io/library/nginx:1.7.9"]
+        assert status_of(cluster, name)["images"] == both
+
+
+def test_images_edited_while_no_agent_ran_are_built_when_it_starts_again(
+    cluster: Cluster, workdir: Path, caches: list[str]
+) -> None:
+    name = unique("offline")
+    caches.append(name)
+    node = unique("vk")
+    with AgentProcess(cluster, workdir, node_name=node, settings=WATCHABLE) as first:
+        first.wait_ready()
+        cluster.apply(cache_manifest(name, ["nginx:1.7.9"]))
+        wait_for(lambda: has_phase(cluster, name, "Ready"), timeout=60, what="Ready")
+        imc_id = status_of(cluster, name)["imageCacheId"]
+    cluster.apply(cache_manifest(name, ["busybox:latest"]))  # nobody runs: nobody sees the edit
+    assert status_of(cluster, name)["images"] == ["docker.io/library/nginx:1.7.9"]
+    with AgentProcess(cluster, workdir, node_name=node, settings=WATCHABLE) as second:
+        second.wait_ready()
+
+        def rebuilt() -> bool:
+            status = status_of(cluster, name)
+            return status.get("phase") == "Ready" and status.get("images") == ["docker.io/library/busybox:latest"]
+
+        wait_for(rebuilt, timeout=60, what="Ready with the edited images")
+        status = status_of(cluster, name)
+        assert status["imageCacheId"] == imc_id
+        messages = [event["message"] for event in status["events"]]
+        assert f"Start to update image cache {imc_id}" in messages, messages
+        assert "Successfully pulled image docker.io/library/busybox:latest" in " ".join(messages), messages
+        assert query(second.db, "select images from cache_overview where name = ?", name) == [
+            ("docker.io/library/busybox:latest",)
         ]
 
 

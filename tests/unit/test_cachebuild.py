@@ -373,3 +373,22 @@ def test_status_differs_only_on_what_users_read() -> None:
     assert cb.status_differs(status, ready, "refused")
     assert cb.status_differs({**status, "phase": "Creating"}, ready, "")
     assert cb.status_differs(None, ready, "")
+    assert cb.status_differs({**status, "images": ["docker.io/library/other:1"]}, ready, "")
+    pruned = {k: v for k, v in status.items() if k != "images"}  # a CRD that drops status.images
+    assert cb.status_differs(pruned, ready, "")
+    assert not cb.status_differs(pruned, ready, "", images=False)
+
+
+def test_the_status_lists_the_images_the_cache_holds() -> None:
+    ready = cache("c", phase=READY)
+    status = cb.render_status(ready, start_time=NOW, now=NOW)
+    assert status["images"] == [image.reference for image in ready.images]
+    assert cb.status_images(status) == tuple(status["images"])
+
+
+@pytest.mark.parametrize(
+    "images", [None, "docker.io/library/nginx:1", [], ["docker.io/library/nginx:1", ""], [1], [{"a": 1}]]
+)
+def test_status_images_that_are_no_list_of_references_say_nothing(images: object) -> None:
+    assert cb.status_images({"images": images}) is None
+    assert cb.status_images({}) is None

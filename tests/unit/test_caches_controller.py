@@ -184,10 +184,12 @@ def obj(name: str, images: list[str], *, status: dict[str, Any] | None = None, *
 
 
 class World:
-    def __init__(self, store: FakeStore | None = None, options: CacheOptions | None = None) -> None:
+    def __init__(
+        self, store: FakeStore | None = None, options: CacheOptions | None = None, api: FakeApi | None = None
+    ) -> None:
         self.clock = FakeClock()
         self.store = store or FakeStore()
-        self.api = FakeApi()
+        self.api = api or FakeApi()
         self.builder = FakeBuilder(self.clock)
         self.manifests = FakeManifests()
         self.controller = ImageCacheController(
@@ -420,6 +422,70 @@ async def test_a_ready_object_from_another_registry_is_adopted_without_a_build(w
     assert world.store.rows["old"].phase is CachePhase.READY
     assert world.store.rows["old"].imc_id == "imc-bbbbbbbbbbbbbbbbbbbb"
     assert world.builder.pulled == []
+
+
+async def test_an_object_adopted_with_other_images_than_its_spec_asks_is_updated(world: World) -> None:
+    # Built with nginx by another leader, then spec.images edited while no agent ran.
+    status = {
+        "imageCacheId": "imc-bbbbbbbbbbbbbbbbbbbb",
+        "phase": "Ready",
+        "progress": "100%",
+        "images": [NGINX],
+    }
+    await world.add(obj("edited", ["busybox"], status=status))
+    await world.clock.advance(100)
+    assert "Updating" in [status["phase"] for name, status in world.api.statuses if name == "edited"]
+    row = world.store.rows["edited"]
+    assert (row.imc_id, row.phase) == ("imc-bbbbbbbbbbbbbbbbbbbb", CachePhase.READY)
+    assert [image.reference for image in row.images] == [BUSYBOX]
+    assert world.builder.pulled  # built, not taken as built
+    assert world.status("edited")["images"] == [BUSYBOX]
+
+
+async def test_the_status_lists_the_images_a_cache_holds_and_from_its_start_those_an_update_makes(
+    world: World,
+) -> None:
+    await world.add(obj("web", ["nginx:1.7.9"]))
+    await world.clock.advance(100)
+    assert world.status("web")["images"] == [NGINX]
+    written = len(world.api.statuses)
+    await world.add(obj("web", ["busybox"], status=world.status("web")))
+    await world.clock.advance(0)  # the update's first step
+    first = world.api.statuses[written][1]
+    assert (first["phase"], first["images"]) == ("Updating", [BUSYBOX])
+    await world.clock.advance(100)
+    assert (world.status("web")["phase"], world.status("web")["images"]) == ("Ready", [BUSYBOX])
+
+
+async def test_a_failed_update_lists_the_images_the_cache_still_holds(world: World) -> None:
+    await world.add(obj("web", ["nginx:1.7.9"]))
+    await world.clock.advance(100)
+    await world.add(obj("web", ["nowhere.example/missing:1"], status=world.status("web")))
+    await world.clock.advance(100)
+    assert (world.status("web")["phase"], world.status("web")["images"]) == ("UpdateFailed", [NGINX])
+
+
+class PruningApi(FakeApi):
+    """An API server whose ImageCache CRD predates ``status.images``: it drops them."""
+
+    async def patch_status(self, name: str, status: dict[str, Any]) -> dict[str, Any]:
+        return await super().patch_status(name, {k: v for k, v in status.items() if k != "images"})
+
+
+async def test_a_crd_that_drops_the_status_images_is_noticed_and_not_written_to_for_ever(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    world = World(api=PruningApi())
+    await world.controller.resync([])
+    await world.add(obj("web", ["nginx:1.7.9"]))
+    await world.clock.advance(100)
+    assert world.status("web")["phase"] == "Ready"
+    assert not world.controller.status_images
+    assert "drops status.images" in caplog.text
+    written = len(world.api.statuses)
+    for _ in range(3):  # the watch brings the object back, as written
+        await world.controller.upsert(world.api.objects["web"])
+    assert len(world.api.statuses) == written
 
 
 # ------------------------------------------------------------------ the Pod side

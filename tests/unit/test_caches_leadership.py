@@ -23,6 +23,7 @@ from vk_provider.domain.annotations import AUTO_IMAGE_CACHE_SEED, IMAGE_SNAPSHOT
 from vk_provider.domain.model import CachePhase, ImageCache
 
 AUTO = {AUTO_IMAGE_CACHE_SEED: "true"}
+BUSYBOX = "docker.io/library/busybox:latest"
 
 
 class SharedStore(FakeStore):
@@ -95,19 +96,21 @@ class Leadership:
 
 
 class Agent:
-    def __init__(self, name: str, world: World, leading: bool) -> None:
+    """An agent on the world's registry, or with ``own_store`` on a registry of its own (SQLite)."""
+
+    def __init__(self, name: str, world: World, leading: bool, own_store: SharedStore | None = None) -> None:
         self.name = name
         self.api = AgentApi(world.cluster)
         self.builder = FakeBuilder(world.clock)
         self.leadership = Leadership(leading)
         self.controller = ImageCacheController(
             api=self.api,
-            store=AgentStore(world.store, name),
+            store=AgentStore(own_store or world.store, name),
             manifests=FakeManifests(),
             builder=self.builder,
             clock=world.clock,
             rng=random.Random(name),
-            options=CacheOptions(snapshot_seconds=5, sweep_interval_seconds=3600),
+            options=CacheOptions(snapshot_seconds=5, sweep_interval_seconds=3600, shared_registry=own_store is None),
             leadership=self.leadership,
         )
         self.manager = CacheManager(self.controller, FakeManifests(), world.clock)
@@ -297,33 +300,29 @@ async def test_a_cache_deleted_while_nobody_led_is_forgotten_by_the_next_leader(
     assert hit.outcome == "miss"
 
 
-async def test_a_follower_with_a_registry_of_its_own_follows_the_object_not_its_stale_row(world: World) -> None:
+@pytest.mark.parametrize("listed", [True, False], ids=["status lists images", "status of an older agent"])
+async def test_a_follower_with_a_registry_of_its_own_follows_the_object_not_its_stale_row(
+    world: World, listed: bool
+) -> None:
     # Agent a built "web" (nginx) and then stopped leading; b changed it to busybox. a's registry
-    # is its own (SQLite): its row still says nginx, and it must follow the object instead.
+    # is its own (SQLite): its row still says nginx, and it must follow the object instead (the
+    # images its status lists; a status written by an older agent lists none: then its spec's).
     world.cluster.objects["web"] = obj("web", ["nginx:1.7.9"])
     await world.watch()
     await world.run(60)
     stale = world.store.rows["web"]
     private = SharedStore()
     private.rows["web"] = stale
-    own = Agent("own", world, leading=False)
-    own.controller = ImageCacheController(
-        api=own.api,
-        store=AgentStore(private, "own"),
-        manifests=FakeManifests(),
-        builder=own.builder,
-        clock=world.clock,
-        rng=random.Random("own"),
-        options=CacheOptions(snapshot_seconds=5, sweep_interval_seconds=3600, shared_registry=False),
-        leadership=own.leadership,
-    )
+    own = Agent("own", world, leading=False, own_store=private)
     await own.controller.resync([])
     changed = {**world.cluster.objects["web"], "spec": {"images": ["busybox"]}}
-    changed["status"] = {**changed["status"], "phase": "Updating", "progress": "40%"}
+    changed["status"] = {**changed["status"], "phase": "Updating", "progress": "40%", "images": [BUSYBOX]}
+    if not listed:
+        del changed["status"]["images"]
     await own.controller.upsert(changed)
     followed = own.controller.caches["web"]
     assert (followed.imc_id, followed.phase) == (stale.imc_id, CachePhase.UPDATING)
-    assert [image.reference for image in followed.images] == ["docker.io/library/busybox:latest"]
+    assert [image.reference for image in followed.images] == [BUSYBOX]
     assert private.writers == []  # a follower writes nothing
 
 
@@ -336,28 +335,18 @@ async def test_a_leader_with_a_registry_of_its_own_takes_what_it_followed_and_bu
     stale = world.store.rows["web"]
     private = SharedStore()
     private.rows["web"] = stale  # its own row: nginx, Ready
-    builder = FakeBuilder(world.clock)
-    leadership = Leadership(False)
-    controller = ImageCacheController(
-        api=AgentApi(world.cluster),
-        store=private,
-        manifests=FakeManifests(),
-        builder=builder,
-        clock=world.clock,
-        rng=random.Random("own"),
-        options=CacheOptions(snapshot_seconds=5, sweep_interval_seconds=3600, shared_registry=False),
-        leadership=leadership,
-    )
+    own = Agent("own", world, leading=False, own_store=private)
+    controller, builder, leadership = own.controller, own.builder, own.leadership
     # Meanwhile another leader changed the cache to busybox and finished it.
     done = {**world.cluster.objects["web"], "spec": {"images": ["busybox"]}}
-    done["status"] = {**done["status"], "phase": "Ready", "progress": "100%"}
+    done["status"] = {**done["status"], "phase": "Ready", "progress": "100%", "images": [BUSYBOX]}
     await controller.resync([done])
     await leadership.change(True)
     await world.clock.advance(60)
     assert builder.pulled == []  # not built again
     row = private.rows["web"]
     assert (row.imc_id, row.phase) == (stale.imc_id, CachePhase.READY)
-    assert [image.reference for image in row.images] == ["docker.io/library/busybox:latest"]
+    assert [image.reference for image in row.images] == [BUSYBOX]
 
 
 class OwnRegistries(World):
@@ -366,18 +355,8 @@ class OwnRegistries(World):
     def __init__(self) -> None:
         super().__init__()
         self.stores = {"a": SharedStore(), "b": SharedStore()}
-        for agent in (self.a, self.b):
-            agent.controller = ImageCacheController(
-                api=agent.api,
-                store=AgentStore(self.stores[agent.name], agent.name),
-                manifests=FakeManifests(),
-                builder=agent.builder,
-                clock=self.clock,
-                rng=random.Random(agent.name),
-                options=CacheOptions(snapshot_seconds=5, sweep_interval_seconds=3600, shared_registry=False),
-                leadership=agent.leadership,
-            )
-            agent.manager = CacheManager(agent.controller, FakeManifests(), self.clock)
+        self.a = Agent("a", self, leading=True, own_store=self.stores["a"])
+        self.b = Agent("b", self, leading=False, own_store=self.stores["b"])
 
 
 @pytest.fixture
@@ -432,3 +411,35 @@ async def test_an_expiry_no_hit_could_set_is_not_taken_by_the_leader(own: OwnReg
     await own.watch()
     assert own.stores["a"].rows[name].expires_at == row.expires_at
     assert own.cluster.objects[name]["status"]["expireDateTime"] == cb.rfc3339(row.expires_at)  # put back
+
+
+async def test_an_agent_that_starts_after_an_edit_nobody_led_builds_it(own: OwnRegistries) -> None:
+    """spec.images edited while no agent ran: a fresh agent (a SQLite file of its own) follows the
+    images the status says the cache holds, serves no hit on the edited ones, and builds them once
+    it leads."""
+    world = own
+    world.cluster.objects["web"] = obj("web", ["nginx:1.7.9"])
+    await world.watch()
+    await world.run(60)
+    imc_id = world.stores["a"].rows["web"].imc_id
+    await world.a.leadership.change(False)  # stopped; then the spec is edited
+    edited = {**world.cluster.objects["web"], "spec": {"images": ["busybox"]}}
+    world.cluster.objects["web"] = edited
+    new = Agent("new", world, leading=False, own_store=SharedStore())  # a new SQLite file
+    controller, builder, leadership = new.controller, new.builder, new.leadership
+    await controller.resync([edited])
+    followed = controller.caches["web"]
+    assert [image.reference for image in followed.images] == ["docker.io/library/nginx:1.7.9"]
+    decision = await new.manager.resolve(pod("p", ["busybox"], {IMAGE_SNAPSHOT_ID_SEED: imc_id}))
+    assert decision.imc_id == imc_id
+    assert decision.present_images == frozenset()  # the cache never pulled busybox
+
+    await leadership.change(True)
+    await world.clock.advance(60)
+    assert builder.pulled  # built, not taken as built
+    status = world.cluster.objects["web"]["status"]
+    assert (status["phase"], status["imageCacheId"], status["images"]) == (
+        "Ready",
+        imc_id,
+        [BUSYBOX],
+    )

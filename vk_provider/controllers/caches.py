@@ -232,6 +232,9 @@ class ImageCacheController:
         if leadership is not None:
             leadership.on_change = self.leadership_changed
         self.builds_finished = 0
+        # The cluster's CRD keeps ``status.images`` (False once a write comes back without them:
+        # a CRD installed by an older vk-provider prunes the field).
+        self.status_images = True
 
     @property
     def leading(self) -> bool:
@@ -309,8 +312,9 @@ class ImageCacheController:
             return
         current = self.caches.get(name)
         if current is None:
-            await self._create(name, spec, status, parse_time(meta.get("creationTimestamp")))
-            return
+            current = await self._create(name, spec, status, parse_time(meta.get("creationTimestamp")))
+            if current is None:
+                return
         if name not in self._refused and str(status.get("message") or "").startswith(cb.REFUSAL_PREFIX):
             # Restarted agent: a refusal written before is still in force.
             self._refused[name] = (spec.references, str(status["message"]))
@@ -337,7 +341,7 @@ class ImageCacheController:
         elif not self.building(name):
             current = await self._apply_settings(name, current, spec)
             current = await self._take_followers_expiry(current, status)
-            if cb.status_differs(status, current, self._message(name)):
+            if self._status_differs(status, current, self._message(name)):
                 await self._write_status(name, with_events=True)
 
     async def _apply_settings(self, name: str, current: ImageCache, spec: CacheSpec) -> ImageCache:
@@ -430,12 +434,13 @@ class ImageCacheController:
         """A follower's index entry: the shared registry's row (the leader wrote it), else the
         object's status (a registry of its own), else what this agent reserved on a miss."""
         current = self.caches.get(name)
+        held = cb.status_images(status)
         # The status agrees: nothing to do, unless, with a registry of its own, the entry holds
-        # images another leader has changed since (the status does not list them).
+        # images another leader has changed since (a status from an older agent does not list them).
         if (
             current is not None
-            and not cb.status_differs(status, current, current.message)
-            and (self.options.shared_registry or cb.images_match(current, spec))
+            and not cb.status_differs(status, current, current.message, images=held is not None)
+            and (self.options.shared_registry or held is not None or cb.images_match(current, spec))
         ):
             return
         row = await self.store.get_cache_by_name(name) if self.options.shared_registry else None
@@ -452,7 +457,9 @@ class ImageCacheController:
                     name=name,
                     phase=CachePhase(phase_text),
                     size_gib=spec.size_gib,
-                    images=self._cached_images(spec),
+                    # What the builder says it holds: the spec may have been edited since (while
+                    # nobody led, or refused while it was Creating).
+                    images=self._images_held(held, spec),
                     automatic=spec.automatic,
                     created_at=created,
                     progress=cb.parse_progress(status.get("progress")),
@@ -654,7 +661,11 @@ class ImageCacheController:
 
     # -- internals: object → cache
 
-    async def _create(self, name: str, spec: CacheSpec, status: JSON, created: datetime | None) -> None:
+    async def _create(self, name: str, spec: CacheSpec, status: JSON, created: datetime | None) -> ImageCache | None:
+        """A row for an object this agent has none for. An object another leader finished (Ready,
+        Failed, UpdateFailed) is adopted as it is, holding the images its status lists, and
+        returned: the caller then weighs its spec against it as against any cache. Otherwise a new
+        cache is built (or refused by the quota): None."""
         now = self.clock.now()
         imc_id = str(status.get("imageCacheId") or "")
         if not cb.is_imc_id(imc_id):
@@ -662,12 +673,13 @@ class ImageCacheController:
         # An id already used by another cache is caught by the registry (ValueError) below.
         phase_text = str(status.get("phase") or "")
         adopted = phase_text in (CachePhase.READY, CachePhase.FAILED, CachePhase.UPDATE_FAILED)
+        held = cb.status_images(status) if adopted else None
         cache = ImageCache(
             imc_id=imc_id,
             name=name,
             phase=CachePhase(phase_text) if adopted else CachePhase.PREPARING,
             size_gib=spec.size_gib,
-            images=self._cached_images(spec),
+            images=self._images_held(held, spec),
             automatic=spec.automatic,
             created_at=created or now,
             progress=cb.parse_progress(status.get("progress")) if adopted else 0,
@@ -698,18 +710,26 @@ class ImageCacheController:
             self.caches[name] = await self.store.upsert_cache(cache, now=now)
         if adopted:
             log.info("image cache %s: adopted as %s (%s)", name, cache.imc_id, cache.phase)
-            if cb.status_differs(status, self.caches[name], self._message(name)):
-                await self._write_status(name, with_events=True)
-        elif refusal:
+            return self.caches[name]
+        if refusal:
             log.warning("image cache %s: %s", name, refusal)
             await self._update(name, event=("Warning", refusal))
         else:
             self._start_build(name, spec, update=False)
+        return None
 
-    def _cached_images(self, spec: CacheSpec) -> tuple[CachedImage, ...]:
-        """The images the cache holds, each once (``nginx`` and ``docker.io/library/nginx`` are one)."""
+    def _images_held(self, held: tuple[str, ...] | None, spec: CacheSpec) -> tuple[CachedImage, ...]:
+        """What a cache another leader built holds: the images its status lists (``held``), else
+        (a status from an older agent) its spec's."""
+        if held is None:
+            return self._cached_images(spec.images, spec.references)
+        return self._cached_images(held, held)
+
+    def _cached_images(self, images: Sequence[str], references: Sequence[str]) -> tuple[CachedImage, ...]:
+        """The images (with their normalised ``references``) the cache holds, each once
+        (``nginx`` and ``docker.io/library/nginx`` are one)."""
         out: dict[str, CachedImage] = {}
-        for image, reference in zip(spec.images, spec.references, strict=True):
+        for image, reference in zip(images, references, strict=True):
             found = self.manifests.manifest(image)
             if isinstance(found, ImageManifest):
                 out.setdefault(found.reference, CachedImage(found.reference, found.size, found.digest))
@@ -774,6 +794,9 @@ class ImageCacheController:
             phase=CachePhase.UPDATING if update else CachePhase.PREPARING,
             progress=0,
             message="",
+            # From now on the images it will hold (its status says so: a leader taking over
+            # resumes this build, not the one before); if the update fails it holds its old ones.
+            images=self._images_held(None, spec),
             event=("Normal", f"Start to {verb} image cache {before.imc_id}"),
         )
         resolved = {image: await self._resolve(image, spec.pull_secrets) for image in spec.images}
@@ -874,6 +897,9 @@ class ImageCacheController:
 
     # -- internals: writing
 
+    def _status_differs(self, status: JSON, cache: ImageCache, message: str) -> bool:
+        return cb.status_differs(status, cache, message, images=self.status_images)
+
     def _message(self, name: str) -> str:
         refused = self._refused.get(name)
         if refused is not None:
@@ -941,6 +967,7 @@ class ImageCacheController:
             try:
                 written = await self.api.patch_status(name, body)
                 self._statuses[name] = written.get("status") or body
+                self._check_status_images(written)
                 return
             except Exception as exc:
                 if getattr(exc, "is_not_found", False):
@@ -950,6 +977,17 @@ class ImageCacheController:
                     return
             await self.clock.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+    def _check_status_images(self, written: JSON) -> None:
+        """A written status that came back without its images: the cluster's CRD prunes them."""
+        status = written.get("status")
+        if self.status_images and isinstance(status, dict) and "images" not in status:
+            self.status_images = False
+            log.warning(
+                "the ImageCache CRD in the cluster drops status.images (it was installed by an older "
+                "vk-provider): apply config/crd-imagecache.yaml. Until then an agent that restarts after "
+                "spec.images was edited takes the edited images as built"
+            )
 
 
 # ------------------------------------------------------------------ the Pod side

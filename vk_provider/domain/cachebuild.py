@@ -411,15 +411,17 @@ def render_status(
         "lastUpdatedTime": rfc3339(now),
         "expireDateTime": rfc3339(cache.expires_at) if cache.expires_at is not None else None,
         "message": (cache.message if message is None else message) or None,
+        "images": [image.reference for image in cache.images],
     }
     if events is not None:
         status["events"] = render_events(events)
     return status
 
 
-def status_differs(current: Mapping[str, Any] | None, cache: ImageCache, message: str) -> bool:
+def status_differs(current: Mapping[str, Any] | None, cache: ImageCache, message: str, *, images: bool = True) -> bool:
     """Whether the object's status disagrees with the cache on what users read (id, phase,
-    progress, expiry, message): only then is a status patch due."""
+    progress, expiry, message, and with ``images`` the images it holds): only then is a status
+    patch due. ``images`` False: the cluster's CRD drops ``status.images``, so it never agrees."""
     current = current or {}
     want_expiry = rfc3339(cache.expires_at) if cache.expires_at is not None else None
     return (
@@ -428,4 +430,15 @@ def status_differs(current: Mapping[str, Any] | None, cache: ImageCache, message
         or current.get("progress") != progress_text(cache.progress)
         or current.get("expireDateTime") != want_expiry
         or (current.get("message") or "") != message
+        or (images and current.get("images") != [image.reference for image in cache.images])
     )
+
+
+def status_images(status: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The images the builder says the cache holds (``status.images``, vk-provider's), or None
+    when the status does not say: written by an older agent, pruned by an older CRD, or edited
+    into something that is not a list of references (then the spec is all there is to go by)."""
+    images = status.get("images")
+    if not isinstance(images, list) or not images or not all(isinstance(i, str) and i for i in images):
+        return None
+    return tuple(images)
