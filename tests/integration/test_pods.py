@@ -121,6 +121,32 @@ def test_a_pod_marked_not_ready_by_another_writer_is_made_ready_again(
         assert agent.stop() == 0
 
 
+def test_active_deadline_fails_the_pod_and_host_network_takes_the_nodes_ip(
+    cluster: Cluster, workdir: Path, namespace: str
+) -> None:
+    with start_agent(cluster, workdir, FAST) as agent:
+        limited = pod_manifest("limited", agent.node_name)
+        limited["spec"]["activeDeadlineSeconds"] = 40  # simulated: 2 s at time scale 20
+        host = pod_manifest("host", agent.node_name)
+        host["spec"]["hostNetwork"] = True
+        apply(cluster, namespace, limited)
+        apply(cluster, namespace, host)
+        wait_for(lambda: phase(cluster, namespace, "limited") == "Failed", timeout=30, what="Failed at its deadline")
+        status = pod(cluster, namespace, "limited")["status"]  # type: ignore[index]
+        assert (status["reason"], status["message"]) == (
+            "DeadlineExceeded",
+            "Pod was active on the node longer than the specified deadline",
+        )
+        assert "terminated" in status["containerStatuses"][0]["state"]
+        wait_for(lambda: "DeadlineExceeded" in reasons(cluster, namespace, "limited"), timeout=15, what="event")
+        wait_for(lambda: phase(cluster, namespace, "host") == "Running", timeout=30, what="host Running")
+        status = pod(cluster, namespace, "host")["status"]  # type: ignore[index]
+        assert status["podIP"] == status["hostIP"] == "127.0.0.1"
+        assert status["podIPs"] == [{"ip": "127.0.0.1"}]
+        assert phase(cluster, namespace, "limited") == "Failed"  # kept, not deleted
+        assert agent.stop() == 0
+
+
 def test_deployment_scales_up_and_down(cluster: Cluster, workdir: Path, namespace: str) -> None:
     with start_agent(cluster, workdir, FAST) as agent:
         deployment = {

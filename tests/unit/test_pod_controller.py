@@ -143,6 +143,7 @@ def pod(
     image: str = "nginx:1.7.9",
     deleting: bool = False,
     status: dict[str, Any] | None = None,
+    **spec: Any,
 ) -> dict[str, Any]:
     meta: dict[str, Any] = {"uid": f"uid-{name}", "namespace": "ns", "name": name, "annotations": annotations or {}}
     if deleting:
@@ -154,6 +155,7 @@ def pod(
             "nodeName": "vk",
             "restartPolicy": policy,
             "containers": [{"name": "c", "image": image, "resources": {"requests": {"cpu": cpu}}}],
+            **spec,
         },
         "status": status or {"phase": "Pending"},
     }
@@ -301,6 +303,81 @@ async def test_a_deleted_pod_terminates_with_no_cancellation_left_pending(harnes
     await harness.ctl.upsert(pod("a", deleting=True))  # a second notice changes nothing
     await clock.advance(1)
     assert pending == [0]
+
+
+DEADLINE = "Pod was active on the node longer than the specified deadline"
+
+
+async def test_a_pod_past_its_active_deadline_is_stopped_and_failed_not_deleted(
+    harness: Harness, clock: FakeClock
+) -> None:
+    await harness.ctl.resync([pod("a", activeDeadlineSeconds=60), pod("b")])
+    await clock.advance(59)
+    assert harness.api.last("a")["phase"] == "Running"
+    await clock.advance(2)
+    status = harness.api.last("a")
+    assert (status["phase"], status["reason"], status["message"]) == ("Failed", "DeadlineExceeded", DEADLINE)
+    assert "terminated" in status["containerStatuses"][0]["state"]
+    assert harness.events.reasons("a")[-2:] == ["DeadlineExceeded", "Killing"]
+    assert harness.api.deleted == []  # a Failed Pod stays, for its owner to see
+    assert harness.api.last("b")["phase"] == "Running"  # no deadline: runs on
+    assert harness.ctl.used()[2] == 1  # the failed Pod holds no room
+    await clock.advance(600)
+    assert harness.events.reasons("a").count("DeadlineExceeded") == 1
+
+
+async def test_a_deadline_counts_while_the_image_is_still_being_pulled(clock: FakeClock) -> None:
+    harness = Harness(clock, Images(clock, seconds=100))
+    async with harness.running():
+        await harness.ctl.resync([pod("slow", activeDeadlineSeconds=30)])
+        await clock.advance(31)
+        status = harness.api.last("slow")
+        assert (status["phase"], status["reason"]) == ("Failed", "DeadlineExceeded")
+        assert "Started" not in harness.events.reasons("slow")
+        await clock.advance(100)
+        assert harness.api.last("slow")["phase"] == "Failed"
+        assert "Started" not in harness.events.reasons("slow")
+
+
+async def test_a_pod_that_ends_or_is_deleted_before_its_deadline_is_not_failed_by_it(
+    harness: Harness, clock: FakeClock
+) -> None:
+    done = {"vk-provider.io/run-seconds": "5", "vk-provider.io/exit-code": "0"}
+    await harness.ctl.resync(
+        [pod("done", annotations=done, policy="Never", activeDeadlineSeconds=60), pod("gone", activeDeadlineSeconds=60)]
+    )
+    await clock.advance(20)
+    assert harness.api.last("done")["phase"] == "Succeeded"
+    await harness.ctl.upsert(pod("gone", deleting=True, activeDeadlineSeconds=60))
+    await clock.advance(100)
+    assert harness.api.deleted == ["gone"]
+    assert "DeadlineExceeded" not in harness.events.reasons("done") + harness.events.reasons("gone")
+    assert harness.api.last("done")["phase"] == "Succeeded"
+    assert all(w._deadline is None for w in harness.ctl.workers.values())
+
+
+async def test_a_pod_adopted_past_its_deadline_fails_at_once(harness: Harness, clock: FakeClock) -> None:
+    from vk_provider.domain import lifecycle as lc
+
+    t0 = clock.now()
+    state = lc.accepted(restart_policy="Always", init_containers=[], containers=[("c", "nginx:1.7.9")],
+                        host_ip="10.0.0.1", pod_ip="10.234.0.9", now=t0)  # fmt: skip
+    state = lc.became_ready(lc.started(state, "c", "uid-a", "x", t0), "c", t0)
+    await clock.advance(100)  # the agent was down past the deadline
+    await harness.ctl.resync([pod("a", status=lc.render_status(state), activeDeadlineSeconds=60)])
+    await clock.advance(1)
+    assert (harness.api.last("a")["phase"], harness.api.last("a")["reason"]) == ("Failed", "DeadlineExceeded")
+
+
+async def test_a_host_network_pod_has_the_nodes_ip(harness: Harness, clock: FakeClock) -> None:
+    await harness.ctl.resync([pod("host", hostNetwork=True), pod("own")])
+    await clock.advance(20)
+    host, own = harness.api.last("host"), harness.api.last("own")
+    assert (host["podIP"], host["podIPs"], host["hostIP"]) == ("10.0.0.1", [{"ip": "10.0.0.1"}], "10.0.0.1")
+    assert own["podIP"].startswith("10.234.0.")
+    assert len(harness.ctl.ips) == 1  # only the other Pod took an address from the range
+    await harness.ctl.delete(pod("host"))
+    assert len(harness.ctl.ips) == 1
 
 
 async def test_resync_forgets_pods_gone_while_disconnected(harness: Harness, clock: FakeClock) -> None:

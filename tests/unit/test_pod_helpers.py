@@ -56,6 +56,25 @@ def test_pod_facts_requests_and_defaults() -> None:
     assert facts.annotations == (("vk-provider.io/a", "b"),)
 
 
+@pytest.mark.parametrize(
+    ("spec", "host_network", "deadline"),
+    [
+        ({}, False, None),
+        ({"hostNetwork": True, "activeDeadlineSeconds": 30}, True, 30),
+        ({"hostNetwork": "true", "activeDeadlineSeconds": "30"}, False, None),
+        ({"hostNetwork": 1, "activeDeadlineSeconds": True}, False, None),
+        ({"activeDeadlineSeconds": 0}, False, None),
+        ({"activeDeadlineSeconds": -5}, False, None),
+        ({"activeDeadlineSeconds": 1.5}, False, None),
+    ],
+)
+def test_pod_facts_host_network_and_active_deadline(
+    spec: dict[str, object], host_network: bool, deadline: int | None
+) -> None:
+    facts = pod_facts({"metadata": {"uid": "u"}, "spec": {"containers": [{"name": "c", "image": "x"}], **spec}})
+    assert (facts.host_network, facts.active_deadline) == (host_network, deadline)
+
+
 def test_pod_facts_survive_garbage() -> None:
     facts = pod_facts({"metadata": None, "spec": {"containers": [{"resources": {"requests": {"cpu": "lots"}}}]}})
     assert facts.containers[0].cpu_milli == 0

@@ -318,7 +318,8 @@ class PodController:
         self.workers[facts.uid] = worker
         if adopted is not None:
             worker.state = adopted
-            self.ips.reserve(adopted.pod_ip)
+            if not facts.host_network:
+                self.ips.reserve(adopted.pod_ip)
             version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
             self.reporter.seen(facts.uid, facts.namespace, facts.name, lc.render_status(adopted), version)
             worker.adopted = True
@@ -327,6 +328,8 @@ class PodController:
         else:
             if rejection is not None:
                 worker.rejection = rejection
+            elif facts.host_network:  # the node's network: its address, from no pool
+                worker.pod_ip = self.host_ip
             else:
                 ip = status.get("podIP") or ""
                 if ip:
@@ -369,7 +372,7 @@ class PodController:
         worker.cancel()
         self.uncount(worker)
         self.reporter.forget(uid)
-        if worker.pod_ip or (worker.state and worker.state.pod_ip):
+        if not worker.facts.host_network and (worker.pod_ip or (worker.state and worker.state.pod_ip)):
             self.ips.release(worker.pod_ip or (worker.state.pod_ip if worker.state else ""))
         for sim_log in worker.logs.values():
             sim_log.close()
@@ -410,6 +413,8 @@ class PodWorker:
     """
 
     __slots__ = (
+        "_deadline",
+        "_expired",
         "_grace",
         "_in_lifecycle",
         "_stop_cancel",
@@ -436,8 +441,10 @@ class PodWorker:
         self.counted = False  # included in the controller's used resources
         self.task: asyncio.Task[None] | None = None
         self._in_lifecycle = False
-        self._stop_cancel = False  # request_stop cancelled the lifecycle
+        self._stop_cancel = False  # a deletion or the deadline cancelled the lifecycle
         self.stopping = False
+        self._deadline: asyncio.Task[None] | None = None  # counts down spec.activeDeadlineSeconds
+        self._expired = False
         self._grace: float = float(facts.grace_seconds)
         self.workload: Workload = parse_workload(
             facts.annotation_map(), [c.name for c in facts.init_containers], [c.name for c in facts.main_containers]
@@ -454,6 +461,7 @@ class PodWorker:
         self.state = state
         if state.terminal:
             self.ctl.uncount(self)
+            self._stop_deadline()
         f = self.facts
         self.ctl.reporter.publish(f.uid, f.namespace, f.name, partial(lc.render_status, state))
 
@@ -500,6 +508,8 @@ class PodWorker:
 
     def start(self) -> None:
         self._own(asyncio.create_task(self._run(), name=f"pod:{self.facts.key}"))
+        if self.facts.active_deadline is not None and self.rejection is None:
+            self._deadline = asyncio.create_task(self._count_down(), name=f"pod-deadline:{self.facts.key}")
 
     def _own(self, task: asyncio.Task[None]) -> None:
         """Hold the task while it runs; drop it when done (a finished Task is ~1 KB per Pod)."""
@@ -513,25 +523,52 @@ class PodWorker:
     def cancel(self) -> None:
         if self.task is not None and not self.task.done():
             self.task.cancel()
+        self._stop_deadline()
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None:
+            if self._deadline is not asyncio.current_task():
+                self._deadline.cancel()
+            self._deadline = None
 
     def request_stop(self, grace: int | None) -> None:
         self.stopping = True
         if grace is not None and grace >= 0:
             self._grace = float(grace)
+        self._wind_up()
+
+    def _wind_up(self) -> None:
+        """End the lifecycle (a deletion, or the deadline): cancel it wherever it waits, or, with
+        none running, start what follows it."""
         if self._in_lifecycle:
             if not self._stop_cancel and self.task is not None:
                 self._stop_cancel = True  # _run tells this cancellation from a shutdown's
                 self.task.cancel()
         elif self.task is None or self.task.done():
-            self._own(asyncio.create_task(self._terminate(), name=f"pod-stop:{self.facts.key}"))
+            self._own(asyncio.create_task(self._after_lifecycle(), name=f"pod-stop:{self.facts.key}"))
+
+    async def _count_down(self) -> None:
+        """spec.activeDeadlineSeconds, in simulated seconds from the Pod's startTime (as the
+        kubelet's active deadline handler); then the Pod is stopped and Failed."""
+        deadline = self.facts.active_deadline
+        assert deadline is not None
+        state = self.state
+        started = state.start_time if state is not None and state.start_time is not None else None
+        ran = 0.0 if started is None else (self.ctl.clock.now() - started).total_seconds() * self.ctl.timing.time_scale
+        await self._sleep(deadline - ran)
+        self._deadline = None
+        if (self.state is not None and self.state.terminal) or self.stopping:
+            return
+        self._expired = True
+        self._wind_up()
 
     async def _run(self) -> None:
-        """The lifecycle, then (if the Pod is being deleted) its termination, in one task.
+        """The lifecycle, then what follows it, in one task.
 
-        A deletion cancels the lifecycle wherever it is waiting (request_stop); that one cancellation
-        is taken back here and the Pod terminates. Any other (the agent stopping) ends the task.
+        A deletion or the deadline cancels the lifecycle wherever it is waiting (_wind_up); that
+        one cancellation is taken back here. Any other (the agent stopping) ends the task.
         """
-        if not self.stopping:
+        if not (self.stopping or self._expired):
             self._in_lifecycle = True
             try:
                 await self._lifecycle()
@@ -543,6 +580,12 @@ class PodWorker:
                 log.exception("pod %s: unexpected error; the Pod is left as it is", self.facts.key)
             finally:
                 self._in_lifecycle = self._stop_cancel = False
+        await self._after_lifecycle()
+
+    async def _after_lifecycle(self) -> None:
+        """The deadline's stop, then (if the Pod is being deleted) its termination."""
+        if self._expired and not self.stopping:
+            await self._expire()
         if self.stopping:
             await self._terminate()
 
@@ -864,8 +907,25 @@ class PodWorker:
             for live in lives:
                 group.create_task(live)
 
+    async def _expire(self) -> None:
+        """Past spec.activeDeadlineSeconds: the containers are stopped and the Pod Failed (kept)."""
+        f = self.facts
+        message = "Pod was active on the node longer than the specified deadline"
+        self.ctl.emit(f, "DeadlineExceeded", message, type="Warning")
+        log.info("pod %s: %s", f.key, message)
+        await self._kill()
+        if self.state is not None:
+            self._set(lc.failed(self.state, "DeadlineExceeded", message, self.ctl.clock.now()))
+
     async def _terminate(self) -> None:
         """Stop within the grace period, report the final status, then remove the Pod."""
+        if await self._kill():
+            await self.ctl.reporter.flushed(self.facts.uid)
+        await self.ctl.api.delete_now(self.facts.namespace, self.facts.name, self.facts.uid)
+
+    async def _kill(self) -> bool:
+        """Stop the containers still running within the grace period (Killing events); False if
+        the Pod had nothing left to stop."""
         f = self.facts
         state = self.state
         if state is not None and not state.terminal:
@@ -881,8 +941,8 @@ class PodWorker:
             for c in state.containers:
                 if c.running:
                     self.logs[c.name].stopped()
-            await self.ctl.reporter.flushed(f.uid)
-        await self.ctl.api.delete_now(f.namespace, f.name, f.uid)
+            return True
+        return False
 
 
 @dataclass(slots=True)

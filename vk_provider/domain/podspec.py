@@ -48,6 +48,8 @@ class PodFacts:
     annotations: tuple[tuple[str, str], ...] = ()
     labels: tuple[tuple[str, str], ...] = ()
     pull_secrets: tuple[str, ...] = ()
+    host_network: bool = False  # spec.hostNetwork: the Pod's IP is the node's
+    active_deadline: int | None = None  # spec.activeDeadlineSeconds
 
     @property
     def key(self) -> str:
@@ -123,4 +125,10 @@ def pod_facts(obj: Mapping[str, Any]) -> PodFacts:
         annotations=annotations,
         labels=tuple(sorted((intern(k), intern(str(v))) for k, v in (meta.get("labels") or {}).items())),
         pull_secrets=tuple(str(s.get("name", "")) for s in spec.get("imagePullSecrets") or () if isinstance(s, dict)),
+        host_network=spec.get("hostNetwork") is True,
+        active_deadline=_positive_int(spec.get("activeDeadlineSeconds")),
     )
+
+
+def _positive_int(value: object) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
