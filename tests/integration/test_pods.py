@@ -147,6 +147,32 @@ def test_active_deadline_fails_the_pod_and_host_network_takes_the_nodes_ip(
         assert agent.stop() == 0
 
 
+def test_a_readiness_gate_holds_ready_until_its_controller_sets_its_condition(
+    cluster: Cluster, workdir: Path, namespace: str
+) -> None:
+    gate = "target-health.example.com/web"
+    with start_agent(cluster, workdir, FAST) as agent:
+        manifest = pod_manifest("gated", agent.node_name)
+        manifest["spec"]["readinessGates"] = [{"conditionType": gate}]
+        apply(cluster, namespace, manifest)
+        wait_for(lambda: phase(cluster, namespace, "gated") == "Running", timeout=30, what="Running")
+        found = pod(cluster, namespace, "gated")
+        assert found is not None
+        conditions = {c["type"]: c for c in found["status"]["conditions"]}
+        assert conditions["ContainersReady"]["status"] == "True"
+        assert (conditions["Ready"]["status"], conditions["Ready"]["reason"]) == ("False", "ReadinessGatesNotReady")
+        # The gate's controller (a load balancer's, say) writes its condition.
+        found["status"]["conditions"].append({"type": gate, "status": "True", "lastProbeTime": None})
+        path = f"/api/v1/namespaces/{namespace}/pods/gated/status"
+        cluster.kubectl("replace", "--raw", path, "-f", "-", input=json.dumps(found))
+        wait_for(lambda: ready(cluster, namespace, "gated") == "True", timeout=30, what="Ready once the gate is True")
+        # The node wrote Ready (a merge patch replaces the whole list) and kept the gate's condition.
+        kept = pod(cluster, namespace, "gated")
+        assert kept is not None
+        assert gate in {c["type"] for c in kept["status"]["conditions"]}
+        assert agent.stop() == 0
+
+
 def test_deployment_scales_up_and_down(cluster: Cluster, workdir: Path, namespace: str) -> None:
     with start_agent(cluster, workdir, FAST) as agent:
         deployment = {

@@ -236,6 +236,53 @@ def test_the_fast_copies_keep_every_field_even_one_added_later() -> None:
     assert [getattr(lc._with(pod), f.name) for f in fields(lc.PodState)] == list(pod_markers.values())
 
 
+# ------------------------------------------------------------------ readiness gates
+
+
+GATE = "target-health.example.com/web"
+
+
+def gated(others: tuple[dict[str, object], ...] = ()) -> lc.PodState:
+    state = lc.accepted(restart_policy="Always", init_containers=[], containers=[("c0", "nginx")],
+                        host_ip="10.0.0.1", pod_ip="10.234.0.5", now=T0, gates=(GATE,), others=others)  # fmt: skip
+    return lc.became_ready(lc.started(state, "c0", "uid", "img", at(1)), "c0", at(2))
+
+
+def test_ready_waits_for_a_readiness_gate_with_the_kubelets_reason_and_message() -> None:
+    s = gated()
+    assert cond(s, "ContainersReady").status == "True"
+    ready = cond(s, "Ready")
+    assert (ready.status, ready.reason) == ("False", "ReadinessGatesNotReady")
+    assert ready.message == f'corresponding condition of pod readiness gate "{GATE}" does not exist.'
+    s = lc.with_others(s, ({"type": GATE, "status": "False"},), at(3))
+    assert cond(s, "Ready").message == f'the status of pod readiness gate "{GATE}" is not "True", but False'
+    assert cond(s, "Ready").since == T0  # False all along: its transition time stays
+    s = lc.with_others(s, ({"type": GATE, "status": "True"},), at(4))
+    assert (cond(s, "Ready").status, cond(s, "Ready").reason, cond(s, "Ready").message) == ("True", "", "")
+    assert cond(s, "Ready").since == at(4)
+
+
+def test_other_writers_conditions_are_rendered_after_the_nodes_and_taken_back_on_adoption() -> None:
+    theirs = {"type": GATE, "status": "True", "lastTransitionTime": "2026-01-01T00:00:03Z", "message": "healthy"}
+    s = gated((theirs,))
+    body = lc.render_status(s)
+    assert [c["type"] for c in body["conditions"]] == ["Initialized", "Ready", "ContainersReady", "PodScheduled", GATE]
+    assert body["conditions"][-1] == theirs
+    assert lc.other_conditions(body) == (theirs,)
+    adopted = lc.adopt(body, "Always", at(100), gates=(GATE,))
+    assert adopted is not None
+    assert (adopted.others, adopted.gates) == ((theirs,), (GATE,))
+    assert [c.type for c in adopted.conditions] == ["Initialized", "Ready", "ContainersReady", "PodScheduled"]
+    assert lc.render_status(adopted) == body
+    not_ready = lc.render_status(gated())
+    assert next(c for c in not_ready["conditions"] if c["type"] == "Ready")["reason"] == "ReadinessGatesNotReady"
+
+
+@pytest.mark.parametrize("conditions", [None, "x", [1, "x", {"status": "True"}, {"type": 5}]])
+def test_other_conditions_of_a_garbled_status_are_none(conditions: object) -> None:
+    assert lc.other_conditions({"conditions": conditions}) == ()
+
+
 # ------------------------------------------------------------------ which run kubectl logs reads
 
 

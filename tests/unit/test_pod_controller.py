@@ -204,6 +204,31 @@ async def test_a_status_another_writer_changed_is_written_again_and_a_label_chan
     assert harness.api.last("a") == ours  # the node's status again, though it equals what it wrote before
 
 
+async def test_a_readiness_gate_holds_ready_until_its_condition_is_true_and_the_node_keeps_it(
+    harness: Harness, clock: FakeClock
+) -> None:
+    gate = "target-health.example.com/web"
+    spec = {"readinessGates": [{"conditionType": gate}]}
+    await harness.ctl.resync([pod("a", **spec)])
+    await clock.advance(20)
+    ours = harness.api.last("a")
+    ready = next(c for c in ours["conditions"] if c["type"] == "Ready")
+    assert (ours["phase"], ready["status"], ready["reason"]) == ("Running", "False", "ReadinessGatesNotReady")
+    writes = len(harness.api.statuses["a"])
+    # The gate's controller writes its condition: Ready follows, and the node's write keeps it.
+    theirs = {"type": gate, "status": "True", "lastTransitionTime": "2026-01-01T00:00:20Z"}
+    await harness.ctl.upsert(pod("a", status={**ours, "conditions": [*ours["conditions"], theirs]}, **spec))
+    await clock.advance(1)
+    assert len(harness.api.statuses["a"]) == writes + 1
+    written = harness.api.last("a")
+    assert next(c for c in written["conditions"] if c["type"] == "Ready")["status"] == "True"
+    assert theirs in written["conditions"]
+    # Deleted: the final status still carries it.
+    await harness.ctl.upsert(pod("a", deleting=True, status=written, **spec))
+    await clock.advance(1)
+    assert theirs in harness.api.last("a")["conditions"]
+
+
 def test_a_status_summary_reads_the_api_servers_copy_as_the_rendered_one() -> None:
     from vk_provider.domain import lifecycle as lc
 

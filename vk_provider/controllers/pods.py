@@ -312,7 +312,7 @@ class PodController:
         facts = pod_facts(obj)
         status = obj.get("status") or {}
         now = self.clock.now()
-        adopted = lc.adopt(status, facts.restart_policy, now)
+        adopted = lc.adopt(status, facts.restart_policy, now, facts.readiness_gates)
         worker = PodWorker(self, facts)
         rejection = None if adopted is not None else self._admit(facts)  # before it counts as used
         self.workers[facts.uid] = worker
@@ -326,6 +326,7 @@ class PodController:
             if all(c.has_run for c in adopted.main_containers):
                 self.records.adopted(facts)
         else:
+            worker.reconcile(status)  # before its lifecycle: takes the conditions other writers gave it
             if rejection is not None:
                 worker.rejection = rejection
             elif facts.host_network:  # the node's network: its address, from no pool
@@ -417,6 +418,7 @@ class PodWorker:
         "_expired",
         "_grace",
         "_in_lifecycle",
+        "_others",
         "_stop_cancel",
         "adopted",
         "counted",
@@ -445,6 +447,7 @@ class PodWorker:
         self.stopping = False
         self._deadline: asyncio.Task[None] | None = None  # counts down spec.activeDeadlineSeconds
         self._expired = False
+        self._others: tuple[JSON, ...] = ()  # other writers' conditions, until the state holds them
         self._grace: float = float(facts.grace_seconds)
         self.workload: Workload = parse_workload(
             facts.annotation_map(), [c.name for c in facts.init_containers], [c.name for c in facts.main_containers]
@@ -466,17 +469,25 @@ class PodWorker:
         self.ctl.reporter.publish(f.uid, f.namespace, f.name, partial(lc.render_status, state))
 
     def reconcile(self, status: JSON | None) -> None:
-        """The API server's copy of the status says something else than this Pod's state (the node
-        controller marked it not ready while the node was silent, say, or someone edited it): write
-        the state again, as the kubelet's status manager does."""
+        """The API server's copy of the status, written by another writer. Conditions other writers
+        own (a readiness gate's) are taken into the state, so Ready follows them and the node's
+        writes keep them. Anything else that says something else than this Pod's state (the node
+        controller marked it not ready while the node was silent, say, or someone edited it) has
+        the state written again, as the kubelet's status manager does."""
+        others = lc.other_conditions(status)
         if self.state is None:
+            self._others = others
             return
-        ours = lc.render_status(self.state)
-        owned = {c["type"] for c in ours["conditions"]}  # a readiness gate's condition is its writer's
-        if lc.status_summary(status, owned) == lc.status_summary(ours):
-            return
-        log.info("pod %s: its status was changed by another writer; writing the node's again", self.facts.key)
         f = self.facts
+        if others != self.state.others:  # a readiness gate's controller wrote its condition, say
+            self._set(lc.with_others(self.state, others, self.ctl.clock.now()))  # Ready may follow it
+            ours = lc.render_status(self.state)
+            if lc.status_summary(status) == lc.status_summary(ours):
+                self.ctl.reporter.agreed(f.uid, ours)  # the API server has it all already
+            return
+        if lc.status_summary(status) == lc.status_summary(lc.render_status(self.state)):
+            return
+        log.info("pod %s: its status was changed by another writer; writing the node's again", f.key)
         self.ctl.reporter.rewrite(f.uid)
         self.ctl.reporter.publish(f.uid, f.namespace, f.name, partial(lc.render_status, self.state))
 
@@ -612,8 +623,11 @@ class PodWorker:
                 host_ip=self.ctl.host_ip,
                 pod_ip=self.pod_ip,
                 now=now,
+                gates=f.readiness_gates,
+                others=self._others,
             )
         )
+        self._others = ()  # in the state from now on
         decision = await self.ctl.caches.resolve(f)
         for event in decision.events:
             self.ctl.events.record(event, clock.now())
@@ -713,6 +727,7 @@ class PodWorker:
             host_ip=self.ctl.host_ip,
             pod_ip="",
             now=now,
+            others=self._others,
         )
         self._set(lc.failed(state, reason, message, now))
 

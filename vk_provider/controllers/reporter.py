@@ -99,6 +99,13 @@ class StatusReporter:
             entry.sent = digest(status)
             entry.version = _number(version)
 
+    def agreed(self, uid: str, status: JSON) -> None:
+        """The API server already has ``status`` (another writer's change made it so): a write of
+        it is skipped."""
+        entry = self._entries.get(uid)
+        if entry is not None:
+            entry.sent = digest(status)
+
     def written(self, uid: str, version: str) -> bool:
         """Whether the Pod at ``version`` holds nothing newer than this reporter's last write to it
         (or what it had when seen): a watch event of it then needs no reading."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import functools
 import hashlib
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any
@@ -84,6 +84,12 @@ class Condition:
     status: str  # "True" / "False"
     since: datetime
     reason: str = ""
+    message: str = ""
+
+
+# The conditions the kubelet writes (kubetypes.PodConditionsByKubelet); any other (a readiness
+# gate's, say) belongs to another writer, and the kubelet keeps it as it is.
+KUBELET_CONDITIONS = frozenset({"PodScheduled", "Ready", "Initialized", "ContainersReady"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +103,8 @@ class PodState:
     conditions: tuple[Condition, ...] = ()
     reason: str = ""
     message: str = ""
+    gates: tuple[str, ...] = ()  # spec.readinessGates' condition types
+    others: tuple[JSON, ...] = ()  # the conditions other writers own, as the API server has them
 
     def container(self, name: str) -> Container:
         for c in self.containers:
@@ -130,8 +138,11 @@ def accepted(
     host_ip: str,
     pod_ip: str,
     now: datetime,
+    gates: tuple[str, ...] = (),
+    others: tuple[JSON, ...] = (),
 ) -> PodState:
-    """A Pod the node has just taken: Pending, its containers waiting to be created."""
+    """A Pod the node has just taken: Pending, its containers waiting to be created; ``gates``
+    its readiness gates, ``others`` the conditions other writers have given it."""
     waiting_main = Waiting("PodInitializing") if init_containers else Waiting("ContainerCreating")
     members = [Container(n, i, init=True, state=Waiting("PodInitializing")) for n, i in init_containers]
     members += [Container(n, i, state=waiting_main) for n, i in containers]
@@ -142,6 +153,8 @@ def accepted(
         pod_ip=pod_ip,
         start_time=now,
         containers=tuple(members),
+        gates=gates,
+        others=others,
     )
     return recompute(state, now)
 
@@ -178,6 +191,7 @@ def _with(
     phase: Phase | None = None,
     containers: tuple[Container, ...] | None = None,
     conditions: tuple[Condition, ...] | None = None,
+    others: tuple[JSON, ...] | None = None,
 ) -> PodState:
     """``dataclasses.replace`` for the fields transitions change, at a fraction of its cost."""
     return PodState(
@@ -190,7 +204,26 @@ def _with(
         pod.conditions if conditions is None else conditions,
         pod.reason,
         pod.message,
+        pod.gates,
+        pod.others if others is None else others,
     )
+
+
+def other_conditions(status: JSON | None) -> tuple[JSON, ...]:
+    """The conditions in ``status`` that other writers own (see KUBELET_CONDITIONS)."""
+    found = (status or {}).get("conditions")
+    if not isinstance(found, list):
+        return ()
+    return tuple(
+        c
+        for c in found
+        if isinstance(c, dict) and isinstance(c.get("type"), str) and c["type"] not in KUBELET_CONDITIONS
+    )
+
+
+def with_others(state: PodState, others: tuple[JSON, ...], now: datetime) -> PodState:
+    """Other writers' conditions changed (a readiness gate's controller wrote its condition)."""
+    return recompute(_with(state, others=others), now)
 
 
 def waiting(state: PodState, name: str, reason: str, message: str, now: datetime) -> PodState:
@@ -357,29 +390,50 @@ def recompute(state: PodState, now: datetime) -> PodState:
     containers_ready = has_main and all_ready and phase is not Phase.SUCCEEDED and phase is not Phase.FAILED
     not_ready = "PodCompleted" if phase is Phase.SUCCEEDED else "ContainersNotReady"
     ready_reason = "" if containers_ready else not_ready
+    # Ready also waits for the readiness gates (the kubelet's GeneratePodReadyCondition).
+    ready, why, gates_message = containers_ready, ready_reason, ""
+    if containers_ready and state.gates:
+        gates_message = _gates_not_ready(state.gates, state.others)
+        if gates_message:
+            ready, why = False, "ReadinessGatesNotReady"
     wanted = (
-        ("Initialized", initialized, "" if initialized else "ContainersNotInitialized"),
-        ("Ready", containers_ready, ready_reason),
-        ("ContainersReady", containers_ready, ready_reason),
-        ("PodScheduled", True, ""),
+        ("Initialized", initialized, "" if initialized else "ContainersNotInitialized", ""),
+        ("Ready", ready, why, gates_message),
+        ("ContainersReady", containers_ready, ready_reason, ""),
+        ("PodScheduled", True, "", ""),
     )
     old = state.conditions
     if len(old) == len(wanted) and all(
-        o.type == kind and (o.status == "True") == ok and o.reason == reason
-        for o, (kind, ok, reason) in zip(old, wanted, strict=True)
+        o.type == kind and (o.status == "True") == ok and o.reason == reason and o.message == message
+        for o, (kind, ok, reason, message) in zip(old, wanted, strict=True)
     ):
         conditions = old  # nothing changed: the same conditions, with their transition times
     else:
         since = {c.type: (c.status, c.since) for c in old}
         made = []
-        for kind, ok, reason in wanted:
+        for kind, ok, reason, message in wanted:
             status = "True" if ok else "False"
             prev = since.get(kind)
-            made.append(Condition(kind, status, prev[1] if prev is not None and prev[0] == status else now, reason))
+            made.append(
+                Condition(kind, status, prev[1] if prev is not None and prev[0] == status else now, reason, message)
+            )
         conditions = tuple(made)
     if phase is state.phase and conditions is old:
         return state
     return _with(state, phase=phase, conditions=conditions)
+
+
+def _gates_not_ready(gates: tuple[str, ...], others: tuple[JSON, ...]) -> str:
+    """Why the readiness gates hold the Pod back, in the kubelet's words; empty if they do not."""
+    statuses = {c.get("type"): c.get("status") for c in others}
+    problems = []
+    for gate in gates:
+        status = statuses.get(gate)
+        if status is None:
+            problems.append(f'corresponding condition of pod readiness gate "{gate}" does not exist.')
+        elif status != "True":
+            problems.append(f'the status of pod readiness gate "{gate}" is not "True", but {status}')
+    return ", ".join(problems)
 
 
 # ------------------------------------------------------------------ rendering
@@ -394,9 +448,12 @@ def render_status(state: PodState) -> JSON:
     main: list[JSON] = []
     for c in state.containers:
         (init if c.init else main).append(_container(c))
+    conditions = [_condition(c) for c in state.conditions]
+    if state.others:  # a merge patch replaces the list: other writers' conditions go with ours
+        conditions.extend(state.others)
     return {
         "phase": state.phase.value,
-        "conditions": [_condition(c) for c in state.conditions],
+        "conditions": conditions,
         "hostIP": state.host_ip,
         "podIP": state.pod_ip or None,
         "podIPs": [{"ip": state.pod_ip}] if state.pod_ip else None,
@@ -408,11 +465,10 @@ def render_status(state: PodState) -> JSON:
     }
 
 
-def status_summary(status: JSON | None, condition_types: Collection[str] | None = None) -> tuple[object, ...]:
+def status_summary(status: JSON | None) -> tuple[object, ...]:
     """What a Pod's status says that its node answers for (phase, reason, conditions, each
     container's readiness, restarts and state), read alike from a rendered status and from the
-    API server's copy: they differ only when another writer changed the status. With
-    ``condition_types``, only those conditions count: others (readiness gates) are other writers' own."""
+    API server's copy: they differ only when another writer changed the status."""
     status = status or {}
 
     def containers(key: str) -> tuple[tuple[object, ...], ...]:
@@ -434,13 +490,7 @@ def status_summary(status: JSON | None, condition_types: Collection[str] | None 
     return (
         status.get("phase"),
         status.get("reason") or None,
-        tuple(
-            sorted(
-                (str(c.get("type")), str(c.get("status")))
-                for c in conditions
-                if isinstance(c, dict) and (condition_types is None or c.get("type") in condition_types)
-            )
-        ),
+        tuple(sorted((str(c.get("type")), str(c.get("status"))) for c in conditions if isinstance(c, dict))),
         containers("initContainerStatuses"),
         containers("containerStatuses"),
     )
@@ -454,6 +504,8 @@ def _condition(c: Condition) -> JSON:
     out: JSON = {"type": c.type, "status": c.status, "lastProbeTime": None, "lastTransitionTime": _time(c.since)}
     if c.reason:
         out["reason"] = c.reason
+    if c.message:
+        out["message"] = c.message
     return out
 
 
@@ -499,7 +551,7 @@ def parse_time(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-def adopt(status: JSON, restart_policy: str, fallback: datetime) -> PodState | None:
+def adopt(status: JSON, restart_policy: str, fallback: datetime, gates: tuple[str, ...] = ()) -> PodState | None:
     """Rebuild the state of a Pod this node was already running (agent restart).
 
     Returns ``None`` when the status is not one we can continue from (never started, or
@@ -532,9 +584,15 @@ def adopt(status: JSON, restart_policy: str, fallback: datetime) -> PodState | N
     if status["phase"] == "Pending" and not any(not c.init and c.has_run for c in members):
         return None  # nothing has run yet: start from the beginning
     conditions = tuple(
-        Condition(c["type"], c["status"], parse_time(c.get("lastTransitionTime")) or fallback, c.get("reason", ""))
+        Condition(
+            c["type"],
+            c["status"],
+            parse_time(c.get("lastTransitionTime")) or fallback,
+            c.get("reason", ""),
+            c.get("message", ""),
+        )
         for c in status.get("conditions") or ()
-        if "type" in c and "status" in c
+        if "type" in c and "status" in c and c["type"] in KUBELET_CONDITIONS
     )
     return PodState(
         phase=Phase(status["phase"]),
@@ -546,6 +604,8 @@ def adopt(status: JSON, restart_policy: str, fallback: datetime) -> PodState | N
         conditions=conditions,
         reason=status.get("reason", "") or "",
         message=status.get("message", "") or "",
+        gates=gates,
+        others=other_conditions(status),
     )
 
 

@@ -50,6 +50,7 @@ class PodFacts:
     pull_secrets: tuple[str, ...] = ()
     host_network: bool = False  # spec.hostNetwork: the Pod's IP is the node's
     active_deadline: int | None = None  # spec.activeDeadlineSeconds
+    readiness_gates: tuple[str, ...] = ()  # spec.readinessGates' condition types
 
     @property
     def key(self) -> str:
@@ -127,6 +128,11 @@ def pod_facts(obj: Mapping[str, Any]) -> PodFacts:
         pull_secrets=tuple(str(s.get("name", "")) for s in spec.get("imagePullSecrets") or () if isinstance(s, dict)),
         host_network=spec.get("hostNetwork") is True,
         active_deadline=_positive_int(spec.get("activeDeadlineSeconds")),
+        readiness_gates=tuple(
+            intern(gate["conditionType"])
+            for gate in spec.get("readinessGates") or ()
+            if isinstance(gate, dict) and isinstance(gate.get("conditionType"), str)
+        ),
     )
 
 
