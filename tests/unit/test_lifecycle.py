@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import fields, replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 
@@ -242,7 +243,7 @@ def test_the_fast_copies_keep_every_field_even_one_added_later() -> None:
 GATE = "target-health.example.com/web"
 
 
-def gated(others: tuple[dict[str, object], ...] = ()) -> lc.PodState:
+def gated(others: tuple[dict[str, Any], ...] = ()) -> lc.PodState:
     state = lc.accepted(restart_policy="Always", init_containers=[], containers=[("c0", "nginx")],
                         host_ip="10.0.0.1", pod_ip="10.234.0.5", now=T0, gates=(GATE,), others=others)  # fmt: skip
     return lc.became_ready(lc.started(state, "c0", "uid", "img", at(1)), "c0", at(2))

@@ -208,7 +208,7 @@ async def test_a_readiness_gate_holds_ready_until_its_condition_is_true_and_the_
     harness: Harness, clock: FakeClock
 ) -> None:
     gate = "target-health.example.com/web"
-    spec = {"readinessGates": [{"conditionType": gate}]}
+    spec: dict[str, Any] = {"readinessGates": [{"conditionType": gate}]}
     await harness.ctl.resync([pod("a", **spec)])
     await clock.advance(20)
     ours = harness.api.last("a")
