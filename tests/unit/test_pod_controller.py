@@ -74,6 +74,7 @@ class Images:
         self.seconds = seconds
         self.broken = broken or {}
         self.pulls: list[str] = []
+        self.present: set[str] = set()
 
     async def for_pod(self, pod: PodFacts, decision: CacheDecision) -> Images:
         return self
@@ -82,9 +83,14 @@ class Images:
         return 0.0
 
     def will_pull(self, container: ContainerSpec) -> bool:
-        return True
+        return container.image not in self.present
+
+    def ran_before(self, container: ContainerSpec) -> None:
+        self.present.add(container.image)
 
     async def pull(self, container: ContainerSpec) -> ImageResult:
+        if container.image in self.present:
+            return ImageResult("id@sha256:x", 1000, present=True)
         self.pulls.append(container.image)
         if container.image in self.broken:
             raise self.broken[container.image]
@@ -472,6 +478,27 @@ async def test_a_pending_pod_with_a_running_container_is_adopted_and_carries_on(
     assert second["restartCount"] == 0
     assert harness.events.reasons("a") == ["Pulling", "Pulled", "Created", "Started"]  # the first's only
     assert [e.field_path for e in harness.events.items if e.reason == "Started"] == ["spec.containers{first}"]
+
+
+async def test_a_crash_looping_container_adopted_starts_again_from_the_image_it_has(
+    harness: Harness, clock: FakeClock
+) -> None:
+    from vk_provider.domain import lifecycle as lc
+
+    t0 = clock.now()
+    state = lc.accepted(restart_policy="Always", init_containers=[], containers=[("c", "nginx:1.7.9")],
+                        host_ip="10.0.0.1", pod_ip="10.234.0.9", now=t0)  # fmt: skip
+    state = lc.exited(lc.started(state, "c", "uid-a", "x", t0), "c", 1, t0)
+    state = lc.back_off(state, "c", "back-off 10s", t0)
+    await clock.advance(5)
+    crashing = {"vk-provider.io/run-seconds": "3", "vk-provider.io/exit-code": "1"}
+    await harness.ctl.resync([pod("a", annotations=crashing, status=lc.render_status(state))])
+    await clock.advance(2)
+    assert harness.events.reasons("a")[:3] == ["Pulled", "Created", "Started"]  # no Pulling
+    pulled = next(e for e in harness.events.items if e.reason == "Pulled")
+    assert pulled.message == 'Container image "nginx:1.7.9" already present on machine'
+    assert harness.ctl.images.pulls == []  # type: ignore[attr-defined]
+    assert harness.api.last("a")["containerStatuses"][0]["restartCount"] == 1
 
 
 def test_a_pending_pod_that_never_ran_is_not_adopted(clock: FakeClock) -> None:

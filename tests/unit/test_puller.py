@@ -556,6 +556,22 @@ def test_a_container_pulling_before_an_earlier_failed_one_gets_what_it_really_ne
     assert run_virtual(main) == (second_gets, first_gets)
 
 
+@pytest.mark.parametrize(("policy", "pulls"), [(PullPolicy.IF_NOT_PRESENT, False), (PullPolicy.ALWAYS, True)])
+def test_a_container_that_ran_before_an_agent_restart_has_its_image(policy: PullPolicy, pulls: bool) -> None:
+    spec = ContainerSpec("first", "front:1", policy.value)
+    plan = plan_pod_pull([(FRONT, policy)], present_layers=(), cached_images=())
+
+    async def main() -> tuple[bool, bool, int]:
+        puller = FailFirstPull("nothing")
+        images = PlannedPodImages(puller, plan, {"first": plan.steps[0]}, {})
+        images.ran_before(spec)
+        result = await images.pull(spec)
+        return images.will_pull(spec), result.present, len(puller.fetched)
+
+    # Always asks the registry for the manifest (no layers fetched); otherwise it is just there.
+    assert run_virtual(main) == (pulls, not pulls, 0)
+
+
 def test_virtual_time_keeps_running_timers_however_far_it_goes() -> None:
     async def main() -> float:
         for _ in range(200):

@@ -419,6 +419,12 @@ class PlannedPodImages:
             return step.policy is PullPolicy.ALWAYS
         return step.action is StepAction.PULL
 
+    def ran_before(self, container: ContainerSpec) -> None:
+        step = self._steps.get(container.name)
+        if step is not None and container.name not in self._problems:
+            self._done.add(step.reference)
+            self._present_layers.update(layer.digest for layer in step.manifest.layers)
+
     async def pull(self, container: ContainerSpec) -> ImageResult:
         problem = self._problems.get(container.name)
         if problem is not None:

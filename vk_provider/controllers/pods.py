@@ -84,6 +84,10 @@ class PodImages(Protocol):
         """Whether :meth:`pull` contacts the registry (a ``Pulling`` Event is due) for this container."""
         ...
 
+    def ran_before(self, container: ContainerSpec) -> None:
+        """The container ran on this instance before the agent restarted: its image is present."""
+        ...
+
     async def pull(self, container: ContainerSpec) -> ImageResult:
         """Make the container's image present (simulated); raises :class:`ImagePullError`.
 
@@ -917,6 +921,8 @@ class PodWorker:
                 self.logs[spec.name].started()
                 lives.append(self._live(spec, images, ran_for=ran))
             elif isinstance(c.state, lc.Waiting):
+                if c.has_run:  # crash-looping, say: it starts again from the image it has
+                    images.ran_before(spec)
                 lives.append(start_then_live(spec))
         async with asyncio.TaskGroup() as group:
             for live in lives:
