@@ -247,7 +247,7 @@ def test_progress_text_and_back(percent: int, text: str) -> None:
     assert cb.parse_progress(text) == max(0, min(100, percent))
 
 
-@pytest.mark.parametrize("text", [None, "", "abc", "12", "x%"])
+@pytest.mark.parametrize("text", [None, "", "abc", "12", "x%", "\u00b2%", "\uff11\uff12%"])
 def test_parse_progress_of_junk_is_zero(text: object) -> None:
     assert cb.parse_progress(text) == 0
 

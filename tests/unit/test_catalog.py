@@ -223,6 +223,14 @@ def test_sizes_beyond_a_pebibyte_are_problems(size: object) -> None:
     assert len(str(problem)) < 200
 
 
+@pytest.mark.parametrize("size", ["\uff13\uff19 MB", "\u0663\u0669 MB"])  # full-width and Arabic-Indic 39
+def test_sizes_in_digits_other_than_ascii_are_problems(size: str) -> None:
+    catalog = parse_catalog({"images": {"a:1": {"layers": [good_layer(size=size)]}}})
+    assert catalog.images == {}
+    (problem,) = catalog.problems
+    assert "must be a number of bytes or a size like '39.1 MB'" in str(problem)
+
+
 def test_empty_documents_are_empty_catalogs() -> None:
     assert parse_catalog(None) == Catalog()
     assert parse_catalog({"version": 1, "images": None}).images == {}

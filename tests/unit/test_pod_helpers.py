@@ -119,6 +119,16 @@ def test_workload_runs_forever_without_annotation() -> None:
 
 
 @pytest.mark.parametrize(
+    ("seconds", "code", "run", "exit_code"),
+    [("0.5", "+3", 0.5, 3), (".5s", " 7 ", 0.5, 7), ("1e2", "0", 100.0, 0), ("3.", "255", 3.0, 255)],
+)
+def test_workload_numbers_as_written(seconds: str, code: str, run: float, exit_code: int) -> None:
+    w = parse_workload({"vk-provider.io/run-seconds": seconds, "vk-provider.io/exit-code": code}, [], ["a"])
+    assert w.problems == ()
+    assert (w.of("a").run_seconds, w.of("a").exit_code) == (run, exit_code)
+
+
+@pytest.mark.parametrize(
     ("annotations", "needle"),
     [
         ({"vk-provider.io/run-seconds": "soon"}, "run-seconds"),
@@ -126,6 +136,11 @@ def test_workload_runs_forever_without_annotation() -> None:
         ({"vk-provider.io/run-seconds": "nan"}, "run-seconds"),
         ({"vk-provider.io/exit-code": "256"}, "0-255"),
         ({"vk-provider.io/exit-code": "9" * 100_000}, "0-255"),
+        ({"vk-provider.io/exit-code": "\uff11"}, "0-255"),  # a full-width 1: int() takes it, Go's Atoi not
+        ({"vk-provider.io/exit-code": "1_0"}, "0-255"),
+        ({"vk-provider.io/run-seconds": "\uff13\uff10"}, "run-seconds"),
+        ({"vk-provider.io/run-seconds": "1_000"}, "run-seconds"),
+        ({"vk-provider.io/run-seconds": "inf"}, "run-seconds"),
         ({"vk-provider.io/exit-code.nosuch": "1"}, "names no container"),
         ({"vk-provider.io/run-secs": "1"}, "not a known"),
     ],

@@ -83,7 +83,7 @@ def test_durations(value: object, seconds: float) -> None:
     assert parse_duration(value) == seconds
 
 
-@pytest.mark.parametrize("value", [-1, "soon", "5 parsecs", True, None, [], float("inf"), "h"])
+@pytest.mark.parametrize("value", [-1, "soon", "5 parsecs", True, None, [], float("inf"), "h", "\uff19\uff10s"])
 def test_bad_durations(value: object) -> None:
     assert parse_duration(value) is None
 
@@ -95,7 +95,7 @@ def test_rates(value: object, rate: float) -> None:
     assert parse_rate(value) == rate
 
 
-@pytest.mark.parametrize("value", [0, -1, "fast", "3/week", False, "0/s"])
+@pytest.mark.parametrize("value", [0, -1, "fast", "3/week", False, "0/s", "\uff13/s"])
 def test_bad_rates(value: object) -> None:
     assert parse_rate(value) is None
 

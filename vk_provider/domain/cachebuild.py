@@ -293,7 +293,7 @@ def progress_text(percent: int) -> str:
 
 
 def parse_progress(text: object) -> int:
-    if isinstance(text, str) and text.endswith("%") and text[:-1].isdigit():
+    if isinstance(text, str) and text.endswith("%") and text[:-1].isascii() and text[:-1].isdigit():
         return min(100, int(text[:-1]))
     return 0
 

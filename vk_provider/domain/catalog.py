@@ -29,7 +29,7 @@ CATALOG_VERSION = 1
 _Report = Callable[[str, str], None]
 
 _DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKMG]i?B|B)?")
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKMG]i?B|B)?", re.ASCII)
 _UNITS = {
     None: 1,
     "B": 1,

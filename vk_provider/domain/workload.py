@@ -17,6 +17,7 @@ applies; it never stops the Pod.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,6 +30,9 @@ STOP_SECONDS = PREFIX + "stop-seconds"
 _KEYS = (RUN_SECONDS, EXIT_CODE, READY_AFTER, STOP_SECONDS)
 MAX_SECONDS = 10 * 365 * 86400.0
 MAX_VALUE_LENGTH = 64
+# ASCII digits only, no "_" separators: Python's int() and float() take both (full-width digits, "1_0").
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +95,8 @@ def _parse(annotations: Mapping[str, str], init_containers: Sequence[str], conta
         raw = annotations.get(f"{EXIT_CODE}.{name}", annotations.get(EXIT_CODE) if name in containers else None)
         if raw is None:
             return 0
-        try:
-            value = int(raw.strip()) if len(raw) <= MAX_VALUE_LENGTH else -1
-        except ValueError:
-            value = -1
+        text = raw.strip()
+        value = int(text) if len(raw) <= MAX_VALUE_LENGTH and _INTEGER.fullmatch(text) else -1
         if not 0 <= value <= 255:
             problems.append(f"annotation {EXIT_CODE}={_short(raw)!r} for container {name} must be 0-255; using 0")
             return 0
@@ -125,10 +127,9 @@ def _number(raw: str) -> float | None:
     if len(raw) > MAX_VALUE_LENGTH:
         return None
     text = raw.strip().removesuffix("s")
-    try:
-        value = float(text)
-    except ValueError:
+    if not _DECIMAL.fullmatch(text):
         return None
+    value = float(text)
     return value if math.isfinite(value) else None
 
 
