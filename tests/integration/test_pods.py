@@ -173,6 +173,30 @@ def test_a_readiness_gate_holds_ready_until_its_controller_sets_its_condition(
         assert agent.stop() == 0
 
 
+def test_kubectl_set_image_restarts_the_container_from_the_new_image(
+    cluster: Cluster, workdir: Path, namespace: str
+) -> None:
+    with start_agent(cluster, workdir, FAST) as agent:
+        apply(cluster, namespace, pod_manifest("web", agent.node_name))
+        wait_for(lambda: ready(cluster, namespace, "web") == "True", timeout=30, what="Ready")
+        cluster.kubectl("set", "image", "-n", namespace, "pod/web", "nginx=busybox:latest")
+
+        def restarted() -> bool:
+            found = pod(cluster, namespace, "web") or {}
+            statuses = found.get("status", {}).get("containerStatuses") or [{}]
+            c = statuses[0]
+            return c.get("image") == "busybox:latest" and c.get("restartCount") == 1 and c.get("ready") is True
+
+        wait_for(restarted, timeout=30, what="restarted from busybox")
+        c = pod(cluster, namespace, "web")["status"]["containerStatuses"][0]  # type: ignore[index]
+        assert c["imageID"].startswith("docker.io/library/busybox@sha256:")
+        assert c["lastState"]["terminated"]["reason"] == "Completed"
+        messages = [e["message"] for e in events_of(cluster, namespace, "web")]
+        assert "Container nginx definition changed, will be restarted" in messages
+        assert any('Pulling image "busybox:latest"' in m for m in messages), messages
+        assert agent.stop() == 0
+
+
 def test_deployment_scales_up_and_down(cluster: Cluster, workdir: Path, namespace: str) -> None:
     with start_agent(cluster, workdir, FAST) as agent:
         deployment = {

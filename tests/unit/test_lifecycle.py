@@ -237,6 +237,20 @@ def test_the_fast_copies_keep_every_field_even_one_added_later() -> None:
     assert [getattr(lc._with(pod), f.name) for f in fields(lc.PodState)] == list(pod_markers.values())
 
 
+def test_a_new_image_ends_the_running_container_and_waits_to_create_it_again() -> None:
+    s = lc.became_ready(lc.started(new_pod(), "c0", "uid", "img", at(1)), "c0", at(2))
+    s = lc.new_image(s, "c0", "nginx:2", at(10))
+    c = s.container("c0")
+    assert (c.image, c.state, c.ready, c.restart_count) == ("nginx:2", lc.Waiting("ContainerCreating"), False, 1)
+    assert c.last_state == lc.Terminated(0, "Completed", at(10), at(1), container_id=c.container_id)
+    assert s.phase is Phase.RUNNING  # as the kubelet shows a restarting container's Pod
+    assert cond(s, "Ready").status == "False"
+    # One that never started (its image failed) just takes the new image: no run ended.
+    waiting = lc.waiting(new_pod(), "c0", "ImagePullBackOff", "back-off", at(1))
+    w = lc.new_image(waiting, "c0", "nginx:2", at(2)).container("c0")
+    assert (w.image, w.state, w.restart_count, w.last_state) == ("nginx:2", lc.Waiting("ContainerCreating"), 0, None)
+
+
 # ------------------------------------------------------------------ readiness gates
 
 

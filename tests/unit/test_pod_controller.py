@@ -411,6 +411,73 @@ async def test_a_host_network_pod_has_the_nodes_ip(harness: Harness, clock: Fake
     assert len(harness.ctl.ips) == 1
 
 
+async def test_a_new_image_restarts_the_container_from_it(harness: Harness, clock: FakeClock) -> None:
+    await harness.ctl.resync([pod("a")])
+    await clock.advance(20)
+    first = harness.api.last("a")["containerStatuses"][0]
+    await harness.ctl.upsert(pod("a", status=harness.api.last("a")))  # a label, say: nothing to do
+    await clock.advance(20)
+    assert harness.events.reasons("a") == ["Pulling", "Pulled", "Created", "Started"]
+    await harness.ctl.upsert(pod("a", image="nginx:1.9", status=harness.api.last("a")))  # kubectl set image
+    await clock.advance(20)
+    assert harness.events.reasons("a")[4:] == ["Killing", "Pulling", "Pulled", "Created", "Started"]
+    killing = harness.events.items[4]
+    assert killing.message == "Container c definition changed, will be restarted"
+    assert harness.ctl.images.pulls == ["nginx:1.7.9", "nginx:1.9"]  # type: ignore[attr-defined]
+    status = harness.api.last("a")
+    c = status["containerStatuses"][0]
+    assert (status["phase"], c["image"], c["restartCount"], c["ready"]) == ("Running", "nginx:1.9", 1, True)
+    assert c["lastState"]["terminated"]["startedAt"] == first["state"]["running"]["startedAt"]
+    assert c["state"]["running"]["startedAt"] > first["state"]["running"]["startedAt"]
+    assert harness.ctl.workers["uid-a"].facts.containers[0].image == "nginx:1.9"
+    # kubectl logs --previous reads the run the new image ended.
+    previous = harness.ctl.container_log("ns", "a", "c", previous=True)
+    assert not isinstance(previous, str)
+    assert previous is not None
+    assert previous.finished
+    assert "stopping container c" in [line.text for line in previous.lines]
+
+
+async def test_a_new_image_while_the_old_one_is_pulled_pulls_the_new_one(clock: FakeClock) -> None:
+    harness = Harness(clock, Images(clock, seconds=100))
+    async with harness.running():
+        await harness.ctl.resync([pod("a")])
+        await clock.advance(10)
+        await harness.ctl.upsert(pod("a", image="nginx:1.9"))
+        await clock.advance(110)
+        assert harness.ctl.images.pulls == ["nginx:1.7.9", "nginx:1.9"]  # type: ignore[attr-defined]
+        assert "Killing" not in harness.events.reasons("a")  # nothing ran yet
+        c = harness.api.last("a")["containerStatuses"][0]
+        assert (c["image"], c["restartCount"], "running" in c["state"]) == ("nginx:1.9", 0, True)
+        assert harness.events.reasons("a").count("Started") == 1
+
+
+async def test_a_new_image_for_a_container_that_ended_for_good_changes_nothing(
+    harness: Harness, clock: FakeClock
+) -> None:
+    done = {"vk-provider.io/run-seconds": "5"}
+    await harness.ctl.resync([pod("a", annotations=done, policy="Never")])
+    await clock.advance(30)
+    assert harness.api.last("a")["phase"] == "Succeeded"
+    writes = len(harness.api.statuses["a"])
+    ended = harness.api.last("a")
+    await harness.ctl.upsert(pod("a", annotations=done, policy="Never", image="nginx:1.9", status=ended))
+    await clock.advance(30)
+    assert len(harness.api.statuses["a"]) == writes
+    assert "Killing" not in harness.events.reasons("a")
+
+
+async def test_deleted_while_restarting_for_a_new_image(harness: Harness, clock: FakeClock) -> None:
+    await harness.ctl.resync([pod("a")])
+    await clock.advance(20)
+    await harness.ctl.upsert(pod("a", image="nginx:1.9", status=harness.api.last("a")))
+    await clock.advance(3)  # pulling the new image
+    await harness.ctl.upsert(pod("a", image="nginx:1.9", deleting=True))
+    await clock.advance(1)
+    assert harness.api.deleted == ["a"]
+    assert harness.events.reasons("a").count("Started") == 1
+
+
 async def test_resync_forgets_pods_gone_while_disconnected(harness: Harness, clock: FakeClock) -> None:
     await harness.ctl.resync([pod("a"), pod("b")])
     await clock.advance(1)

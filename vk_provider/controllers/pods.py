@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import partial
 from typing import Any, Protocol
@@ -256,6 +256,7 @@ class PodController:
             worker.request_stop(meta.get("deletionGracePeriodSeconds"))
         elif not worker.stopping:
             worker.reconcile(obj.get("status"))
+            worker.respec(obj)
 
     async def delete(self, obj: JSON) -> None:
         uid = (obj.get("metadata") or {}).get("uid")
@@ -423,6 +424,7 @@ class PodWorker:
         "_grace",
         "_in_lifecycle",
         "_others",
+        "_respec",
         "_stop_cancel",
         "adopted",
         "counted",
@@ -452,6 +454,7 @@ class PodWorker:
         self._deadline: asyncio.Task[None] | None = None  # counts down spec.activeDeadlineSeconds
         self._expired = False
         self._others: tuple[JSON, ...] = ()  # other writers' conditions, until the state holds them
+        self._respec: tuple[str, ...] = ()  # containers whose image the spec changed, to restart
         self._grace: float = float(facts.grace_seconds)
         self.workload: Workload = parse_workload(
             facts.annotation_map(), [c.name for c in facts.init_containers], [c.name for c in facts.main_containers]
@@ -494,6 +497,34 @@ class PodWorker:
         log.info("pod %s: its status was changed by another writer; writing the node's again", f.key)
         self.ctl.reporter.rewrite(f.uid)
         self.ctl.reporter.publish(f.uid, f.namespace, f.name, partial(lc.render_status, self.state))
+
+    def respec(self, obj: JSON) -> None:
+        """The Pod's spec, as the API server has it: a container whose image was changed
+        (``kubectl set image``, the one change the API server allows a running container) is
+        restarted from the new image, as the kubelet does when a container's definition changes."""
+        containers = (obj.get("spec") or {}).get("containers")
+        state = self.state
+        if not isinstance(containers, list) or state is None or state.terminal:
+            return
+        images = {c.get("name"): c.get("image") for c in containers if isinstance(c, dict)}
+        changed = tuple(
+            c.name
+            for c in self.facts.main_containers
+            if isinstance(images.get(c.name), str)
+            and images[c.name] != c.image
+            and not isinstance(state.container(c.name).state, lc.Terminated)  # it will not run again
+        )
+        if not changed:
+            return
+        new = {c.name: c for c in pod_facts(obj).main_containers}
+        self.facts = replace(
+            self.facts,
+            containers=tuple(new[c.name] if c.name in changed else c for c in self.facts.containers),
+            annotations=pod_facts(obj).annotations,  # the cache decision written on it, read back
+        )
+        log.info("pod %s: new image for %s; restarting", self.facts.key, ", ".join(changed))
+        self._respec = tuple(dict.fromkeys((*self._respec, *changed)))
+        self._wind_up()
 
     def _log(self, container: str, text: str) -> None:
         sim_log = self.logs.get(container)
@@ -553,14 +584,14 @@ class PodWorker:
         self._wind_up()
 
     def _wind_up(self) -> None:
-        """End the lifecycle (a deletion, or the deadline): cancel it wherever it waits, or, with
-        none running, start what follows it."""
+        """End the lifecycle (a deletion, the deadline, a new image): cancel it wherever it waits,
+        or, with none running, start what follows it."""
         if self._in_lifecycle:
             if not self._stop_cancel and self.task is not None:
                 self._stop_cancel = True  # _run tells this cancellation from a shutdown's
                 self.task.cancel()
         elif self.task is None or self.task.done():
-            self._own(asyncio.create_task(self._after_lifecycle(), name=f"pod-stop:{self.facts.key}"))
+            self._own(asyncio.create_task(self._run(first=False), name=f"pod:{self.facts.key}"))
 
     async def _count_down(self) -> None:
         """spec.activeDeadlineSeconds, in simulated seconds from the Pod's startTime (as the
@@ -577,16 +608,18 @@ class PodWorker:
         self._expired = True
         self._wind_up()
 
-    async def _run(self) -> None:
-        """The lifecycle, then what follows it, in one task.
+    async def _run(self, first: bool = True) -> None:
+        """The lifecycle (or, after a new image, its restart), then what follows it, in one task.
 
-        A deletion or the deadline cancels the lifecycle wherever it is waiting (_wind_up); that
-        one cancellation is taken back here. Any other (the agent stopping) ends the task.
+        A deletion, the deadline or a new image cancels the lifecycle wherever it is waiting
+        (_wind_up); that one cancellation is taken back here. Any other (the agent stopping) ends
+        the task.
         """
-        if not (self.stopping or self._expired):
+        while not (self.stopping or self._expired) and (first or self._respec):
+            respec, self._respec, first = self._respec, (), False
             self._in_lifecycle = True
             try:
-                await self._lifecycle()
+                await (self._restart_with_new_images(respec) if respec else self._lifecycle())
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if not self._stop_cancel or task is None or task.uncancel() > 0:
@@ -614,7 +647,7 @@ class PodWorker:
             await self._reject(*self.rejection)
             return
         if self.adopted and self.state is not None:
-            await self._continue_adopted(self.state)
+            await self._carry_on(self.state, adopted=True)
             return
         clock = self.ctl.clock
         t0 = clock.monotonic()
@@ -882,9 +915,31 @@ class PodWorker:
         self._set(lc.became_ready(self._state, name, self.ctl.clock.now()))
         self._log(name, "container is ready")
 
-    async def _continue_adopted(self, state: PodState) -> None:
-        """After an agent restart: containers keep running where they are (same startedAt); one
-        still waiting (to restart, or to start at all because its image failed) carries on."""
+    async def _restart_with_new_images(self, names: tuple[str, ...]) -> None:
+        """Containers whose image the spec changed: a running one is stopped (Killing), then each
+        starts from its new image; the others carry on."""
+        f = self.facts
+        slowest = 0.0
+        for name in names:
+            if self._state.container(name).running:
+                self.ctl.emit(f, "Killing", f"Container {name} definition changed, will be restarted",
+                              field_path=container_field_path(name, False))  # fmt: skip
+                self._log(name, f"stopping container {name}")
+                slowest = max(slowest, self.workload.of(name).stop_seconds)
+        await self._sleep(min(slowest, self._grace))
+        state = self._state
+        images = {c.name: c.image for c in f.main_containers}
+        for name in names:
+            if state.container(name).running:
+                self.logs[name].stopped()
+            state = lc.new_image(state, name, images[name], self.ctl.clock.now())
+        self._set(state)
+        await self._carry_on(state, fresh=names)
+
+    async def _carry_on(self, state: PodState, *, adopted: bool = False, fresh: tuple[str, ...] = ()) -> None:
+        """Containers keep running where they are (same startedAt); one still waiting (to restart,
+        to start at all because its image failed, or to start from a new image: ``fresh``) goes
+        on to start. After an agent restart (``adopted``) the running ones' logs start over."""
         if state.terminal:
             return
         clock = self.ctl.clock
@@ -915,13 +970,14 @@ class PodWorker:
                 continue
             if isinstance(c.state, lc.Running):
                 ran = (now - c.state.started_at).total_seconds() * self.ctl.timing.time_scale
-                # Its log starts over here (the earlier lines went with the agent), in an open run,
-                # so `kubectl logs -f` follows it and its exit line has a run to go in.
-                self._log(spec.name, f"container {spec.name} running since {rfc3339(c.state.started_at)}")
-                self.logs[spec.name].started()
+                if adopted:
+                    # Its log starts over here (the earlier lines went with the agent), in an open
+                    # run, so `kubectl logs -f` follows it and its exit line has a run to go in.
+                    self._log(spec.name, f"container {spec.name} running since {rfc3339(c.state.started_at)}")
+                    self.logs[spec.name].started()
                 lives.append(self._live(spec, images, ran_for=ran))
             elif isinstance(c.state, lc.Waiting):
-                if c.has_run:  # crash-looping, say: it starts again from the image it has
+                if c.has_run and spec.name not in fresh:  # crash-looping, say: it starts again from the image it has
                     images.ran_before(spec)
                 lives.append(start_then_live(spec))
         async with asyncio.TaskGroup() as group:

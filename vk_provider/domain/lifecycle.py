@@ -282,6 +282,26 @@ def back_off(state: PodState, name: str, message: str, now: datetime) -> PodStat
     )
 
 
+def new_image(state: PodState, name: str, image: str, now: datetime) -> PodState:
+    """The container's image was changed in the Pod's spec (``kubectl set image``): the kubelet
+    stops a running container (its run is the lastState, the restartCount grows) and creates it
+    again from the new image; one waiting to start (or to restart) starts from the new image."""
+    c = state.container(name)
+    if isinstance(c.state, Running):
+        ended = Terminated(0, "Completed", now, c.state.started_at, container_id=c.container_id)
+        return _update(
+            state,
+            name,
+            now,
+            image=image,
+            state=Waiting("ContainerCreating"),
+            last_state=ended,
+            restart_count=c.restart_count + 1,
+            ready=False,
+        )
+    return _update(state, name, now, image=image, state=Waiting("ContainerCreating"), ready=False)
+
+
 def restart_delay(restart_count: int, base: float = 10.0, cap: float = 300.0) -> float:
     """The kubelet's crash-loop back-off: 10 s, doubled per restart, at most 5 minutes."""
     return float(min(cap, base * (2 ** max(0, restart_count - 1))))
