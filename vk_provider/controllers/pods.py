@@ -449,7 +449,7 @@ class PodWorker:
         self.counted = False  # included in the controller's used resources
         self.task: asyncio.Task[None] | None = None
         self._in_lifecycle = False
-        self._stop_cancel = False  # a deletion or the deadline cancelled the lifecycle
+        self._stop_cancel = False  # a deletion, the deadline or a new image cancelled the lifecycle
         self.stopping = False
         self._deadline: asyncio.Task[None] | None = None  # counts down spec.activeDeadlineSeconds
         self._expired = False
@@ -516,11 +516,12 @@ class PodWorker:
         )
         if not changed:
             return
-        new = {c.name: c for c in pod_facts(obj).main_containers}
+        facts = pod_facts(obj)
+        new = {c.name: c for c in facts.main_containers}
         self.facts = replace(
             self.facts,
             containers=tuple(new[c.name] if c.name in changed else c for c in self.facts.containers),
-            annotations=pod_facts(obj).annotations,  # the cache decision written on it, read back
+            annotations=facts.annotations,  # with the cache decision written on it, to read back
         )
         log.info("pod %s: new image for %s; restarting", self.facts.key, ", ".join(changed))
         self._respec = tuple(dict.fromkeys((*self._respec, *changed)))
@@ -554,7 +555,8 @@ class PodWorker:
 
     def start(self) -> None:
         self._own(asyncio.create_task(self._run(), name=f"pod:{self.facts.key}"))
-        if self.facts.active_deadline is not None and self.rejection is None:
+        ended = self.state is not None and self.state.terminal  # adopted after it ended
+        if self.facts.active_deadline is not None and self.rejection is None and not ended:
             self._deadline = asyncio.create_task(self._count_down(), name=f"pod-deadline:{self.facts.key}")
 
     def _own(self, task: asyncio.Task[None]) -> None:
