@@ -384,6 +384,7 @@ def test_the_status_lists_the_images_the_cache_holds() -> None:
     status = cb.render_status(ready, start_time=NOW, now=NOW)
     assert status["images"] == [image.reference for image in ready.images]
     assert cb.status_images(status) == tuple(status["images"])
+    assert cb.status_images({"images": ["nginx:1.7.9"]}) == ("docker.io/library/nginx:1.7.9",)  # by hand
 
 
 @pytest.mark.parametrize(

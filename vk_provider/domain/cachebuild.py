@@ -441,4 +441,4 @@ def status_images(status: Mapping[str, Any]) -> tuple[str, ...] | None:
     images = status.get("images")
     if not isinstance(images, list) or not images or not all(isinstance(i, str) and i for i in images):
         return None
-    return tuple(images)
+    return tuple(_normalised(image) for image in images)  # as written; by hand, maybe not
