@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from sqlalchemy.dialects import sqlite
 
-from vk_provider.registry.engine import database_url, sqlite_file
+from vk_provider.registry.engine import create_engine, database_url, sqlite_file
 from vk_provider.registry.schema import UtcDateTime
 
 
@@ -69,3 +70,46 @@ def test_utc_datetime_reads_aware_utc(read: datetime) -> None:
     assert value == datetime(2025, 1, 1, 0, 0, tzinfo=UTC)
     assert value is not None
     assert value.tzinfo is UTC
+
+
+def _wal_database(path: Path) -> None:
+    made = sqlite3.connect(path)
+    made.execute("PRAGMA journal_mode = WAL")
+    made.execute("CREATE TABLE t (x)")
+    made.execute("INSERT INTO t VALUES (1)")
+    made.commit()
+    made.close()
+
+
+async def _read_only_count(path: Path) -> int:
+    engine = create_engine(str(path), read_only=True)
+    try:
+        async with engine.connect() as connection:
+            return int((await connection.exec_driver_sql("SELECT count(*) FROM t")).scalar_one())
+    finally:
+        await engine.dispose()
+
+
+async def test_a_read_only_look_at_a_wal_database_leaves_no_files_behind(tmp_path: Path) -> None:
+    path = tmp_path / "r.db"
+    _wal_database(path)
+    before = path.read_bytes()
+    assert await _read_only_count(path) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.db"]  # no r.db-wal, r.db-shm
+    assert path.read_bytes() == before
+
+
+async def test_a_read_only_look_leaves_the_wal_files_of_a_database_another_connection_has_open(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "r.db"
+    _wal_database(path)
+    writer = sqlite3.connect(path)
+    try:
+        writer.execute("INSERT INTO t VALUES (2)")  # not committed: in the log, not the database
+        assert await _read_only_count(path) == 1
+        assert {p.name for p in tmp_path.iterdir()} == {"r.db", "r.db-wal", "r.db-shm"}
+        writer.commit()
+    finally:
+        writer.close()
+    assert await _read_only_count(path) == 2

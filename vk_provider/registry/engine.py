@@ -19,7 +19,9 @@ before handing it out, so a restarted database server costs a reconnect rather t
 
 from __future__ import annotations
 
+import os
 import re
+import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -157,10 +159,12 @@ def create_engine(url: str, *, read_only: bool = False, **kwargs: Any) -> AsyncE
     url = database_url(url)
     parsed = make_url(url)
     file = _file_of(parsed)
+    wal_files_made = False
     if file is not None and read_only:
         # SQLite's URI form (file:...?mode=ro) through the driver's uri option.
         query = {key: value for key, value in parsed.query.items() if key != "mode"}  # ours is ro
         parsed = parsed.set(database=f"file:{quote(str(file))}?mode=ro", query={**query, "uri": "true"})
+        wal_files_made = not any(side.exists() for side in _wal_files(file))
     elif file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
     if parsed.get_backend_name() != "sqlite":
@@ -168,7 +172,30 @@ def create_engine(url: str, *, read_only: bool = False, **kwargs: Any) -> AsyncE
     engine = create_async_engine(parsed, **kwargs)
     if is_sqlite(engine):
         _configure_sqlite(engine, read_only=read_only)
+    if file is not None and wal_files_made:
+        event.listen(engine.sync_engine, "engine_disposed", lambda _engine: _release_wal_files(file))
     return engine
+
+
+def _wal_files(file: Path) -> tuple[Path, Path]:
+    return Path(f"{file}-wal"), Path(f"{file}-shm")
+
+
+def _release_wal_files(file: Path) -> None:
+    """A read-only connection to a WAL database makes its -wal and -shm files, but cannot remove
+    them when it closes: only a connection that may write can. One such is opened and closed: if
+    no other connection has the database open, SQLite removes both (the log it checkpoints is the
+    empty one the reader made: the database is unchanged); if one has, it leaves them, as it must."""
+    if not any(side.exists() for side in _wal_files(file)) or not os.access(file, os.W_OK):
+        return
+    try:
+        connection = sqlite3.connect(f"file:{quote(str(file))}?mode=rw", uri=True, timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            connection.execute("SELECT count(*) FROM sqlite_master").fetchall()
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        pass  # left as they are: harmless
 
 
 def _configure_sqlite(engine: AsyncEngine, *, read_only: bool = False) -> None:
