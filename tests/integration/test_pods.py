@@ -15,6 +15,9 @@ from tests.support.agent import AgentProcess
 from tests.support.cluster import Cluster
 from tests.support.fixtures import pod_manifest, start_agent, unique
 from tests.support.wait import wait_for
+from vk_provider.domain import lifecycle as lc
+from vk_provider.kube.pods import PodClient
+from vk_provider.kube.session import KubeSession
 
 FAST = {"pull": {"time_scale": 20, "jitter": 0}}
 
@@ -195,6 +198,51 @@ def test_kubectl_set_image_restarts_the_container_from_the_new_image(
         assert "Container nginx definition changed, will be restarted" in messages
         assert any('Pulling image "busybox:latest"' in m for m in messages), messages
         assert agent.stop() == 0
+
+
+async def test_a_status_written_around_another_writers_condition_leaves_it_as_the_api_server_has_it(
+    cluster: Cluster, namespace: str
+) -> None:
+    """The node's status write for a Pod with a readiness gate, against the real API server: its
+    own conditions merge in by type, the gate's stays as its controller last wrote it, and the
+    container states are replaced whole (a merge patch would put the gate's old value back)."""
+    node = unique("vk-nobody")  # a Node nobody runs: the Pod garbage collector leaves its Pods
+    cluster.kubectl(
+        "create", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node}})
+    )
+    try:
+        apply(cluster, namespace, pod_manifest("shared", node))
+        found = pod(cluster, namespace, "shared")
+        assert found is not None
+        gate = {"type": "target-health.example.com/web", "status": "True", "lastProbeTime": None}
+        found["status"]["conditions"] = [*found["status"].get("conditions", []), gate]
+        path = f"/api/v1/namespaces/{namespace}/pods/shared/status"
+        cluster.kubectl("replace", "--raw", path, "-f", "-", input=json.dumps(found))
+        # What the node made of the Pod before the gate was set: its conditions without it.
+        t0 = lc.parse_time("2026-01-01T00:00:00Z")
+        assert t0 is not None
+        state = lc.accepted(restart_policy="Always", init_containers=[], containers=[("nginx", "nginx:1.7.9")],
+                            host_ip="127.0.0.1", pod_ip="10.234.9.9", now=t0, gates=(str(gate["type"]),))  # fmt: skip
+        running = lc.became_ready(lc.started(state, "nginx", "u", "docker.io/library/nginx@sha256:1", t0), "nginx", t0)
+        uid = found["metadata"]["uid"]
+        async with await KubeSession.connect(cluster.kubeconfig) as session:
+            client = PodClient(session)
+            await client.patch_status(namespace, "shared", uid, lc.render_status(state), shared_conditions=True)
+            await client.patch_status(namespace, "shared", uid, lc.render_status(running), shared_conditions=True)
+            status = pod(cluster, namespace, "shared")["status"]  # type: ignore[index]
+            conditions = {c["type"]: c for c in status["conditions"]}
+            assert conditions[gate["type"]]["status"] == "True"  # the gate's writer's, untouched
+            assert conditions["Ready"]["status"] == "False"  # the node's (its gate was unknown to it)
+            assert conditions["Ready"]["reason"] == "ReadinessGatesNotReady"
+            assert conditions["ContainersReady"]["status"] == "True"
+            assert "reason" not in conditions["ContainersReady"]  # ContainersNotReady cleared, not kept
+            assert list(status["containerStatuses"][0]["state"]) == ["running"]  # waiting replaced, not kept
+            # The same status as a JSON merge patch replaces the whole list: the gate's is gone.
+            await client.patch_status(namespace, "shared", uid, lc.render_status(running))
+            types = {c["type"] for c in pod(cluster, namespace, "shared")["status"]["conditions"]}  # type: ignore[index]
+            assert gate["type"] not in types
+    finally:
+        cluster.kubectl("delete", "node", node, "--wait=false", check=False)
 
 
 def test_deployment_scales_up_and_down(cluster: Cluster, workdir: Path, namespace: str) -> None:

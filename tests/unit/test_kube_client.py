@@ -17,7 +17,7 @@ from aiohttp import web
 from kubernetes_asyncio import client as k8s_client
 
 from vk_provider.domain.events import EventSpec
-from vk_provider.kube.pods import EventRecorder
+from vk_provider.kube.pods import EventRecorder, conditions_merged
 from vk_provider.kube.session import USER_AGENT, KubeConfigError, KubeError, KubeSession
 from vk_provider.metrics import NodeMetrics
 
@@ -346,3 +346,29 @@ def test_an_undecoded_answer_still_gives_the_objects_resource_version() -> None:
     pod += b'"resourceVersion":"4242","managedFields":[{"manager":"x"}]},"status":{"phase":"Running"}}'
     assert _version_only(pod) == {"metadata": {"resourceVersion": "4242"}}
     assert _version_only(b"{}") == {}
+
+
+def test_a_status_with_shared_conditions_goes_as_a_strategic_merge_of_the_nodes_own() -> None:
+    status: dict[str, Any] = {
+        "phase": "Running",
+        "conditions": [
+            {"type": "Ready", "status": "True", "lastProbeTime": None, "lastTransitionTime": "t"},
+            {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady", "lastTransitionTime": "t"},
+            {"type": "target-health.example.com/web", "status": "False"},  # a gate's: its writer's
+        ],
+        "podIP": "10.234.0.9",
+        "podIPs": [{"ip": "10.234.0.9"}],
+        "initContainerStatuses": None,
+        "containerStatuses": [{"name": "c", "state": {"running": {"startedAt": "t"}}}],
+    }
+    merged = conditions_merged(status)
+    assert merged["conditions"] == [
+        {"type": "Ready", "status": "True", "lastProbeTime": None, "lastTransitionTime": "t", "reason": None,
+         "message": None},
+        {"type": "ContainersReady", "status": "False", "reason": "ContainersNotReady", "lastTransitionTime": "t",
+         "message": None},
+    ]  # fmt: skip
+    assert {key: value for key, value in merged.items() if key != "conditions"} == {
+        key: value for key, value in status.items() if key != "conditions"
+    }
+    assert len(status["conditions"]) == 3  # the status itself is left as it was

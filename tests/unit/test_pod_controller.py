@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -29,6 +30,9 @@ from vk_provider.domain.podspec import ContainerSpec, PodFacts
 class Api:
     def __init__(self) -> None:
         self.statuses: dict[str, list[dict[str, Any]]] = {}
+        self.shared: dict[str, list[bool]] = {}  # each write's shared_conditions
+        self.version = 100  # the resourceVersion of the last write
+        self.hold: asyncio.Event | None = None  # set: writes are answered once it is
         self.deleted: list[str] = []
         self.annotations: dict[str, dict[str, str]] = {}
 
@@ -39,12 +43,19 @@ class Api:
         uid: str,
         status: dict[str, Any] | None,
         annotations: Mapping[str, str] | None = None,
+        *,
+        shared_conditions: bool = False,
     ) -> dict[str, Any]:
         if status is not None:
             self.statuses.setdefault(name, []).append(status)
+            self.shared.setdefault(name, []).append(shared_conditions)
         if annotations:
             self.annotations.setdefault(name, {}).update(annotations)
-        return {}
+        self.version += 1
+        version = str(self.version)
+        if self.hold is not None:
+            await self.hold.wait()
+        return {"metadata": {"resourceVersion": version}}
 
     async def delete_now(self, namespace: str, name: str, uid: str) -> None:
         self.deleted.append(name)
@@ -233,6 +244,58 @@ async def test_a_readiness_gate_holds_ready_until_its_condition_is_true_and_the_
     await harness.ctl.upsert(pod("a", deleting=True, status=written, **spec))
     await clock.advance(1)
     assert theirs in harness.api.last("a")["conditions"]
+
+
+async def test_a_pod_whose_conditions_other_writers_share_is_written_around_them_and_always_read(
+    harness: Harness, clock: FakeClock
+) -> None:
+    from vk_provider.controllers.router import PodRouter
+
+    gate = "target-health.example.com/web"
+    gated: dict[str, Any] = {"readinessGates": [{"conditionType": gate}]}
+    await harness.ctl.resync([pod("gated", **gated), pod("plain")])
+    await clock.advance(20)
+    assert set(harness.api.shared["gated"]) == {True}  # merged by type, theirs left alone
+    assert set(harness.api.shared["plain"]) == {False}
+    router = PodRouter([harness.ctl])
+    last = str(harness.api.version)
+    assert router.tracks("uid-plain", "1")  # its own writes come back unread
+    assert not router.tracks("uid-gated", "1")  # read: a gate's change may come just before one
+    # The node's own write coming back, with the gate's condition another writer set meanwhile:
+    # taken into the state (Ready follows it), but no "changed by another writer" rewrite.
+    ours = harness.api.last("gated")
+    theirs = {"type": gate, "status": "True"}
+    echo = pod("gated", status={**ours, "conditions": [*ours["conditions"], theirs]}, **gated)
+    echo["metadata"]["resourceVersion"] = last
+    writes = len(harness.api.statuses["gated"])
+    await harness.ctl.upsert(echo)
+    await clock.advance(1)
+    assert len(harness.api.statuses["gated"]) == writes + 1
+    assert next(c for c in harness.api.last("gated")["conditions"] if c["type"] == "Ready")["status"] == "True"
+    # A plain Pod's status changed by someone else gets the node's written again; a foreign
+    # condition on it makes its writes go around theirs from then on.
+    foreign = {"type": "example.com/other", "status": "True"}
+    plain = harness.api.last("plain")
+    await harness.ctl.upsert(pod("plain", status={**plain, "conditions": [*plain["conditions"], foreign]}))
+    assert harness.ctl.workers["uid-plain"].shares_conditions
+
+
+async def test_the_nodes_own_write_seen_before_its_answer_is_not_taken_for_another_writers(
+    harness: Harness, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vk_provider.controllers.pods")
+    harness.api.hold = asyncio.Event()  # the watch brings each write back before its answer
+    await harness.ctl.resync([pod("a")])
+    await clock.advance(20)  # Running by now; the first write (Pending) still waits for its answer
+    sending = harness.reporter.sending("uid-a")
+    assert sending is not None
+    assert sending["phase"] == "Pending"
+    await harness.ctl.upsert(pod("a", status=sending))
+    harness.api.hold.set()
+    await clock.advance(5)
+    assert "changed by another writer" not in caplog.text
+    assert [s["phase"] for s in harness.api.statuses["a"]] == ["Pending", "Running"]
+    assert harness.reporter.sending("uid-a") is None
 
 
 def test_a_status_summary_reads_the_api_servers_copy_as_the_rendered_one() -> None:

@@ -255,7 +255,14 @@ class PodController:
         if meta.get("deletionTimestamp") and not worker.stopping:
             worker.request_stop(meta.get("deletionGracePeriodSeconds"))
         elif not worker.stopping:
-            worker.reconcile(obj.get("status"))
+            status = obj.get("status")
+            # The node's own write coming back: known by its version once its answer is in, by
+            # its content while it is in flight.
+            sending = self.reporter.sending(uid)
+            own = self.reporter.written(uid, str(meta.get("resourceVersion") or "")) or (
+                sending is not None and lc.status_summary(status) == lc.status_summary(sending)
+            )
+            worker.reconcile(status, own=own)
             worker.respec(obj)
 
     async def delete(self, obj: JSON) -> None:
@@ -472,15 +479,26 @@ class PodWorker:
         if state.terminal:
             self.ctl.uncount(self)
             self._stop_deadline()
-        f = self.facts
-        self.ctl.reporter.publish(f.uid, f.namespace, f.name, partial(lc.render_status, state))
+        self._publish()
 
-    def reconcile(self, status: JSON | None) -> None:
+    def _publish(self) -> None:
+        f = self.facts
+        render = partial(lc.render_status, self._state)
+        self.ctl.reporter.publish(f.uid, f.namespace, f.name, render, shared_conditions=self.shares_conditions)
+
+    @property
+    def shares_conditions(self) -> bool:
+        """Other writers set conditions of this Pod (its readiness gates', or others seen on it):
+        its status writes leave theirs alone, and the watch reads every change of it."""
+        return bool(self.facts.readiness_gates or self._others or (self.state is not None and self.state.others))
+
+    def reconcile(self, status: JSON | None, *, own: bool = False) -> None:
         """The API server's copy of the status, written by another writer. Conditions other writers
         own (a readiness gate's) are taken into the state, so Ready follows them and the node's
         writes keep them. Anything else that says something else than this Pod's state (the node
         controller marked it not ready while the node was silent, say, or someone edited it) has
-        the state written again, as the kubelet's status manager does."""
+        the state written again, as the kubelet's status manager does. ``own``: the node's own
+        write coming back (read only for other writers' conditions, see ``shares_conditions``)."""
         others = lc.other_conditions(status)
         if self.state is None:
             self._others = others
@@ -492,11 +510,11 @@ class PodWorker:
             if lc.status_summary(status) == lc.status_summary(ours):
                 self.ctl.reporter.agreed(f.uid, ours)  # the API server has it all already
             return
-        if lc.status_summary(status) == lc.status_summary(lc.render_status(self.state)):
+        if own or lc.status_summary(status) == lc.status_summary(lc.render_status(self.state)):
             return
         log.info("pod %s: its status was changed by another writer; writing the node's again", f.key)
         self.ctl.reporter.rewrite(f.uid)
-        self.ctl.reporter.publish(f.uid, f.namespace, f.name, partial(lc.render_status, self.state))
+        self._publish()
 
     def respec(self, obj: JSON) -> None:
         """The Pod's spec, as the API server has it: a container whose image was changed

@@ -26,9 +26,19 @@ JSON = dict[str, Any]
 
 class PodStatusApi(Protocol):
     async def patch_status(
-        self, namespace: str, name: str, uid: str, status: JSON | None, annotations: Mapping[str, str] | None = None
+        self,
+        namespace: str,
+        name: str,
+        uid: str,
+        status: JSON | None,
+        annotations: Mapping[str, str] | None = None,
+        *,
+        shared_conditions: bool = False,
     ) -> JSON:
-        """Raises an exception with ``is_transient`` / ``is_not_found`` / ``is_conflict`` on failure."""
+        """Raises an exception with ``is_transient`` / ``is_not_found`` / ``is_conflict`` on failure.
+
+        ``shared_conditions``: other writers set conditions of this Pod (readiness gates): the
+        node's own are merged in by type, theirs left as the API server has them."""
         ...
 
 
@@ -50,7 +60,9 @@ class _Entry:
     sent: int | None = None  # digest of the last status the API server accepted (or already had)
     version: int | None = None  # the Pod's resourceVersion after that write (or when seen)
     in_flight: bool = False
+    sending: JSON | None = None  # the status of the write in flight
     queued: bool = False
+    shared_conditions: bool = False  # see PodStatusApi.patch_status
     waiters: list[asyncio.Future[None]] | None = None
 
     @property
@@ -74,14 +86,24 @@ class StatusReporter:
         self.writes = 0
         self.skipped = 0
 
-    def publish(self, uid: str, namespace: str, name: str, status: JSON | Callable[[], JSON]) -> None:
+    def publish(
+        self,
+        uid: str,
+        namespace: str,
+        name: str,
+        status: JSON | Callable[[], JSON],
+        *,
+        shared_conditions: bool = False,
+    ) -> None:
         """Ask for ``status`` to be written (non-blocking; newer calls replace older pending ones).
 
         ``status`` may be a function making it: called only if it is still the newest when its
         turn comes, so a status replaced before it is sent is never rendered nor held as a dict.
+        ``shared_conditions``: see :meth:`PodStatusApi.patch_status`.
         """
         entry = self._entry(uid, namespace, name)
         entry.pending = status
+        entry.shared_conditions = shared_conditions
         self._schedule(uid, entry)
 
     def annotate(self, uid: str, namespace: str, name: str, annotations: Mapping[str, str]) -> None:
@@ -112,6 +134,12 @@ class StatusReporter:
         entry = self._entries.get(uid)
         number = _number(version)
         return entry is not None and entry.version is not None and number is not None and number <= entry.version
+
+    def sending(self, uid: str) -> JSON | None:
+        """The status of the write to the Pod in flight, if one is: the watch can bring it back
+        before its answer comes."""
+        entry = self._entries.get(uid)
+        return entry.sending if entry is not None else None
 
     def rewrite(self, uid: str) -> None:
         """Another writer changed the Pod's status: the next status published is sent, even if it
@@ -195,11 +223,11 @@ class StatusReporter:
                 self.skipped += 1
                 status = None
             if status is not None or annotations:
-                entry.in_flight = True
+                entry.in_flight, entry.sending = True, status
                 try:
                     ok = await self._send(entry, uid, status, annotations)
                 finally:
-                    entry.in_flight = False
+                    entry.in_flight, entry.sending = False, None
                 if ok and new is not None:
                     entry.sent = new
             if self._entries.get(uid) is entry:
@@ -218,7 +246,9 @@ class StatusReporter:
         backoff = 0.25
         while True:
             try:
-                written = await self._api.patch_status(entry.namespace, entry.name, uid, status, annotations)
+                written = await self._api.patch_status(
+                    entry.namespace, entry.name, uid, status, annotations, shared_conditions=entry.shared_conditions
+                )
                 self.writes += 1
                 version = _number(str((written.get("metadata") or {}).get("resourceVersion") or ""))
                 if version is not None and (entry.version is None or version > entry.version):

@@ -38,10 +38,12 @@ class PodRouter:
 
     def tracks(self, uid: str, version: str) -> bool:
         """Whether one of the nodes runs this Pod and ``version`` is no newer than its status
-        reporter's last write: the upsert would then only look for a deletionTimestamp."""
+        reporter's last write: the upsert would then only look for a deletionTimestamp. (Not for
+        a Pod whose conditions other writers share: one of theirs may come in just before.)"""
         for c in self.controllers.values():
-            if uid in c.workers:
-                return c.reporter.written(uid, version)
+            worker = c.workers.get(uid)
+            if worker is not None:
+                return c.reporter.written(uid, version) and not worker.shares_conditions
         return False
 
     async def upsert(self, obj: JSON) -> None:

@@ -16,8 +16,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from vk_provider.domain.events import EventSpec
+from vk_provider.domain.lifecycle import KUBELET_CONDITIONS
 from vk_provider.domain.node import rfc3339
 from vk_provider.kube.session import JSON, MERGE_PATCH, KubeError, KubeSession
+
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +30,20 @@ class PodClient:
         self._s = session
 
     async def patch_status(
-        self, namespace: str, name: str, uid: str, status: JSON | None, annotations: Mapping[str, str] | None = None
+        self,
+        namespace: str,
+        name: str,
+        uid: str,
+        status: JSON | None,
+        annotations: Mapping[str, str] | None = None,
+        *,
+        shared_conditions: bool = False,
     ) -> JSON:
+        """Write the Pod's status (a JSON merge patch: every field the node owns, whole), or with
+        ``shared_conditions`` as a strategic merge patch that merges the node's conditions by
+        type and leaves other writers' (a readiness gate's) as the API server has them, as the
+        kubelet's status manager does: a merge patch replaces the whole list, so it would put back
+        the value a gate had when the status was made, over one its controller wrote since."""
         # The uid precondition keeps a status meant for a deleted Pod off a new one of the same name.
         # pods/status accepts metadata changes: annotations the node adds ride on the status write.
         meta: JSON = {"uid": uid}
@@ -36,13 +51,13 @@ class PodClient:
             meta["annotations"] = dict(annotations)
         body: JSON = {"metadata": meta}
         if status is not None:
-            body["status"] = status
+            body["status"] = conditions_merged(status) if shared_conditions else status
         # The answer (the whole Pod) is not needed: the watch brings it anyway.
         return await self._s.request(
             "PATCH",
             f"/api/v1/namespaces/{namespace}/pods/{name}/status",
             body=body,
-            content_type=MERGE_PATCH,
+            content_type=STRATEGIC_MERGE_PATCH if shared_conditions else MERGE_PATCH,
             want_body=False,
         )
 
@@ -59,6 +74,22 @@ class PodClient:
         except KubeError as exc:
             if not (exc.is_not_found or exc.is_conflict):
                 raise
+
+
+def conditions_merged(status: JSON) -> JSON:
+    """``status`` (a merge patch) as a strategic merge patch with the same effect, except that
+    only the node's own conditions are sent, each merged into the one of its type (the list's
+    patch strategy): its fields that are unset are sent as null, so none is left from before.
+    The container status lists have no patch strategy: they are replaced whole, as before; the
+    Pod IPs merge by address (the node's one never changes)."""
+    return {
+        **status,
+        "conditions": [
+            {"reason": None, "message": None, **condition}
+            for condition in status.get("conditions") or ()
+            if condition.get("type") in KUBELET_CONDITIONS
+        ],
+    }
 
 
 @dataclass(slots=True, eq=False)
