@@ -135,6 +135,12 @@ def test_active_deadline_fails_the_pod_and_host_network_takes_the_nodes_ip(
         apply(cluster, namespace, limited)
         apply(cluster, namespace, host)
         wait_for(lambda: phase(cluster, namespace, "limited") == "Failed", timeout=30, what="Failed at its deadline")
+
+        def stopped() -> bool:
+            found = pod(cluster, namespace, "limited") or {}
+            return "terminated" in found["status"]["containerStatuses"][0]["state"]
+
+        wait_for(stopped, timeout=30, what="its container stopped")  # Failed first, then stopped
         status = pod(cluster, namespace, "limited")["status"]  # type: ignore[index]
         assert (status["reason"], status["message"]) == (
             "DeadlineExceeded",

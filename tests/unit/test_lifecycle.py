@@ -251,6 +251,28 @@ def test_a_new_image_ends_the_running_container_and_waits_to_create_it_again() -
     assert (w.image, w.state, w.restart_count, w.last_state) == ("nginx:2", lc.Waiting("ContainerCreating"), 0, None)
 
 
+def test_stopped_by_the_node_the_pod_is_failed_before_its_containers_stop() -> None:
+    s = lc.became_ready(lc.started(new_pod(containers=2), "c0", "uid", "img", at(1)), "c0", at(2))
+    s = lc.stopped_by_node(s, "DeadlineExceeded", "too long", at(10))
+    assert (s.phase, s.reason, s.message) == (Phase.FAILED, "DeadlineExceeded", "too long")
+    assert s.container("c0").running
+    assert not s.container("c0").ready
+    assert cond(s, "Ready").status == "False"
+    s = lc.killed(s, at(12), running_only=True)
+    assert s.container("c0").state == lc.Terminated(
+        0, "Completed", at(12), at(1), container_id=s.container("c0").container_id
+    )
+    assert s.container("c1").state == lc.Waiting("ContainerCreating")  # never ran: left as it was
+    assert s.phase is Phase.FAILED
+
+
+def test_a_pod_taken_again_keeps_the_start_time_it_had() -> None:
+    s = lc.accepted(restart_policy="Always", init_containers=[], containers=[("c0", "nginx")],
+                    host_ip="10.0.0.1", pod_ip="", now=at(100), start_time=at(5))  # fmt: skip
+    assert s.start_time == at(5)
+    assert new_pod().start_time == T0
+
+
 # ------------------------------------------------------------------ readiness gates
 
 

@@ -427,6 +427,7 @@ async def test_a_deadline_counts_while_the_image_is_still_being_pulled(clock: Fa
         await clock.advance(31)
         status = harness.api.last("slow")
         assert (status["phase"], status["reason"]) == ("Failed", "DeadlineExceeded")
+        assert status["containerStatuses"][0]["state"] == {"waiting": {"reason": "ContainerCreating"}}  # never ran
         assert "Started" not in harness.events.reasons("slow")
         await clock.advance(100)
         assert harness.api.last("slow")["phase"] == "Failed"
@@ -448,6 +449,55 @@ async def test_a_pod_that_ends_or_is_deleted_before_its_deadline_is_not_failed_b
     assert "DeadlineExceeded" not in harness.events.reasons("done") + harness.events.reasons("gone")
     assert harness.api.last("done")["phase"] == "Succeeded"
     assert all(w._deadline is None for w in harness.ctl.workers.values())
+
+
+async def test_past_its_deadline_a_pod_is_failed_at_once_then_its_containers_stop(
+    harness: Harness, clock: FakeClock
+) -> None:
+    slow = {"vk-provider.io/stop-seconds": "50"}
+    await harness.ctl.resync([pod("a", annotations=slow, activeDeadlineSeconds=60)])
+    await clock.advance(61)
+    status = harness.api.last("a")
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (status["phase"], status["reason"], ready["status"]) == ("Failed", "DeadlineExceeded", "False")
+    assert "running" in status["containerStatuses"][0]["state"]  # still stopping
+    await clock.advance(50)
+    assert "terminated" in harness.api.last("a")["containerStatuses"][0]["state"]
+    assert harness.api.last("a")["phase"] == "Failed"
+
+
+async def test_a_crash_looping_pod_past_its_deadline_keeps_its_last_run(harness: Harness, clock: FakeClock) -> None:
+    crashing = {"vk-provider.io/run-seconds": "3", "vk-provider.io/exit-code": "1"}
+    await harness.ctl.resync([pod("a", annotations=crashing, activeDeadlineSeconds=18)])
+    await clock.advance(19)  # started at 11 s, exited at 14 s, in its 10 s back-off
+    c = harness.api.last("a")["containerStatuses"][0]
+    assert harness.api.last("a")["reason"] == "DeadlineExceeded"
+    assert c["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+    assert c["lastState"]["terminated"]["exitCode"] == 1
+
+
+async def test_a_deadline_set_or_shortened_on_a_running_pod_counts_from_its_start(
+    harness: Harness, clock: FakeClock
+) -> None:
+    await harness.ctl.resync([pod("set"), pod("shortened", activeDeadlineSeconds=100000)])
+    await clock.advance(30)
+    for name in ("set", "shortened"):  # kubectl patch: the API server allows setting or lowering it
+        await harness.ctl.upsert(pod(name, status=harness.api.last(name), activeDeadlineSeconds=20))
+    await clock.advance(1)
+    for name in ("set", "shortened"):
+        assert (harness.api.last(name)["phase"], harness.api.last(name)["reason"]) == ("Failed", "DeadlineExceeded")
+
+
+async def test_a_pod_taken_again_before_it_ran_keeps_its_start_time_and_deadline(clock: FakeClock) -> None:
+    harness = Harness(clock, Images(clock, seconds=100))
+    async with harness.running():
+        first = "2026-01-01T00:00:00Z"  # what the run before the agent's restart gave it
+        await clock.advance(40)
+        await harness.ctl.resync([pod("a", status={"phase": "Pending", "startTime": first}, activeDeadlineSeconds=60)])
+        await clock.advance(1)
+        assert harness.api.last("a")["startTime"] == first
+        await clock.advance(20)  # 60 s from its startTime, not from now
+        assert (harness.api.last("a")["phase"], harness.api.last("a")["reason"]) == ("Failed", "DeadlineExceeded")
 
 
 async def test_a_pod_adopted_past_its_deadline_fails_at_once(harness: Harness, clock: FakeClock) -> None:

@@ -30,7 +30,7 @@ from vk_provider.domain.events import EventSpec, container_field_path
 from vk_provider.domain.ipam import IpPool, PoolExhausted
 from vk_provider.domain.lifecycle import Phase, PodState
 from vk_provider.domain.node import rfc3339
-from vk_provider.domain.podspec import ContainerSpec, PodFacts, pod_facts
+from vk_provider.domain.podspec import ContainerSpec, PodFacts, active_deadline_of, pod_facts
 from vk_provider.domain.workload import Workload, parse_workload
 
 log = logging.getLogger(__name__)
@@ -339,6 +339,7 @@ class PodController:
                 self.records.adopted(facts)
         else:
             worker.reconcile(status)  # before its lifecycle: takes the conditions other writers gave it
+            worker._started_at = _time_or_none(status.get("startTime"))  # an earlier run's: kept
             if rejection is not None:
                 worker.rejection = rejection
             elif facts.host_network:  # the node's network: its address, from no pool
@@ -432,6 +433,7 @@ class PodWorker:
         "_in_lifecycle",
         "_others",
         "_respec",
+        "_started_at",
         "_stop_cancel",
         "adopted",
         "counted",
@@ -462,6 +464,7 @@ class PodWorker:
         self._expired = False
         self._others: tuple[JSON, ...] = ()  # other writers' conditions, until the state holds them
         self._respec: tuple[str, ...] = ()  # containers whose image the spec changed, to restart
+        self._started_at: datetime | None = None  # the startTime an earlier run gave it
         self._grace: float = float(facts.grace_seconds)
         self.workload: Workload = parse_workload(
             facts.annotation_map(), [c.name for c in facts.init_containers], [c.name for c in facts.main_containers]
@@ -519,11 +522,17 @@ class PodWorker:
     def respec(self, obj: JSON) -> None:
         """The Pod's spec, as the API server has it: a container whose image was changed
         (``kubectl set image``, the one change the API server allows a running container) is
-        restarted from the new image, as the kubelet does when a container's definition changes."""
-        containers = (obj.get("spec") or {}).get("containers")
+        restarted from the new image, as the kubelet does when a container's definition changes;
+        a changed ``activeDeadlineSeconds`` counts from the Pod's startTime from now on."""
+        spec = obj.get("spec") or {}
+        containers = spec.get("containers")
         state = self.state
         if not isinstance(containers, list) or state is None or state.terminal:
             return
+        deadline = active_deadline_of(spec)
+        if deadline != self.facts.active_deadline:  # set, or shortened: the API server allows both
+            self.facts = replace(self.facts, active_deadline=deadline)
+            self._start_deadline()
         images = {c.get("name"): c.get("image") for c in containers if isinstance(c, dict)}
         changed = tuple(
             c.name
@@ -573,8 +582,14 @@ class PodWorker:
 
     def start(self) -> None:
         self._own(asyncio.create_task(self._run(), name=f"pod:{self.facts.key}"))
-        ended = self.state is not None and self.state.terminal  # adopted after it ended
-        if self.facts.active_deadline is not None and self.rejection is None and not ended:
+        if self.rejection is None:
+            self._start_deadline()
+
+    def _start_deadline(self) -> None:
+        """Count down spec.activeDeadlineSeconds (again, if it was changed), unless the Pod ended."""
+        self._stop_deadline()
+        ended = self.state is not None and self.state.terminal
+        if self.facts.active_deadline is not None and not ended and not self.stopping:
             self._deadline = asyncio.create_task(self._count_down(), name=f"pod-deadline:{self.facts.key}")
 
     def _own(self, task: asyncio.Task[None]) -> None:
@@ -619,7 +634,7 @@ class PodWorker:
         deadline = self.facts.active_deadline
         assert deadline is not None
         state = self.state
-        started = state.start_time if state is not None and state.start_time is not None else None
+        started = state.start_time if state is not None else self._started_at
         ran = 0.0 if started is None else (self.ctl.clock.now() - started).total_seconds() * self.ctl.timing.time_scale
         await self._sleep(deadline - ran)
         self._deadline = None
@@ -682,9 +697,12 @@ class PodWorker:
                 now=now,
                 gates=f.readiness_gates,
                 others=self._others,
+                start_time=self._started_at,
             )
         )
         self._others = ()  # in the state from now on
+        if self._started_at is not None:  # taken by an earlier run: its start-up counts from then
+            t0 -= max(0.0, (now - self._started_at).total_seconds())
         decision = await self.ctl.caches.resolve(f)
         for event in decision.events:
             self.ctl.events.record(event, clock.now())
@@ -1010,9 +1028,9 @@ class PodWorker:
         message = "Pod was active on the node longer than the specified deadline"
         self.ctl.emit(f, "DeadlineExceeded", message, type="Warning")
         log.info("pod %s: %s", f.key, message)
-        await self._kill()
-        if self.state is not None:
-            self._set(lc.failed(self.state, "DeadlineExceeded", message, self.ctl.clock.now()))
+        # As the kubelet: Failed at once (no longer Ready), then its containers are stopped.
+        self._set(lc.stopped_by_node(self._state, "DeadlineExceeded", message, self.ctl.clock.now()))
+        await self._kill(running_only=True)
 
     async def _terminate(self) -> None:
         """Stop within the grace period, report the final status, then remove the Pod."""
@@ -1020,12 +1038,12 @@ class PodWorker:
             await self.ctl.reporter.flushed(self.facts.uid)
         await self.ctl.api.delete_now(self.facts.namespace, self.facts.name, self.facts.uid)
 
-    async def _kill(self) -> bool:
+    async def _kill(self, *, running_only: bool = False) -> bool:
         """Stop the containers still running within the grace period (Killing events); False if
-        the Pod had nothing left to stop."""
+        the Pod had nothing left to stop. ``running_only``: see ``lc.killed``."""
         f = self.facts
         state = self.state
-        if state is not None and not state.terminal:
+        if state is not None and (not state.terminal or running_only):
             slowest = 0.0
             for c in state.containers:
                 if c.running:
@@ -1034,7 +1052,7 @@ class PodWorker:
                     self._log(c.name, f"stopping container {c.name}")
                     slowest = max(slowest, self.workload.of(c.name).stop_seconds)
             await self._sleep(min(slowest, self._grace))
-            self._set(lc.killed(state, self.ctl.clock.now()))
+            self._set(lc.killed(state, self.ctl.clock.now(), running_only=running_only))
             for c in state.containers:
                 if c.running:
                     self.logs[c.name].stopped()
@@ -1056,6 +1074,14 @@ class _Countdown:
         self.left -= 1
         if self.left == 0 and self.start is not None:
             await self.worker._all_started(self.start, self.t0)
+
+
+def _time_or_none(text: object) -> datetime | None:
+    try:
+        moment = lc.parse_time(text) if isinstance(text, str) else None
+    except ValueError:  # not a time (edited by hand): as if there were none
+        return None
+    return moment if moment is not None and moment.tzinfo is not None else None
 
 
 def node_allocatable(cpu: str, memory: str, pods: int) -> Allocatable:

@@ -140,9 +140,11 @@ def accepted(
     now: datetime,
     gates: tuple[str, ...] = (),
     others: tuple[JSON, ...] = (),
+    start_time: datetime | None = None,
 ) -> PodState:
     """A Pod the node has just taken: Pending, its containers waiting to be created; ``gates``
-    its readiness gates, ``others`` the conditions other writers have given it."""
+    its readiness gates, ``others`` the conditions other writers have given it; ``start_time``
+    the one an earlier run gave it (kept, as the kubelet keeps it), else ``now``."""
     waiting_main = Waiting("PodInitializing") if init_containers else Waiting("ContainerCreating")
     members = [Container(n, i, init=True, state=Waiting("PodInitializing")) for n, i in init_containers]
     members += [Container(n, i, state=waiting_main) for n, i in containers]
@@ -151,7 +153,7 @@ def accepted(
         restart_policy=restart_policy or "Always",
         host_ip=host_ip,
         pod_ip=pod_ip,
-        start_time=now,
+        start_time=start_time or now,
         containers=tuple(members),
         gates=gates,
         others=others,
@@ -307,6 +309,13 @@ def restart_delay(restart_count: int, base: float = 10.0, cap: float = 300.0) ->
     return float(min(cap, base * (2 ** max(0, restart_count - 1))))
 
 
+def stopped_by_node(state: PodState, reason: str, message: str, now: datetime) -> PodState:
+    """The node ends the Pod (its active deadline passed): Failed with a reason at once, as the
+    kubelet reports it, while its containers are still being stopped (see :func:`killed`)."""
+    members = tuple(replace(c, ready=False) if c.ready else c for c in state.containers)
+    return recompute(replace(state, containers=members, phase=Phase.FAILED, reason=reason, message=message), now)
+
+
 def failed(state: PodState, reason: str, message: str, now: datetime) -> PodState:
     """The Pod cannot run at all (admission, an unusable image cache): Failed with a reason."""
     members = tuple(
@@ -316,11 +325,12 @@ def failed(state: PodState, reason: str, message: str, now: datetime) -> PodStat
     return recompute(replace(state, containers=members, phase=Phase.FAILED, reason=reason, message=message), now)
 
 
-def killed(state: PodState, now: datetime) -> PodState:
-    """Every container stopped because the Pod is being deleted."""
+def killed(state: PodState, now: datetime, *, running_only: bool = False) -> PodState:
+    """Every container stopped because the Pod is being deleted; with ``running_only`` (a Pod
+    kept, Failed: its deadline passed) those that were not running stay as they were."""
     members = []
     for c in state.containers:
-        if isinstance(c.state, Terminated):
+        if isinstance(c.state, Terminated) or (running_only and not isinstance(c.state, Running)):
             members.append(c)
             continue
         started_at = c.state.started_at if isinstance(c.state, Running) else None

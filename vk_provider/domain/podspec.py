@@ -127,7 +127,7 @@ def pod_facts(obj: Mapping[str, Any]) -> PodFacts:
         labels=tuple(sorted((intern(k), intern(str(v))) for k, v in (meta.get("labels") or {}).items())),
         pull_secrets=tuple(str(s.get("name", "")) for s in spec.get("imagePullSecrets") or () if isinstance(s, dict)),
         host_network=spec.get("hostNetwork") is True,
-        active_deadline=_positive_int(spec.get("activeDeadlineSeconds")),
+        active_deadline=active_deadline_of(spec),
         readiness_gates=tuple(
             intern(gate["conditionType"])
             for gate in spec.get("readinessGates") or ()
@@ -136,5 +136,7 @@ def pod_facts(obj: Mapping[str, Any]) -> PodFacts:
     )
 
 
-def _positive_int(value: object) -> int | None:
+def active_deadline_of(spec: Mapping[str, Any]) -> int | None:
+    """``spec.activeDeadlineSeconds``, if it is one (a positive whole number)."""
+    value = spec.get("activeDeadlineSeconds")
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
