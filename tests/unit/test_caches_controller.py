@@ -442,6 +442,23 @@ async def test_an_object_adopted_with_other_images_than_its_spec_asks_is_updated
     assert world.status("edited")["images"] == [BUSYBOX]
 
 
+@pytest.mark.parametrize("phase", ["Creating", "Updating"])
+async def test_a_build_another_leader_left_is_resumed_with_its_images_and_an_edit_made_meanwhile_refused(
+    world: World, phase: str
+) -> None:
+    # Another leader was building nginx when it stopped; then spec.images was edited.
+    status = {"imageCacheId": "imc-cccccccccccccccccccc", "phase": phase, "progress": "40%", "images": [NGINX]}
+    await world.add(obj("left", ["nginx:1.7.9", "busybox"], status=status))
+    await world.clock.advance(100)
+    row = world.store.rows["left"]
+    assert (row.imc_id, row.phase) == ("imc-cccccccccccccccccccc", CachePhase.READY)
+    assert [image.reference for image in row.images] == [NGINX]  # the build it was making
+    assert world.status("left")["message"].startswith(cb.REFUSAL_PREFIX)
+    verb = "update" if phase == "Updating" else "create"
+    messages = [event["message"] for event in world.status("left")["events"]]
+    assert f"Start to {verb} image cache imc-cccccccccccccccccccc" in messages
+
+
 async def test_the_status_lists_the_images_a_cache_holds_and_from_its_start_those_an_update_makes(
     world: World,
 ) -> None:

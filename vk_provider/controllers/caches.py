@@ -663,23 +663,28 @@ class ImageCacheController:
 
     async def _create(self, name: str, spec: CacheSpec, status: JSON, created: datetime | None) -> ImageCache | None:
         """A row for an object this agent has none for. An object another leader finished (Ready,
-        Failed, UpdateFailed) is adopted as it is, holding the images its status lists, and
-        returned: the caller then weighs its spec against it as against any cache. Otherwise a new
-        cache is built (or refused by the quota): None."""
+        Failed, UpdateFailed), or was building when it stopped (its status lists the images it
+        was making), is adopted as it is, holding the images its status lists, and returned: the
+        caller then weighs its spec against it as against any cache (a build is resumed, an edit
+        made meanwhile refused as it would have been). Otherwise a new cache is built (or refused
+        by the quota): None."""
         now = self.clock.now()
         imc_id = str(status.get("imageCacheId") or "")
-        if not cb.is_imc_id(imc_id):
+        has_id = cb.is_imc_id(imc_id)
+        if not has_id:
             imc_id = spec.requested_id or cb.new_imc_id(self.rng)
         # An id already used by another cache is caught by the registry (ValueError) below.
         phase_text = str(status.get("phase") or "")
-        adopted = phase_text in (CachePhase.READY, CachePhase.FAILED, CachePhase.UPDATE_FAILED)
-        held = cb.status_images(status) if adopted else None
+        held = cb.status_images(status)
+        finished = phase_text in (CachePhase.READY, CachePhase.FAILED, CachePhase.UPDATE_FAILED)
+        building = phase_text in (CachePhase.PREPARING, CachePhase.CREATING, CachePhase.UPDATING)
+        adopted = finished or (building and held is not None and has_id)
         cache = ImageCache(
             imc_id=imc_id,
             name=name,
             phase=CachePhase(phase_text) if adopted else CachePhase.PREPARING,
             size_gib=spec.size_gib,
-            images=self._images_held(held, spec),
+            images=self._images_held(held if adopted else None, spec),
             automatic=spec.automatic,
             created_at=created or now,
             progress=cb.parse_progress(status.get("progress")) if adopted else 0,
