@@ -53,6 +53,7 @@ class FakeStore:
         self.events: dict[str, tuple[CacheEvent, ...]] = {}
         self.matched: list[tuple[str, datetime, Any, int]] = []
         self.fail_matches = 0
+        self.progress_writes: list[tuple[str, int]] = []
 
     async def list_caches(self) -> tuple[ImageCache, ...]:
         return tuple(self.rows.values())
@@ -71,6 +72,8 @@ class FakeStore:
         if row is None:
             return None
         fields = {k: v for k, v in changes.items() if v is not None or k == "expires_at"}
+        if "progress" in fields:
+            self.progress_writes.append((name, fields["progress"]))
         row = replace(row, **fields)
         self.rows[name] = row
         return row
@@ -413,6 +416,36 @@ async def test_manual_quota_is_quota_full_or_evicts_with_lru() -> None:
     assert lru.api.deleted == ["first"]
     assert set(lru.store.rows) == {"second"}
     assert lru.status("second")["phase"] == "Ready"
+
+
+class ManyStepsBuilder(FakeBuilder):
+    """Reports progress a hundred times, 50 ms apart: a build at a high time scale."""
+
+    async def pull_for_cache(
+        self,
+        manifests: Sequence[ImageManifest],
+        on_progress: ProgressHandler | None = None,
+        *,
+        skip_layers: Iterable[str] = (),
+    ) -> CacheBuildResult:
+        total = sum(m.size for m in manifests)
+        for step in range(1, 101):
+            await self.clock.sleep(0.05)
+            if on_progress is not None:
+                await on_progress(total * step // 100, total)
+        return CacheBuildResult(seconds=5.0, bytes_downloaded=total, total_bytes=total)
+
+
+async def test_a_builds_progress_is_written_at_most_once_a_second(world: World) -> None:
+    world.controller.builder = ManyStepsBuilder(world.clock)
+    await world.add(obj("quick", ["nginx:1.7.9"]))
+    await world.clock.advance(60)
+    progress = [status["progress"] for name, status in world.api.statuses if name == "quick"]
+    assert world.status("quick")["phase"] == "Ready"
+    assert len(set(progress)) <= 5 + 3, progress  # 5 s of pulling; 0 %, the snapshot's share, 100 %
+    assert progress[-1] == "100%"
+    rows = [row for row in world.store.progress_writes if row[0] == "quick"]  # the registry's too
+    assert len(rows) <= 5 + 3, rows
 
 
 async def test_a_ready_object_from_another_registry_is_adopted_without_a_build(world: World) -> None:

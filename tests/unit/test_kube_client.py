@@ -339,6 +339,29 @@ async def test_lease_renewals_do_not_wait_behind_rate_limited_writes() -> None:
     assert [r.method for r in server.seen] == ["PATCH", "GET", "PATCH"]
 
 
+async def test_imagecache_writes_have_a_budget_of_their_own() -> None:
+    from vk_provider.kube.imagecaches import ImageCacheClient
+
+    async with serving() as (server, url):
+        cfg = k8s_client.Configuration()
+        cfg.host = url
+        async with KubeSession(cfg, qps=0.2, burst=1) as session:  # a token every 5 s
+            caches = ImageCacheClient(session)
+            await session.request("PATCH", "/api/v1/namespaces/ns/pods/p0/status", body={})  # the burst's one
+            pod = asyncio.create_task(session.request("PATCH", "/api/v1/namespaces/ns/pods/p1/status", body={}))
+            await until(lambda: server.calls == 1 and session._limiter._lock.locked())  # it waits for a token
+            async with asyncio.timeout(2.0):  # the cache writes' first token is their own
+                await caches.patch_status("c", {"progress": "40%"})
+            assert not pod.done()
+            # ...and they, in turn, wait for theirs, not taking the node's.
+            second = asyncio.create_task(caches.patch_status("c", {"progress": "50%"}))
+            await until(lambda: caches._budget._lock.locked())
+            assert server.calls == 2
+            for task in (pod, second):
+                task.cancel()
+            await asyncio.gather(pod, second, return_exceptions=True)
+
+
 def test_an_undecoded_answer_still_gives_the_objects_resource_version() -> None:
     from vk_provider.kube.session import _version_only
 

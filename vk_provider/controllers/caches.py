@@ -63,6 +63,9 @@ JSON = dict[str, Any]
 # A cache this controller created is protected from a relist that does not show it yet.
 _PENDING_SECONDS = 60.0
 _STATUS_RETRIES = 5
+# A build's progress is written at most this often (real seconds): with many builds at a high
+# time scale, a write per percent each would be hundreds of writes a second.
+PROGRESS_INTERVAL = 1.0
 # How far an object's status.expireDateTime may lag the expiry that hits moved, before it is written.
 EXPIRY_SLACK = timedelta(minutes=1)
 
@@ -817,14 +820,14 @@ class ImageCacheController:
         )
         fetched: set[str] = self._layers_held_elsewhere(name) if spec.reuse else set()
         done_before = 0
-        shown = 0
+        shown, shown_at = 0, -PROGRESS_INTERVAL
         for manifest in check.manifests:
             # One image at a time, so that each image pulled is one event, as in ECI's example.
             async def progressed(done: int, total: int, base: int = done_before) -> None:
-                nonlocal shown
+                nonlocal shown, shown_at
                 percent = cb.build_progress(base + done, check.total_bytes)
-                if percent != shown:
-                    shown = percent
+                if percent != shown and self.clock.monotonic() - shown_at >= PROGRESS_INTERVAL:
+                    shown, shown_at = percent, self.clock.monotonic()
                     await self._update(name, progress=percent)
 
             result = await self.builder.pull_for_cache([manifest], progressed, skip_layers=frozenset(fetched))

@@ -88,9 +88,11 @@ class ImageCacheClient:
 
     def __init__(self, session: KubeSession) -> None:
         self._s = session
+        # Cache writes (a progress write per step of each build) must not hold back Pod status.
+        self._budget = session.own_budget()
 
     async def create(self, body: JSON) -> JSON:
-        return await self._s.request("POST", LIST_PATH, body=body)
+        return await self._s.request("POST", LIST_PATH, body=body, limiter=self._budget)
 
     async def get(self, name: str) -> JSON | None:
         try:
@@ -103,13 +105,17 @@ class ImageCacheClient:
     async def patch_status(self, name: str, status: JSON) -> JSON:
         """Merge-patch ``status`` (a None value removes that field). Raises KubeError (404: gone)."""
         return await self._s.request(
-            "PATCH", f"{LIST_PATH}/{name}/status", body={"status": status}, content_type=MERGE_PATCH
+            "PATCH",
+            f"{LIST_PATH}/{name}/status",
+            body={"status": status},
+            content_type=MERGE_PATCH,
+            limiter=self._budget,
         )
 
     async def delete(self, name: str) -> None:
         """Delete the object; one already gone is not an error."""
         try:
-            await self._s.request("DELETE", f"{LIST_PATH}/{name}")
+            await self._s.request("DELETE", f"{LIST_PATH}/{name}", limiter=self._budget)
         except KubeError as exc:
             if not exc.is_not_found:
                 raise

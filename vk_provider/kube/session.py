@@ -103,23 +103,23 @@ class RateLimiter:
     """A token bucket on the event loop's clock (``qps`` tokens a second, at most ``burst``)."""
 
     def __init__(self, qps: float, burst: int) -> None:
-        self._qps = qps
-        self._burst = float(burst)
+        self.qps = qps
+        self.burst = burst
         self._tokens = float(burst)
         self._stamp: float | None = None
         self._lock = asyncio.Lock()
 
     async def acquire(self) -> None:
-        if self._qps <= 0:
+        if self.qps <= 0:
             return
         async with self._lock:
             loop = asyncio.get_running_loop()
             now = loop.time()
             if self._stamp is not None:
-                self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self._qps)
+                self._tokens = min(float(self.burst), self._tokens + (now - self._stamp) * self.qps)
             self._stamp = now
             if self._tokens < 1.0:
-                wait = (1.0 - self._tokens) / self._qps
+                wait = (1.0 - self._tokens) / self.qps
                 await asyncio.sleep(wait)
                 self._tokens = 1.0
                 self._stamp = loop.time()
@@ -245,6 +245,12 @@ class KubeSession:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
+    def own_budget(self) -> RateLimiter:
+        """A rate limit like the session's (kube.qps, kube.burst) for a caller that must not queue
+        behind the node's own requests: the ImageCache builder, which stands for ECI's cache
+        service, a system apart from the node."""
+        return RateLimiter(self._limiter.qps, self._limiter.burst)
+
     async def request(
         self,
         method: str,
@@ -256,6 +262,7 @@ class KubeSession:
         timeout: float | None = None,
         want_body: bool = True,
         limited: bool = True,
+        limiter: RateLimiter | None = None,
     ) -> JSON:
         """Send one request and return its JSON body (``{}`` for an empty one, or when not ``want_body``).
 
@@ -264,7 +271,8 @@ class KubeSession:
 
         ``limited=False`` skips the client-side rate limit (kube.qps): for Lease renewals, which must
         not wait behind a queue of bulk writes (a Node or a leader that renews late is taken for
-        dead), as client-go gives leader election a client of its own.
+        dead), as client-go gives leader election a client of its own. ``limiter``: a budget of
+        the caller's own (see :meth:`own_budget`) instead of the session's.
 
         Like client-go, a 429 or 503 answer carrying ``Retry-After`` (the API server shedding load:
         the request was not processed) is retried after that many seconds, a few times.
@@ -272,7 +280,7 @@ class KubeSession:
         attempt = 0
         while True:
             if limited:
-                await self._limiter.acquire()
+                await (limiter or self._limiter).acquire()
             self.requests_by_verb[method] = self.requests_by_verb.get(method, 0) + 1
             try:
                 status, data, retry_after = await self._send(method, path, body, query, content_type, timeout)
