@@ -23,6 +23,7 @@ from vk_provider.controllers.pods import (
 )
 from vk_provider.controllers.reporter import StatusReporter
 from vk_provider.domain.events import EventSpec
+from vk_provider.domain.lifecycle import PodState
 from vk_provider.domain.node import rfc3339
 from vk_provider.domain.podspec import ContainerSpec, PodFacts
 
@@ -178,6 +179,15 @@ def pod(
     }
 
 
+def running_state(t0: datetime) -> PodState:
+    """Pod a, its one container c (nginx:1.7.9) started and ready at ``t0``: what an earlier run wrote."""
+    from vk_provider.domain import lifecycle as lc
+
+    state = lc.accepted(restart_policy="Always", init_containers=[], containers=[("c", "nginx:1.7.9")],
+                        host_ip="10.0.0.1", pod_ip="10.234.0.9", now=t0)  # fmt: skip
+    return lc.became_ready(lc.started(state, "c", "uid-a", "x", t0), "c", t0)
+
+
 async def test_pod_runs_through_pull_create_start(harness: Harness, clock: FakeClock) -> None:
     await harness.ctl.resync([pod("a")])
     await clock.advance(5)
@@ -231,10 +241,20 @@ async def test_a_readiness_gate_holds_ready_until_its_condition_is_true_and_the_
     ours = harness.api.last("a")
     ready = next(c for c in ours["conditions"] if c["type"] == "Ready")
     assert (ours["phase"], ready["status"], ready["reason"]) == ("Running", "False", "ReadinessGatesNotReady")
+    assert ready["message"] == f'corresponding condition of pod readiness gate "{gate}" does not exist.'
+    # The gate's controller says False first: Ready says so.
+    false = {"type": gate, "status": "False"}
+    await harness.ctl.upsert(pod("a", status={**ours, "conditions": [*ours["conditions"], false]}, **spec))
+    await clock.advance(1)
+    ours = harness.api.last("a")
+    ready = next(c for c in ours["conditions"] if c["type"] == "Ready")
+    assert ready["message"] == f'the status of pod readiness gate "{gate}" is not "True", but False'
+    assert false in ours["conditions"]  # the node's write carries it (the API server keeps it)
     writes = len(harness.api.statuses["a"])
-    # The gate's controller writes its condition: Ready follows, and the node's write keeps it.
+    # Then True: Ready follows, and the node's write keeps it.
     theirs = {"type": gate, "status": "True", "lastTransitionTime": "2026-01-01T00:00:20Z"}
-    await harness.ctl.upsert(pod("a", status={**ours, "conditions": [*ours["conditions"], theirs]}, **spec))
+    kept = [c for c in ours["conditions"] if c["type"] != gate]
+    await harness.ctl.upsert(pod("a", status={**ours, "conditions": [*kept, theirs]}, **spec))
     await clock.advance(1)
     assert len(harness.api.statuses["a"]) == writes + 1
     written = harness.api.last("a")
@@ -246,7 +266,7 @@ async def test_a_readiness_gate_holds_ready_until_its_condition_is_true_and_the_
     assert theirs in harness.api.last("a")["conditions"]
 
 
-async def test_a_pod_whose_conditions_other_writers_share_is_written_around_them_and_always_read(
+async def test_a_pod_whose_conditions_other_writers_share_is_written_around_them(
     harness: Harness, clock: FakeClock
 ) -> None:
     from vk_provider.controllers.router import PodRouter
@@ -259,8 +279,11 @@ async def test_a_pod_whose_conditions_other_writers_share_is_written_around_them
     assert set(harness.api.shared["plain"]) == {False}
     router = PodRouter([harness.ctl])
     last = str(harness.api.version)
-    assert router.tracks("uid-plain", "1")  # its own writes come back unread
-    assert not router.tracks("uid-gated", "1")  # read: a gate's change may come just before one
+    for uid in ("uid-plain", "uid-gated"):
+        version = harness.reporter._entries[uid].version
+        assert version is not None
+        assert router.tracks(uid, str(version))  # its own write coming back: not read
+        assert not router.tracks(uid, str(version - 1))  # an older version may hold another writer's change
     # The node's own write coming back, with the gate's condition another writer set meanwhile:
     # taken into the state (Ready follows it), but no "changed by another writer" rewrite.
     ours = harness.api.last("gated")
@@ -413,6 +436,7 @@ async def test_a_pod_past_its_active_deadline_is_stopped_and_failed_not_deleted(
     assert (status["phase"], status["reason"], status["message"]) == ("Failed", "DeadlineExceeded", DEADLINE)
     assert "terminated" in status["containerStatuses"][0]["state"]
     assert harness.events.reasons("a")[-2:] == ["DeadlineExceeded", "Killing"]
+    assert next(e for e in harness.events.items if e.reason == "DeadlineExceeded").type == "Normal"  # the kubelet's
     assert harness.api.deleted == []  # a Failed Pod stays, for its owner to see
     assert harness.api.last("b")["phase"] == "Running"  # no deadline: runs on
     assert harness.ctl.used()[2] == 1  # the failed Pod holds no room
@@ -504,9 +528,7 @@ async def test_a_pod_adopted_past_its_deadline_fails_at_once(harness: Harness, c
     from vk_provider.domain import lifecycle as lc
 
     t0 = clock.now()
-    state = lc.accepted(restart_policy="Always", init_containers=[], containers=[("c", "nginx:1.7.9")],
-                        host_ip="10.0.0.1", pod_ip="10.234.0.9", now=t0)  # fmt: skip
-    state = lc.became_ready(lc.started(state, "c", "uid-a", "x", t0), "c", t0)
+    state = running_state(t0)
     await clock.advance(100)  # the agent was down past the deadline
     await harness.ctl.resync([pod("a", status=lc.render_status(state), activeDeadlineSeconds=60)])
     await clock.advance(1)
@@ -580,6 +602,125 @@ async def test_a_new_image_for_a_container_that_ended_for_good_changes_nothing(
     assert "Killing" not in harness.events.reasons("a")
 
 
+@pytest.mark.parametrize("policy", ["Always", "OnFailure", "Never"])
+async def test_a_new_image_restarts_the_container_whatever_the_restart_policy(
+    harness: Harness, clock: FakeClock, policy: str
+) -> None:
+    await harness.ctl.resync([pod("a", policy=policy)])
+    await clock.advance(20)
+    await harness.ctl.upsert(pod("a", policy=policy, image="nginx:1.9", status=harness.api.last("a")))
+    await clock.advance(30)
+    assert [s["phase"] for s in harness.api.statuses["a"]][-3:] == ["Running"] * 3  # never Failed between
+    c = harness.api.last("a")["containerStatuses"][0]
+    assert (c["image"], c["restartCount"], "running" in c["state"]) == ("nginx:1.9", 1, True)
+
+
+async def test_a_new_image_while_the_init_containers_run_is_started_after_them(
+    harness: Harness, clock: FakeClock
+) -> None:
+    slow_init = {"vk-provider.io/run-seconds.init": "100"}
+    body = pod("a", annotations=slow_init)
+    body["spec"]["initContainers"] = [{"name": "init", "image": "busybox:1"}]
+    await harness.ctl.resync([body])
+    await clock.advance(30)  # the init container runs
+    changed = pod("a", annotations=slow_init, image="nginx:1.9", status=harness.api.last("a"))
+    changed["spec"]["initContainers"] = body["spec"]["initContainers"]
+    await harness.ctl.upsert(changed)
+    await clock.advance(30)
+    status = harness.api.last("a")
+    assert "running" in status["initContainerStatuses"][0]["state"]  # left to finish
+    assert status["containerStatuses"][0]["state"] == {"waiting": {"reason": "PodInitializing"}}
+    await clock.advance(100)
+    status = harness.api.last("a")
+    c = status["containerStatuses"][0]
+    assert (status["phase"], c["image"], c["restartCount"]) == ("Running", "nginx:1.9", 0)
+    assert harness.ctl.images.pulls == ["busybox:1", "nginx:1.9"]  # type: ignore[attr-defined]
+    assert "Killing" not in harness.events.reasons("a")
+
+
+async def test_a_new_image_for_one_container_leaves_the_others_back_off_alone(
+    harness: Harness, clock: FakeClock
+) -> None:
+    crashing = {"vk-provider.io/run-seconds.second": "1", "vk-provider.io/exit-code.second": "1"}
+    body = two_containers("a", "nginx:1.7.9")
+    body["metadata"]["annotations"] = crashing
+    await harness.ctl.resync([body])
+    await clock.advance(200)  # the second crash-loops, its back-off grown to 80 s
+    second = harness.api.last("a")["containerStatuses"][1]
+    assert second["state"]["waiting"]["reason"] == "CrashLoopBackOff"
+    changed = two_containers("a", "nginx:1.9")
+    changed["metadata"]["annotations"] = crashing
+    await harness.ctl.upsert({**changed, "status": harness.api.last("a")})
+    await clock.advance(5)
+    assert harness.api.last("a")["containerStatuses"][1]["restartCount"] == second["restartCount"]  # still waiting
+
+
+async def test_a_second_new_image_during_the_stop_of_the_first_stops_the_container_once(
+    harness: Harness, clock: FakeClock
+) -> None:
+    slow = {"vk-provider.io/stop-seconds": "10"}
+    await harness.ctl.resync([pod("a", annotations=slow)])
+    await clock.advance(20)
+    await harness.ctl.upsert(pod("a", image="nginx:1.9", annotations=slow, status=harness.api.last("a")))
+    await clock.advance(3)
+    await harness.ctl.upsert(pod("a", image="nginx:2.0", annotations=slow, status=harness.api.last("a")))
+    await clock.advance(40)
+    assert harness.events.reasons("a").count("Killing") == 1
+    c = harness.api.last("a")["containerStatuses"][0]
+    assert (c["image"], c["restartCount"], "running" in c["state"]) == ("nginx:2.0", 1, True)
+
+
+async def test_an_image_changed_while_the_agent_was_down_is_started_when_it_is_back(
+    harness: Harness, clock: FakeClock
+) -> None:
+    from vk_provider.domain import lifecycle as lc
+
+    t0 = clock.now()
+    state = running_state(t0)
+    await clock.advance(10)
+    await harness.ctl.resync([pod("a", image="nginx:1.9", status=lc.render_status(state))])
+    await clock.advance(60)
+    c = harness.api.last("a")["containerStatuses"][0]
+    assert (c["image"], c["restartCount"], "running" in c["state"]) == ("nginx:1.9", 1, True)
+    assert harness.events.reasons("a")[:2] == ["Killing", "Pulling"]
+
+
+async def test_a_pod_failed_by_its_deadline_as_the_agent_stopped_has_its_containers_stopped(
+    harness: Harness, clock: FakeClock
+) -> None:
+    from vk_provider.domain import lifecycle as lc
+
+    t0 = clock.now()
+    state = running_state(t0)
+    state = lc.stopped_by_node(state, "DeadlineExceeded", DEADLINE, t0)  # stopped before it stopped them
+    await harness.ctl.resync([pod("a", status=lc.render_status(state), activeDeadlineSeconds=60)])
+    await clock.advance(1)
+    status = harness.api.last("a")
+    assert (status["phase"], status["reason"]) == ("Failed", "DeadlineExceeded")
+    assert "terminated" in status["containerStatuses"][0]["state"]
+
+
+async def test_a_gate_change_does_not_swallow_a_status_change_waiting_to_be_written(clock: FakeClock) -> None:
+    from vk_provider.domain import lifecycle as lc
+
+    harness = Harness(clock, Images(clock, seconds=100))
+    async with harness.running():
+        gate = "target-health.example.com/web"
+        spec: dict[str, Any] = {"readinessGates": [{"conditionType": gate}]}
+        await harness.ctl.resync([pod("a", **spec)])
+        await clock.advance(5)
+        server = harness.api.last("a")
+        worker = harness.ctl.workers["uid-a"]
+        assert worker.state is not None
+        worker._set(lc.waiting(worker.state, "c", "ErrImagePull", "boom", clock.now()))  # queued
+        theirs = {"type": gate, "status": "False"}
+        await harness.ctl.upsert(pod("a", status={**server, "conditions": [*server["conditions"], theirs]}, **spec))
+        await clock.advance(1)
+        written = harness.api.last("a")
+        assert written["containerStatuses"][0]["state"]["waiting"]["reason"] == "ErrImagePull"
+        assert worker.state.others == (theirs,)
+
+
 async def test_deleted_while_restarting_for_a_new_image(harness: Harness, clock: FakeClock) -> None:
     await harness.ctl.resync([pod("a")])
     await clock.advance(20)
@@ -602,9 +743,7 @@ async def test_running_pod_is_adopted_not_restarted(harness: Harness, clock: Fak
     from vk_provider.domain import lifecycle as lc
 
     t0 = clock.now()
-    state = lc.accepted(restart_policy="Always", init_containers=[], containers=[("c", "nginx:1.7.9")],
-                        host_ip="10.0.0.1", pod_ip="10.234.0.9", now=t0)  # fmt: skip
-    state = lc.became_ready(lc.started(state, "c", "uid-a", "x", t0), "c", t0)
+    state = running_state(t0)
     running = lc.render_status(state)
     harness.ctl.records = records = Starts()
     await clock.advance(100)

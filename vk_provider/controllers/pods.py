@@ -330,6 +330,7 @@ class PodController:
         self.workers[facts.uid] = worker
         if adopted is not None:
             worker.state = adopted
+            worker.changed_while_away()
             if not facts.host_network:
                 self.ips.reserve(adopted.pod_ip)
             version = str((obj.get("metadata") or {}).get("resourceVersion") or "")
@@ -492,7 +493,7 @@ class PodWorker:
     @property
     def shares_conditions(self) -> bool:
         """Other writers set conditions of this Pod (its readiness gates', or others seen on it):
-        its status writes leave theirs alone, and the watch reads every change of it."""
+        its status writes leave theirs alone."""
         return bool(self.facts.readiness_gates or self._others or (self.state is not None and self.state.others))
 
     def reconcile(self, status: JSON | None, *, own: bool = False) -> None:
@@ -500,19 +501,19 @@ class PodWorker:
         own (a readiness gate's) are taken into the state, so Ready follows them and the node's
         writes keep them. Anything else that says something else than this Pod's state (the node
         controller marked it not ready while the node was silent, say, or someone edited it) has
-        the state written again, as the kubelet's status manager does. ``own``: the node's own
-        write coming back (read only for other writers' conditions, see ``shares_conditions``)."""
+        the state written again, as the kubelet's status manager does. ``own``: the Pod as the
+        node's own write left it (read only for other writers' conditions)."""
         others = lc.other_conditions(status)
         if self.state is None:
             self._others = others
             return
         f = self.facts
         if others != self.state.others:  # a readiness gate's controller wrote its condition, say
-            self._set(lc.with_others(self.state, others, self.ctl.clock.now()))  # Ready may follow it
-            ours = lc.render_status(self.state)
-            if lc.status_summary(status) == lc.status_summary(ours):
-                self.ctl.reporter.agreed(f.uid, ours)  # the API server has it all already
-            return
+            updated = lc.with_others(self.state, others, self.ctl.clock.now())
+            if updated.conditions is not self.state.conditions or updated.phase is not self.state.phase:
+                self._set(updated)  # Ready follows its gates: written
+                return
+            self.state = updated  # nothing of the node's changed by it
         if own or lc.status_summary(status) == lc.status_summary(lc.render_status(self.state)):
             return
         log.info("pod %s: its status was changed by another writer; writing the node's again", f.key)
@@ -550,9 +551,28 @@ class PodWorker:
             containers=tuple(new[c.name] if c.name in changed else c for c in self.facts.containers),
             annotations=facts.annotations,  # with the cache decision written on it, to read back
         )
+        if not all(c.succeeded for c in state.init_containers):
+            # Not started yet: the lifecycle starts them from the new images once its init
+            # containers are done, as the kubelet would.
+            log.info("pod %s: new image for %s, used once the init containers are done", facts.key, ", ".join(changed))
+            return
         log.info("pod %s: new image for %s; restarting", self.facts.key, ", ".join(changed))
         self._respec = tuple(dict.fromkeys((*self._respec, *changed)))
         self._wind_up()
+
+    def changed_while_away(self) -> None:
+        """An adopted Pod (agent restart) whose spec names other images than its status: they
+        were changed while no agent ran, and the containers restart from them when it starts."""
+        state = self._state
+        changed = []
+        for spec in self.facts.main_containers:
+            try:
+                c = state.container(spec.name)
+            except KeyError:
+                continue
+            if c.image != spec.image and not isinstance(c.state, lc.Terminated):
+                changed.append(spec.name)
+        self._respec = tuple(changed)
 
     def _log(self, container: str, text: str) -> None:
         sim_log = self.logs.get(container)
@@ -651,10 +671,14 @@ class PodWorker:
         the task.
         """
         while not (self.stopping or self._expired) and (first or self._respec):
-            respec, self._respec, first = self._respec, (), False
+            if first:
+                first, work = False, self._lifecycle()
+            else:
+                respec, self._respec = self._respec, ()
+                work = self._restart_with_new_images(respec)
             self._in_lifecycle = True
             try:
-                await (self._restart_with_new_images(respec) if respec else self._lifecycle())
+                await work
             except asyncio.CancelledError:
                 task = asyncio.current_task()
                 if not self._stop_cancel or task is None or task.uncancel() > 0:
@@ -682,7 +706,11 @@ class PodWorker:
             await self._reject(*self.rejection)
             return
         if self.adopted and self.state is not None:
-            await self._carry_on(self.state, adopted=True)
+            if self._respec:  # images changed while the agent was down
+                respec, self._respec = self._respec, ()
+                await self._restart_with_new_images(respec, adopted=True)
+            else:
+                await self._carry_on(self.state, adopted=True)
             return
         clock = self.ctl.clock
         t0 = clock.monotonic()
@@ -701,8 +729,8 @@ class PodWorker:
             )
         )
         self._others = ()  # in the state from now on
-        if self._started_at is not None:  # taken by an earlier run: its start-up counts from then
-            t0 -= max(0.0, (now - self._started_at).total_seconds())
+        # Start-up counts from the take; for a Pod an earlier run took, from its startTime.
+        taken = t0 - max(0.0, (now - self._started_at).total_seconds()) if self._started_at else t0
         decision = await self.ctl.caches.resolve(f)
         for event in decision.events:
             self.ctl.events.record(event, clock.now())
@@ -725,6 +753,14 @@ class PodWorker:
         for spec in f.init_containers:
             if not await self._run_init(spec, images, start):
                 return
+        if self.facts is not f:  # a main container's image changed while the init containers ran
+            f = self.facts
+            images = await self.ctl.images.for_pod(f, decision)
+            state = self._state
+            for spec in f.main_containers:
+                if state.container(spec.name).image != spec.image:
+                    state = lc.new_image(state, spec.name, spec.image, clock.now())
+            self._set(state)
         # Like the kubelet's sync: each main container in order gets one try at pull, create and
         # start; one whose image fails does not hold up the next (it waits out its back-off and
         # tries again), and one whose image can never be pulled stays Waiting with the reason.
@@ -738,12 +774,12 @@ class PodWorker:
             except _RetryPull as retry:
                 retrying.append((spec, self._due(retry.delay)))
         if len(started) == len(mains):
-            await self._all_started(start, t0)
+            await self._all_started(start, taken)
             if len(started) == 1:
                 await self._live(started[0], images)  # the usual Pod: no task of its own for gather to make
                 return
         # One that can never be pulled keeps the count above 0.
-        unstarted = _Countdown(self, start, t0, left=len(mains) - len(started))
+        unstarted = _Countdown(self, start, taken, left=len(mains) - len(started))
         turn = asyncio.Lock()  # retries take turns (pull, create, start), as the first pass did
 
         async def retry_then_live(spec: ContainerSpec, due: float) -> None:
@@ -912,6 +948,15 @@ class PodWorker:
         self._log(name, f"exited with code {exit_code}")
         self.logs[name].stopped()
 
+    def _back_off_of(self, c: lc.Container) -> float:
+        """The back-off a waiting container is serving, in simulated seconds (served again in
+        full: when it began is not kept); 0 for one not backing off."""
+        timing = self.ctl.timing
+        reason = c.state.reason if isinstance(c.state, lc.Waiting) else ""
+        if reason == "CrashLoopBackOff":
+            return lc.restart_delay(c.restart_count, timing.crash_backoff_base, timing.crash_backoff_max)
+        return timing.pull_backoff_base if reason in ("ImagePullBackOff", "ErrImagePull") else 0.0
+
     async def _back_off(self, spec: ContainerSpec) -> None:
         f = self.facts
         count = self._state.container(spec.name).restart_count + 1
@@ -953,32 +998,35 @@ class PodWorker:
         self._set(lc.became_ready(self._state, name, self.ctl.clock.now()))
         self._log(name, "container is ready")
 
-    async def _restart_with_new_images(self, names: tuple[str, ...]) -> None:
-        """Containers whose image the spec changed: a running one is stopped (Killing), then each
-        starts from its new image; the others carry on."""
+    async def _restart_with_new_images(self, names: tuple[str, ...], *, adopted: bool = False) -> None:
+        """Containers whose image the spec changed: a running one is stopped (Killing; its run
+        ends now, so a second change or a deletion during the stop does not stop it again), then
+        each starts from its new image; the others carry on (``adopted``: see :meth:`_carry_on`)."""
         f = self.facts
         slowest = 0.0
-        for name in names:
-            if self._state.container(name).running:
-                self.ctl.emit(f, "Killing", f"Container {name} definition changed, will be restarted",
-                              field_path=container_field_path(name, False))  # fmt: skip
-                self._log(name, f"stopping container {name}")
-                slowest = max(slowest, self.workload.of(name).stop_seconds)
-        await self._sleep(min(slowest, self._grace))
         state = self._state
         images = {c.name: c.image for c in f.main_containers}
         for name in names:
             if state.container(name).running:
+                self.ctl.emit(f, "Killing", f"Container {name} definition changed, will be restarted",
+                              field_path=container_field_path(name, False))  # fmt: skip
+                self._log(name, f"stopping container {name}")
                 self.logs[name].stopped()
+                slowest = max(slowest, self.workload.of(name).stop_seconds)
             state = lc.new_image(state, name, images[name], self.ctl.clock.now())
         self._set(state)
-        await self._carry_on(state, fresh=names)
+        await self._sleep(min(slowest, self._grace))
+        await self._carry_on(self._state, adopted=adopted, fresh=names)
 
     async def _carry_on(self, state: PodState, *, adopted: bool = False, fresh: tuple[str, ...] = ()) -> None:
         """Containers keep running where they are (same startedAt); one still waiting (to restart,
         to start at all because its image failed, or to start from a new image: ``fresh``) goes
-        on to start. After an agent restart (``adopted``) the running ones' logs start over."""
+        on to start. After an agent restart (``adopted``) the running ones' logs start over, and a
+        Pod that ended with containers still running (its deadline passed as the agent stopped)
+        has them stopped; otherwise one waiting out a back-off waits it out again first."""
         if state.terminal:
+            if adopted and any(c.running for c in state.containers):
+                await self._kill(running_only=True)
             return
         clock = self.ctl.clock
         now = clock.now()
@@ -994,7 +1042,8 @@ class PodWorker:
         start = PodStart(pod=self.facts, node=self.ctl.node_name, decision=decision)
         unstarted = _Countdown(self, start if state.phase is Phase.PENDING else None, t0, left=waiting)
 
-        async def start_then_live(spec: ContainerSpec) -> None:
+        async def start_then_live(spec: ContainerSpec, back_off: float) -> None:
+            await self._sleep(back_off)
             if not await self._pull_create_start(spec, images, unstarted.start):
                 return
             await unstarted.one_started()
@@ -1017,7 +1066,7 @@ class PodWorker:
             elif isinstance(c.state, lc.Waiting):
                 if c.has_run and spec.name not in fresh:  # crash-looping, say: it starts again from the image it has
                     images.ran_before(spec)
-                lives.append(start_then_live(spec))
+                lives.append(start_then_live(spec, 0.0 if adopted or spec.name in fresh else self._back_off_of(c)))
         async with asyncio.TaskGroup() as group:
             for live in lives:
                 group.create_task(live)
@@ -1026,7 +1075,7 @@ class PodWorker:
         """Past spec.activeDeadlineSeconds: the containers are stopped and the Pod Failed (kept)."""
         f = self.facts
         message = "Pod was active on the node longer than the specified deadline"
-        self.ctl.emit(f, "DeadlineExceeded", message, type="Warning")
+        self.ctl.emit(f, "DeadlineExceeded", message)  # Normal, as the kubelet's active deadline handler
         log.info("pod %s: %s", f.key, message)
         # As the kubelet: Failed at once (no longer Ready), then its containers are stopped.
         self._set(lc.stopped_by_node(self._state, "DeadlineExceeded", message, self.ctl.clock.now()))
@@ -1034,8 +1083,8 @@ class PodWorker:
 
     async def _terminate(self) -> None:
         """Stop within the grace period, report the final status, then remove the Pod."""
-        if await self._kill():
-            await self.ctl.reporter.flushed(self.facts.uid)
+        await self._kill()
+        await self.ctl.reporter.flushed(self.facts.uid)  # its last status first (a deadline's, say)
         await self.ctl.api.delete_now(self.facts.namespace, self.facts.name, self.facts.uid)
 
     async def _kill(self, *, running_only: bool = False) -> bool:
@@ -1052,7 +1101,7 @@ class PodWorker:
                     self._log(c.name, f"stopping container {c.name}")
                     slowest = max(slowest, self.workload.of(c.name).stop_seconds)
             await self._sleep(min(slowest, self._grace))
-            self._set(lc.killed(state, self.ctl.clock.now(), running_only=running_only))
+            self._set(lc.killed(self._state, self.ctl.clock.now(), running_only=running_only))
             for c in state.containers:
                 if c.running:
                     self.logs[c.name].stopped()

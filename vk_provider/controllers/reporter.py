@@ -121,19 +121,20 @@ class StatusReporter:
             entry.sent = digest(status)
             entry.version = _number(version)
 
-    def agreed(self, uid: str, status: JSON) -> None:
-        """The API server already has ``status`` (another writer's change made it so): a write of
-        it is skipped."""
-        entry = self._entries.get(uid)
-        if entry is not None:
-            entry.sent = digest(status)
-
     def written(self, uid: str, version: str) -> bool:
         """Whether the Pod at ``version`` holds nothing newer than this reporter's last write to it
-        (or what it had when seen): a watch event of it then needs no reading."""
+        (or what it had when seen): its status is then the node's own."""
         entry = self._entries.get(uid)
         number = _number(version)
         return entry is not None and entry.version is not None and number is not None and number <= entry.version
+
+    def wrote(self, uid: str, version: str) -> bool:
+        """Whether ``version`` is exactly the Pod as this reporter's last write to it left it (or
+        as it was when seen): a watch event of it needs no reading. (An older version may hold
+        another writer's change, a new image say, that the node's write came after.)"""
+        entry = self._entries.get(uid)
+        number = _number(version)
+        return entry is not None and number is not None and number == entry.version
 
     def sending(self, uid: str) -> JSON | None:
         """The status of the write to the Pod in flight, if one is: the watch can bring it back

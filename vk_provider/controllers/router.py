@@ -37,13 +37,11 @@ class PodRouter:
         self.synced.set()
 
     def tracks(self, uid: str, version: str) -> bool:
-        """Whether one of the nodes runs this Pod and ``version`` is no newer than its status
-        reporter's last write: the upsert would then only look for a deletionTimestamp. (Not for
-        a Pod whose conditions other writers share: one of theirs may come in just before.)"""
+        """Whether one of the nodes runs this Pod and ``version`` is the Pod as its status
+        reporter's last write left it: the upsert would then only look for a deletionTimestamp."""
         for c in self.controllers.values():
-            worker = c.workers.get(uid)
-            if worker is not None:
-                return c.reporter.written(uid, version) and not worker.shares_conditions
+            if uid in c.workers:
+                return c.reporter.wrote(uid, version)
         return False
 
     async def upsert(self, obj: JSON) -> None:

@@ -284,6 +284,12 @@ def back_off(state: PodState, name: str, message: str, now: datetime) -> PodStat
     )
 
 
+# A container that ran, waiting to be created again: restarted for a new image, not crashed. The
+# Pod stays Running through it, whatever its restart policy (the kubelet restarts a container whose
+# definition changed in the same sync that stops it).
+RECREATING = Waiting("ContainerCreating")
+
+
 def new_image(state: PodState, name: str, image: str, now: datetime) -> PodState:
     """The container's image was changed in the Pod's spec (``kubectl set image``): the kubelet
     stops a running container (its run is the lastState, the restartCount grows) and creates it
@@ -296,7 +302,7 @@ def new_image(state: PodState, name: str, image: str, now: datetime) -> PodState
             name,
             now,
             image=image,
-            state=Waiting("ContainerCreating"),
+            state=RECREATING,
             last_state=ended,
             restart_count=c.restart_count + 1,
             ready=False,
@@ -388,6 +394,8 @@ def compute_phase(state: PodState) -> Phase:
         elif isinstance(c.state, Terminated):
             stopped += 1
             succeeded += c.state.exit_code == 0
+        elif c.last_state is not None and c.state == RECREATING:
+            running += 1  # stopped for a new image and being started again at once (new_image)
         elif c.last_state is not None:
             stopped += 1
         else:

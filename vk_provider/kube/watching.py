@@ -6,7 +6,7 @@ happens. It never returns except by cancellation, and never raises for API troub
 logged and retried with capped exponential back-off.
 
 A node agent's watch brings back every status it writes. With ``known``, a ``MODIFIED`` event of
-an object the handler says needs no reading (a Pod it tracks, no newer than its own last write),
+an object the handler says needs no reading (a Pod it tracks, exactly as its own last write left it),
 and that is not being deleted, is passed over without being decoded (only its uid and
 resourceVersion are read from the raw line): the handler would ignore it anyway, and decoding a
 whole Pod per status write was a tenth of the agent's CPU.
