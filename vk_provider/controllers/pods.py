@@ -535,13 +535,12 @@ class PodWorker:
             self.facts = replace(self.facts, active_deadline=deadline)
             self._start_deadline()
         images = {c.get("name"): c.get("image") for c in containers if isinstance(c, dict)}
+        running = {c.name for c in state.main_containers if not isinstance(c.state, lc.Terminated)}
         changed = tuple(
             c.name
             for c in self.facts.main_containers
-            if isinstance(images.get(c.name), str)
-            and images[c.name] != c.image
-            and not isinstance(state.container(c.name).state, lc.Terminated)  # it will not run again
-        )
+            if isinstance(images.get(c.name), str) and images[c.name] != c.image and c.name in running
+        )  # one that ended for good will not run again
         if not changed:
             return
         facts = pod_facts(obj)
