@@ -49,7 +49,8 @@ from bench._cluster import CpuMeter, control_plane, describe_cpu
 from vk_provider.config import Settings
 from vk_provider.domain import lifecycle as lc
 from vk_provider.domain.lifecycle import Phase
-from vk_provider.kube.session import MERGE_PATCH, KubeError, KubeSession
+from vk_provider.kube.pods import conditions_merged
+from vk_provider.kube.session import MERGE_PATCH, STRATEGIC_MERGE_PATCH, KubeError, KubeSession
 
 MINIMAL = {"status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
 
@@ -165,7 +166,12 @@ async def _lean_patches(
 
         async def patch(name: str) -> object:
             path = f"/api/v1/namespaces/{ns}/pods/{name}/status"
-            return await session.request("PATCH", path, body=bodies[name], content_type=MERGE_PATCH, want_body=False)
+            body = bodies[name]
+            if "metadata" in body:  # the agent's write: sent as the agent sends it (kube.pods.PodClient)
+                body = {**body, "status": conditions_merged(body["status"])}
+                return await session.request("PATCH", path, body=body, content_type=STRATEGIC_MERGE_PATCH,
+                                             want_body=False)  # fmt: skip
+            return await session.request("PATCH", path, body=body, content_type=MERGE_PATCH, want_body=False)
 
         elapsed = await _sixteen_at_a_time(meter, count, patch)
         items = (await session.request("GET", f"/api/v1/namespaces/{ns}/pods"))["items"]

@@ -31,7 +31,6 @@ from vk_provider.domain.podspec import ContainerSpec, PodFacts
 class Api:
     def __init__(self) -> None:
         self.statuses: dict[str, list[dict[str, Any]]] = {}
-        self.shared: dict[str, list[bool]] = {}  # each write's shared_conditions
         self.version = 100  # the resourceVersion of the last write
         self.hold: asyncio.Event | None = None  # set: writes are answered once it is
         self.deleted: list[str] = []
@@ -44,12 +43,9 @@ class Api:
         uid: str,
         status: dict[str, Any] | None,
         annotations: Mapping[str, str] | None = None,
-        *,
-        shared_conditions: bool = False,
     ) -> dict[str, Any]:
         if status is not None:
             self.statuses.setdefault(name, []).append(status)
-            self.shared.setdefault(name, []).append(shared_conditions)
         if annotations:
             self.annotations.setdefault(name, {}).update(annotations)
         self.version += 1
@@ -266,7 +262,7 @@ async def test_a_readiness_gate_holds_ready_until_its_condition_is_true_and_the_
     assert theirs in harness.api.last("a")["conditions"]
 
 
-async def test_a_pod_whose_conditions_other_writers_share_is_written_around_them(
+async def test_the_nodes_own_writes_come_back_unread_and_a_gates_change_with_one_is_taken(
     harness: Harness, clock: FakeClock
 ) -> None:
     from vk_provider.controllers.router import PodRouter
@@ -275,8 +271,6 @@ async def test_a_pod_whose_conditions_other_writers_share_is_written_around_them
     gated: dict[str, Any] = {"readinessGates": [{"conditionType": gate}]}
     await harness.ctl.resync([pod("gated", **gated), pod("plain")])
     await clock.advance(20)
-    assert set(harness.api.shared["gated"]) == {True}  # merged by type, theirs left alone
-    assert set(harness.api.shared["plain"]) == {False}
     router = PodRouter([harness.ctl])
     last = str(harness.api.version)
     for uid in ("uid-plain", "uid-gated"):
@@ -295,12 +289,6 @@ async def test_a_pod_whose_conditions_other_writers_share_is_written_around_them
     await clock.advance(1)
     assert len(harness.api.statuses["gated"]) == writes + 1
     assert next(c for c in harness.api.last("gated")["conditions"] if c["type"] == "Ready")["status"] == "True"
-    # A plain Pod's status changed by someone else gets the node's written again; a foreign
-    # condition on it makes its writes go around theirs from then on.
-    foreign = {"type": "example.com/other", "status": "True"}
-    plain = harness.api.last("plain")
-    await harness.ctl.upsert(pod("plain", status={**plain, "conditions": [*plain["conditions"], foreign]}))
-    assert harness.ctl.workers["uid-plain"].shares_conditions
 
 
 async def test_the_nodes_own_write_seen_before_its_answer_is_not_taken_for_another_writers(

@@ -29,8 +29,6 @@ class SlowApi:
         uid: str,
         status: dict[str, Any] | None,
         annotations: Mapping[str, str] | None = None,
-        *,
-        shared_conditions: bool = False,
     ) -> dict[str, Any]:
         self.in_flight += 1
         self.max_in_flight_per_pod = max(self.max_in_flight_per_pod, self.in_flight)

@@ -488,13 +488,7 @@ class PodWorker:
     def _publish(self) -> None:
         f = self.facts
         render = partial(lc.render_status, self._state)
-        self.ctl.reporter.publish(f.uid, f.namespace, f.name, render, shared_conditions=self.shares_conditions)
-
-    @property
-    def shares_conditions(self) -> bool:
-        """Other writers set conditions of this Pod (its readiness gates', or others seen on it):
-        its status writes leave theirs alone."""
-        return bool(self.facts.readiness_gates or self._others or (self.state is not None and self.state.others))
+        self.ctl.reporter.publish(f.uid, f.namespace, f.name, render)
 
     def reconcile(self, status: JSON | None, *, own: bool = False) -> None:
         """The API server's copy of the status, written by another writer. Conditions other writers

@@ -32,13 +32,10 @@ class PodStatusApi(Protocol):
         uid: str,
         status: JSON | None,
         annotations: Mapping[str, str] | None = None,
-        *,
-        shared_conditions: bool = False,
     ) -> JSON:
         """Raises an exception with ``is_transient`` / ``is_not_found`` / ``is_conflict`` on failure.
 
-        ``shared_conditions``: other writers set conditions of this Pod (readiness gates): the
-        node's own are merged in by type, theirs left as the API server has them."""
+        Conditions other writers set (readiness gates') are left as the API server has them."""
         ...
 
 
@@ -62,7 +59,6 @@ class _Entry:
     in_flight: bool = False
     sending: JSON | None = None  # the status of the write in flight
     queued: bool = False
-    shared_conditions: bool = False  # see PodStatusApi.patch_status
     waiters: list[asyncio.Future[None]] | None = None
 
     @property
@@ -92,18 +88,14 @@ class StatusReporter:
         namespace: str,
         name: str,
         status: JSON | Callable[[], JSON],
-        *,
-        shared_conditions: bool = False,
     ) -> None:
         """Ask for ``status`` to be written (non-blocking; newer calls replace older pending ones).
 
         ``status`` may be a function making it: called only if it is still the newest when its
         turn comes, so a status replaced before it is sent is never rendered nor held as a dict.
-        ``shared_conditions``: see :meth:`PodStatusApi.patch_status`.
         """
         entry = self._entry(uid, namespace, name)
         entry.pending = status
-        entry.shared_conditions = shared_conditions
         self._schedule(uid, entry)
 
     def annotate(self, uid: str, namespace: str, name: str, annotations: Mapping[str, str]) -> None:
@@ -247,9 +239,7 @@ class StatusReporter:
         backoff = 0.25
         while True:
             try:
-                written = await self._api.patch_status(
-                    entry.namespace, entry.name, uid, status, annotations, shared_conditions=entry.shared_conditions
-                )
+                written = await self._api.patch_status(entry.namespace, entry.name, uid, status, annotations)
                 self.writes += 1
                 version = _number(str((written.get("metadata") or {}).get("resourceVersion") or ""))
                 if version is not None and (entry.version is None or version > entry.version):
