@@ -26,12 +26,7 @@ JSON = dict[str, Any]
 
 class PodStatusApi(Protocol):
     async def patch_status(
-        self,
-        namespace: str,
-        name: str,
-        uid: str,
-        status: JSON | None,
-        annotations: Mapping[str, str] | None = None,
+        self, namespace: str, name: str, uid: str, status: JSON | None, annotations: Mapping[str, str] | None = None
     ) -> JSON:
         """Raises an exception with ``is_transient`` / ``is_not_found`` / ``is_conflict`` on failure.
 
@@ -82,13 +77,7 @@ class StatusReporter:
         self.writes = 0
         self.skipped = 0
 
-    def publish(
-        self,
-        uid: str,
-        namespace: str,
-        name: str,
-        status: JSON | Callable[[], JSON],
-    ) -> None:
+    def publish(self, uid: str, namespace: str, name: str, status: JSON | Callable[[], JSON]) -> None:
         """Ask for ``status`` to be written (non-blocking; newer calls replace older pending ones).
 
         ``status`` may be a function making it: called only if it is still the newest when its

@@ -28,12 +28,7 @@ class PodClient:
         self._s = session
 
     async def patch_status(
-        self,
-        namespace: str,
-        name: str,
-        uid: str,
-        status: JSON | None,
-        annotations: Mapping[str, str] | None = None,
+        self, namespace: str, name: str, uid: str, status: JSON | None, annotations: Mapping[str, str] | None = None
     ) -> JSON:
         """Write the Pod's status (every field the node owns) as the kubelet's status manager
         does: a strategic merge patch that merges the node's conditions by type and leaves other
