@@ -175,7 +175,7 @@ def test_a_readiness_gate_holds_ready_until_its_controller_sets_its_condition(
         path = f"/api/v1/namespaces/{namespace}/pods/gated/status"
         cluster.kubectl("replace", "--raw", path, "-f", "-", input=json.dumps(found))
         wait_for(lambda: ready(cluster, namespace, "gated") == "True", timeout=30, what="Ready once the gate is True")
-        # The node wrote Ready (a merge patch replaces the whole list) and kept the gate's condition.
+        # The node's write of Ready (its conditions merged by type) left the gate's condition alone.
         kept = pod(cluster, namespace, "gated")
         assert kept is not None
         assert gate in {c["type"] for c in kept["status"]["conditions"]}

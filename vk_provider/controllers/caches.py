@@ -804,7 +804,7 @@ class ImageCacheController:
             message="",
             # From now on the images it will hold (its status says so: a leader taking over
             # resumes this build, not the one before); if the update fails it holds its old ones.
-            images=self._images_held(None, spec),
+            images=self._cached_images(spec.images, spec.references),
             event=("Normal", f"Start to {verb} image cache {before.imc_id}"),
         )
         resolved = {image: await self._resolve(image, spec.pull_secrets) for image in spec.images}

@@ -478,7 +478,9 @@ def _gates_not_ready(gates: tuple[str, ...], others: tuple[JSON, ...]) -> str:
 
 
 def render_status(state: PodState) -> JSON:
-    """The Pod's ``status`` as a merge patch: every field we own is present (null when unset).
+    """The Pod's ``status``, as the API server should have it: every field we own is present
+    (null when unset), and other writers' conditions after ours (the write itself sends only
+    ours: ``kube.pods.conditions_merged``).
 
     ``qosClass`` is not ours: the API server sets it when the Pod is created, and it stays.
     """
@@ -487,7 +489,7 @@ def render_status(state: PodState) -> JSON:
     for c in state.containers:
         (init if c.init else main).append(_container(c))
     conditions = [_condition(c) for c in state.conditions]
-    if state.others:  # a merge patch replaces the list: other writers' conditions go with ours
+    if state.others:  # as the API server has them: compared with its copy, not written
         conditions.extend(state.others)
     return {
         "phase": state.phase.value,
