@@ -37,7 +37,7 @@ from vk_provider.kube.imagecaches import LIST_PATH as IMAGECACHES_PATH
 from vk_provider.kube.imagecaches import CrdError, ImageCacheClient, ensure_crd, load_crd_manifest
 from vk_provider.kube.leases import LeaseClient
 from vk_provider.kube.nodes import NodeClient
-from vk_provider.kube.pods import EventRecorder, PodClient
+from vk_provider.kube.pods import EVENT_WORKERS, EventRecorder, PodClient
 from vk_provider.kube.secrets import PullSecrets
 from vk_provider.kube.session import KubeConfigError, KubeError, KubeSession
 from vk_provider.kube.watching import list_watch
@@ -203,6 +203,10 @@ class Agent:
         cache_manager = CacheManager(controller, images, self.clock, default_auto=s.caches.default_auto_match)
         self.cache_manager = cache_manager
         self.supervisor.start("imagecache-hits", cache_manager.run(max_backoff=s.kube.max_backoff_seconds))
+        # The connections that Pod status and Events go over are opened now, while nothing waits,
+        # not by the first burst of Pods (a TLS handshake each, on both sides, in the middle of it).
+        open_now = await self.session.warm(s.pods.status_writers + EVENT_WORKERS)
+        log.debug("%d connections to the API server open for Pod status and Events", open_now)
         pod_client = PodClient(self.session)
         reporter = StatusReporter(
             pod_client,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -388,6 +389,58 @@ async def test_close_ends_the_connections_and_later_requests_fail() -> None:
         with pytest.raises(H1Error, match="closed"):
             await pool.request("GET", GET, None, 5.0)
         assert counts == [1]
+
+
+async def test_warmed_connections_serve_a_burst_without_new_ones() -> None:
+    async with raw_server(lambda n, r: ok()) as (port, counts):
+        pool = H1Pool("127.0.0.1", port, tls=None)
+        try:
+            assert await pool.warm(3) == 3
+            assert pool.connections_made == 3
+            assert await pool.warm(3) == 3  # already open: nothing more
+            answers = await asyncio.gather(*(pool.request("GET", GET, None, 5.0) for _ in range(3)))
+            assert [a.status for a in answers] == [200] * 3
+            assert pool.connections_made == 3
+            assert sorted(counts) == [1, 1, 1]  # each warmed connection served one of them
+        finally:
+            await pool.close()
+
+
+async def test_warming_stays_within_the_limit_and_a_closed_pool_opens_nothing() -> None:
+    async with raw_server(lambda n, r: ok()) as (port, _):
+        pool = H1Pool("127.0.0.1", port, tls=None, limit=2)
+        try:
+            assert await pool.warm(5) == 2
+            assert pool.connections_made == 2
+        finally:
+            await pool.close()
+        assert await pool.warm(5) == 0
+        assert pool.connections_made == 2
+
+
+async def test_a_pool_closed_while_warming_keeps_no_connection() -> None:
+    async with raw_server(lambda n, r: ok()) as (port, _):
+        pool = H1Pool("127.0.0.1", port, tls=None)
+        warming = asyncio.create_task(pool.warm(3))
+        await asyncio.sleep(0)  # the connections are being opened
+        await pool.close()
+        assert await warming == 0
+        assert pool.connections_made == 3
+        assert not pool._open
+        assert not pool._idle
+
+
+async def test_warming_a_pool_whose_server_refuses_is_no_error() -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    pool = H1Pool("127.0.0.1", port, tls=None)
+    try:
+        assert await pool.warm(2) == 0
+        with pytest.raises(H1Error, match="cannot connect"):
+            await pool.request("GET", GET, None, 5.0)
+    finally:
+        await pool.close()
 
 
 def test_the_host_header_leaves_out_the_default_port() -> None:

@@ -272,6 +272,26 @@ async def test_a_path_prefix_in_the_server_address_and_encoded_queries() -> None
     assert seen.query["limit"] == "5"
 
 
+async def test_warmed_connections_carry_the_first_requests_and_a_proxied_session_warms_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async with serving() as (server, url):
+        cfg = k8s_client.Configuration()
+        cfg.host = url
+        async with KubeSession(cfg) as session:
+            assert await session.warm(4) == 4
+            await asyncio.gather(*(session.request("GET", f"/api/v1/pods/{i}") for i in range(4)))
+            assert session._pool is not None
+            assert session._pool.connections_made == 4
+        assert len(server.seen) == 4
+        monkeypatch.setenv("HTTP_PROXY", url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        async with KubeSession(cfg) as session:
+            assert session._pool is None
+            assert await session.warm(4) == 0
+
+
 async def test_a_line_break_in_a_token_is_refused_not_sent() -> None:
     async with serving() as (server, url):
         cfg = k8s_client.Configuration()

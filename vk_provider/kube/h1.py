@@ -255,6 +255,7 @@ class H1Pool:
         self._server_hostname = (server_hostname or host) if tls is not None else None
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
+        self._limit = limit
         self._slots = asyncio.Semaphore(limit)
         self._closed = False
         self.connections_made = 0
@@ -288,6 +289,25 @@ class H1Pool:
                 return answer
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def warm(self, count: int) -> int:
+        """Open connections, all at once, until ``count`` (at most the limit) wait idle; how many wait now.
+
+        A long-running client's connections are open when a burst of requests comes: the burst
+        does not pay a TLS handshake per connection, on either side, while it is served. A
+        connection that cannot be opened is left out (the next request opens one, and fails if it
+        must)."""
+        wanted = min(count - len(self._idle), self._limit - len(self._open))
+        if self._closed or wanted <= 0:
+            return len(self._idle)
+        opened = await asyncio.gather(*(self._connect() for _ in range(wanted)), return_exceptions=True)
+        for conn in opened:
+            if isinstance(conn, _Connection):
+                if conn.usable:  # (not if the pool was closed meanwhile)
+                    self._idle.append(conn)
+            elif not isinstance(conn, H1Error):
+                raise conn
+        return len(self._idle)
+
     async def close(self) -> None:
         self._closed = True
         conns = list(self._open)
@@ -312,6 +332,9 @@ class H1Pool:
                 conn.reused = True
                 return conn
             self._discard(conn)
+        return await self._connect()
+
+    async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
@@ -323,6 +346,9 @@ class H1Pool:
         except OSError as exc:  # refused, unreachable, unknown name, TLS (certificate) failures
             raise H1Error(f"cannot connect to {self.host_header}: {type(exc).__name__}: {exc}") from None
         self.connections_made += 1
+        if self._closed:  # while it was being opened
+            conn.close()
+            raise H1Error("the connection pool is closed")
         self._open.add(conn)
         return conn
 

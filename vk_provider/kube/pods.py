@@ -22,6 +22,8 @@ from vk_provider.kube.session import JSON, MERGE_PATCH, STRATEGIC_MERGE_PATCH, K
 
 log = logging.getLogger(__name__)
 
+EVENT_WORKERS = 4  # Events posted at once
+
 
 class PodClient:
     def __init__(self, session: KubeSession) -> None:
@@ -169,7 +171,7 @@ class EventRecorder:
         self._last_ns = stamp
         return f"{spec.pod_name}.{stamp:x}"
 
-    async def run(self, workers: int = 4) -> None:
+    async def run(self, workers: int = EVENT_WORKERS) -> None:
         """Drain the queue forever (one task per worker); cancel to stop."""
         async with asyncio.TaskGroup() as group:
             for i in range(workers):

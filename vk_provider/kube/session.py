@@ -234,6 +234,13 @@ class KubeSession:
         return cls(cfg, qps=qps, burst=burst, request_timeout=request_timeout, source=source, user_agent=user_agent,
                    own_http=own_http)  # fmt: skip
 
+    async def warm(self, connections: int) -> int:
+        """Open ``connections`` connections for ordinary requests ahead of need (see
+        :meth:`H1Pool.warm`); how many wait open. Nothing with aiohttp (through a proxy)."""
+        if self._pool is None:
+            return 0
+        return await self._pool.warm(connections)
+
     async def close(self) -> None:
         if self._pool is not None:
             await self._pool.close()
