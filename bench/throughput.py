@@ -210,6 +210,7 @@ async def _time_agent(settings: Settings, meter: CpuMeter, ns: str, count: int) 
         controller = agent.pods
         assert controller is not None
         await controller.synced.wait()
+        connections = agent.session.connections_made
         # Timed from the moment the agent took the first Pod (from its list), not from when this
         # script gets control back: by then the agent has already done part of the work.
         assert controller.first_taken is not None
@@ -235,6 +236,8 @@ async def _time_agent(settings: Settings, meter: CpuMeter, ns: str, count: int) 
                 print(
                     f"agent: {controller.reporter.writes / count:.2f} status writes per Pod; "
                     f"{events.posted if events else 0} Events posted by then (they give way to status); "
+                    f"{agent.session.connections_made - connections} connections opened after it listed its Pods "
+                    f"(the rest when it started); "
                     f"agent process CPU {time.process_time() - cpu:.2f} s from its start",
                     flush=True,
                 )

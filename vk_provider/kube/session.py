@@ -234,6 +234,11 @@ class KubeSession:
         return cls(cfg, qps=qps, burst=burst, request_timeout=request_timeout, source=source, user_agent=user_agent,
                    own_http=own_http)  # fmt: skip
 
+    @property
+    def connections_made(self) -> int:
+        """How many connections ordinary requests have opened so far (0 with aiohttp)."""
+        return self._pool.connections_made if self._pool is not None else 0
+
     async def warm(self, connections: int) -> int:
         """Open ``connections`` connections for ordinary requests ahead of need (see
         :meth:`H1Pool.warm`); how many wait open. Nothing with aiohttp (through a proxy)."""
