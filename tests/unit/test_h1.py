@@ -430,6 +430,66 @@ async def test_a_pool_closed_while_warming_keeps_no_connection() -> None:
         assert not pool._idle
 
 
+async def test_warming_counts_connections_being_opened_by_requests_and_by_another_warm() -> None:
+    async with raw_server(lambda n, r: ok()) as (port, _):
+        pool = H1Pool("127.0.0.1", port, tls=None, limit=4)
+        try:
+            requests = [asyncio.create_task(pool.request("GET", GET, None, 5.0)) for _ in range(3)]
+            await asyncio.sleep(0)  # the three are opening their connections
+            await asyncio.gather(pool.warm(4), pool.warm(4))
+            await asyncio.gather(*requests)
+            assert pool.connections_made == 4  # three for the requests, one more warmed
+            assert len(pool._idle) == 4
+        finally:
+            await pool.close()
+
+
+async def test_a_cancelled_warm_keeps_what_it_opened_and_a_closed_idle_connection_is_replaced() -> None:
+    listener = socket.socket()  # accepts nothing: the kernel completes about backlog + 1 handshakes
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    pool = H1Pool("127.0.0.1", listener.getsockname()[1], tls=None)
+    try:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.3):
+                await pool.warm(20)  # most wait for a handshake that does not come
+        assert 1 <= pool.connections_made < 20
+        assert len(pool._idle) == pool.connections_made  # none opened and then forgotten
+        assert all(c.usable for c in pool._idle)
+    finally:
+        await pool.close()
+        listener.close()
+
+    hang_up_now, accepted = asyncio.Event(), 0
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal accepted
+        accepted += 1
+        if accepted == 1:  # the first, when told: as an API server closes a connection idle too long
+            await hang_up_now.wait()
+            writer.close()
+        else:
+            with contextlib.suppress(ConnectionError):
+                await reader.read()
+            writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    pool = H1Pool("127.0.0.1", server.sockets[0].getsockname()[1], tls=None)
+    try:
+        assert await pool.warm(1) == 1
+        hang_up_now.set()
+        async with asyncio.timeout(5):
+            await pool._idle[0].lost
+        assert not pool._idle[0].usable
+        assert await pool.warm(1) == 1
+        assert pool.connections_made == 2
+        assert len(pool._open) == 1
+    finally:
+        await pool.close()
+        server.close()
+        await server.wait_closed()
+
+
 async def test_warming_a_pool_whose_server_refuses_is_no_error() -> None:
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))

@@ -256,6 +256,7 @@ class H1Pool:
         self._idle: list[_Connection] = []
         self._open: set[_Connection] = set()
         self._limit = limit
+        self._connecting = 0  # connections being opened
         self._slots = asyncio.Semaphore(limit)
         self._closed = False
         self.connections_made = 0
@@ -290,23 +291,34 @@ class H1Pool:
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def warm(self, count: int) -> int:
-        """Open connections, all at once, until ``count`` (at most the limit) wait idle; how many wait now.
+        """Open connections, all at once, until ``count`` (within the limit) wait idle; how many wait now.
 
         A long-running client's connections are open when a burst of requests comes: the burst
         does not pay a TLS handshake per connection, on either side, while it is served. A
         connection that cannot be opened is left out (the next request opens one, and fails if it
-        must)."""
-        wanted = min(count - len(self._idle), self._limit - len(self._open))
+        must); one opened before a cancellation waits idle like the others."""
+        for conn in [c for c in self._idle if not c.usable]:  # closed by the server meanwhile
+            self._idle.remove(conn)
+            self._discard(conn)
+        wanted = min(count - len(self._idle), self._limit - len(self._open) - self._connecting)
         if self._closed or wanted <= 0:
             return len(self._idle)
-        opened = await asyncio.gather(*(self._connect() for _ in range(wanted)), return_exceptions=True)
-        for conn in opened:
-            if isinstance(conn, _Connection):
-                if conn.usable:  # (not if the pool was closed meanwhile)
-                    self._idle.append(conn)
-            elif not isinstance(conn, H1Error):
-                raise conn
+        self._connecting += wanted  # counted at once: a request or warm() at the same time sees them
+        try:
+            opened = await asyncio.gather(*(self._open_idle() for _ in range(wanted)), return_exceptions=True)
+        finally:
+            self._connecting -= wanted
+        for outcome in opened:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, H1Error):
+                raise outcome
         return len(self._idle)
+
+    async def _open_idle(self) -> None:
+        conn = await self._connect(counted=True)
+        if conn.usable:
+            self._idle.append(conn)
+        else:
+            self._discard(conn)
 
     async def close(self) -> None:
         self._closed = True
@@ -334,8 +346,11 @@ class H1Pool:
             self._discard(conn)
         return await self._connect()
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self, *, counted: bool = False) -> _Connection:
+        """A new connection; ``counted``: already in ``_connecting`` (by warm)."""
         loop = asyncio.get_running_loop()
+        if not counted:
+            self._connecting += 1
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
                 _, conn = await loop.create_connection(
@@ -345,6 +360,9 @@ class H1Pool:
             raise H1Error(f"cannot connect to {self.host_header}: no answer in {CONNECT_TIMEOUT:.0f} s") from None
         except OSError as exc:  # refused, unreachable, unknown name, TLS (certificate) failures
             raise H1Error(f"cannot connect to {self.host_header}: {type(exc).__name__}: {exc}") from None
+        finally:
+            if not counted:
+                self._connecting -= 1
         self.connections_made += 1
         if self._closed:  # while it was being opened
             conn.close()

@@ -236,7 +236,7 @@ class KubeSession:
 
     @property
     def connections_made(self) -> int:
-        """How many connections ordinary requests have opened so far (0 with aiohttp)."""
+        """How many connections for ordinary requests were opened so far, warmed ones included (0 with aiohttp)."""
         return self._pool.connections_made if self._pool is not None else 0
 
     async def warm(self, connections: int) -> int:
