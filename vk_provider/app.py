@@ -37,7 +37,7 @@ from vk_provider.kube.imagecaches import LIST_PATH as IMAGECACHES_PATH
 from vk_provider.kube.imagecaches import CrdError, ImageCacheClient, ensure_crd, load_crd_manifest
 from vk_provider.kube.leases import LeaseClient
 from vk_provider.kube.nodes import NodeClient
-from vk_provider.kube.pods import EVENT_WORKERS, EventRecorder, PodClient
+from vk_provider.kube.pods import EVENT_WORKERS, SPAM_REFILL_SECONDS, EventRecorder, PodClient
 from vk_provider.kube.secrets import PullSecrets
 from vk_provider.kube.session import KubeConfigError, KubeError, KubeSession
 from vk_provider.kube.watching import list_watch
@@ -217,7 +217,13 @@ class Agent:
         names = node_names(s.node)
         # Events give way to Pod status: a burst of starts gets its Pods Running first.
         events = EventRecorder(
-            self.session, host=names[0], give_way=reporter.wait_idle, on_drop=self.metrics.events_dropped.inc
+            self.session,
+            host=names[0],
+            give_way=reporter.wait_idle,
+            on_drop=self.metrics.events_dropped.inc,
+            # The kubelet's spam filter, in simulated time: one more Event per 5 simulated minutes.
+            spam_refill_seconds=SPAM_REFILL_SECONDS / s.pull.time_scale,
+            on_filter=self.metrics.events_filtered.inc,
         )
         self.events = events
         # So do the records of Pod starts (at most 2 s late).

@@ -125,6 +125,10 @@ class NodeMetrics:
         self.events_dropped = Counter(
             "vk_provider_events_dropped_total", "Events not posted because too many were waiting (API server behind)."
         )
+        self.events_filtered = Counter(
+            "vk_provider_events_filtered_total",
+            "Events not posted by the spam filter (over 25 of one Pod at once, then one per 5 simulated minutes).",
+        )
         self.starts_unrecorded = Counter(
             "vk_provider_pod_starts_unrecorded_total",
             "Pods found running at the agent's start whose start is not in the registry (an agent stopped first).",
@@ -134,6 +138,6 @@ class NodeMetrics:
         lines: list[str] = []
         for metric in (self.pod_start_total, self.pod_start_sli, self.image_pull, self.cache_hits, self.cache_misses,
                        self.auto_created, self.bytes_pulled, self.pods_started, self.events_dropped,
-                       self.starts_unrecorded):  # fmt: skip
+                       self.events_filtered, self.starts_unrecorded):  # fmt: skip
             lines.extend(metric.render())
         return "\n".join(lines) + "\n"

@@ -8,6 +8,7 @@ import re
 import signal
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -362,6 +363,37 @@ def test_job_completes_and_exit_codes_follow_restart_policy(cluster: Cluster, wo
         assert backoff["type"] == "Warning"
         assert backoff["count"] >= 2
         assert backoff["lastTimestamp"] >= backoff["firstTimestamp"]
+
+
+def test_a_crash_loop_at_a_high_time_scale_is_held_to_the_kubelets_event_budget(
+    cluster: Cluster, workdir: Path, namespace: str
+) -> None:
+    # At time scale 600 the crash loop's longest back-off (5 min) is 0.5 s of wall time, and so is
+    # the spam filter's refill: 25 Events at once, then one per 5 simulated minutes.
+    refill = 300 / 600
+    with start_agent(cluster, workdir, {"pull": {"time_scale": 600, "jitter": 0}}) as agent:
+        crashes = pod_manifest(
+            "crashes", agent.node_name, image="busybox:1.36", restart_policy="Always",
+            annotations={"vk-provider.io/run-seconds": "1", "vk-provider.io/exit-code": "3"},
+        )  # fmt: skip
+        began = time.monotonic()
+        apply(cluster, namespace, crashes)
+
+        def restarts() -> int:
+            found = pod(cluster, namespace, "crashes")
+            statuses = found["status"].get("containerStatuses") if found else None
+            return int(statuses[0]["restartCount"]) if statuses else 0
+
+        wait_for(lambda: restarts() >= 30, timeout=90, what="30 restarts")
+        made = 3 * restarts()  # at least Pulled, Created and Started for each run
+        events = [e for e in events_of(cluster, namespace, "crashes") if e["source"]["component"] == "kubelet"]
+        posted = sum(e.get("count", 1) for e in events)
+        budget = 25 + (time.monotonic() - began) / refill + 1
+        assert posted <= budget < made, (posted, budget, made)
+        metrics = cluster.kubectl("get", "--raw", f"/api/v1/nodes/{agent.node_name}/proxy/metrics")
+        [filtered] = re.findall(r"^vk_provider_events_filtered_total (\d+)", metrics, re.MULTILINE)
+        assert int(filtered) > 0
+        assert "more than 25 Events from kubelet at once" in agent.log
 
 
 def test_agent_killed_mid_start_then_restarted_runs_every_pod_once(

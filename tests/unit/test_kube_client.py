@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -188,6 +189,53 @@ async def test_events_beyond_the_queue_are_dropped_and_counted(served: tuple[Ser
     finally:
         runner.cancel()
         await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_the_spam_filter_lets_25_events_of_a_pod_through_then_one_per_refill(
+    served: tuple[Server, KubeSession], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vk_provider.kube.pods")
+    server, session = served
+    metrics, clock = NodeMetrics(), [1000.0]
+    recorder = EventRecorder(
+        session, host="vk", spam_refill_seconds=10.0, on_filter=metrics.events_filtered.inc, monotonic=lambda: clock[0]
+    )
+    for i in range(30):  # a crash loop's worth
+        recorder.record(EventSpec("ns", "p", "uid-p", "BackOff", f"back-off {i}"))
+    recorder.record(EventSpec("ns", "q", "uid-q", "Pulled", "pulled"))  # another Pod: a bucket of its own
+    recorder.record(EventSpec("ns", "p", "uid-p", "SuccessfulHitImageCache", "hit", component="EciService"))
+    assert recorder.filtered == 5
+    clock[0] += 15.0  # one and a half refills: one more
+    recorder.record(EventSpec("ns", "p", "uid-p", "BackOff", "later"))
+    recorder.record(EventSpec("ns", "p", "uid-p", "BackOff", "too soon"))
+    assert recorder.filtered == 6
+    clock[0] += 5.0  # the half left over and this half: one more
+    recorder.record(EventSpec("ns", "p", "uid-p", "BackOff", "later still"))
+    assert recorder.filtered == 6
+    assert "vk_provider_events_filtered_total 6" in metrics.render()
+    told = [r.getMessage() for r in caplog.records if "spam filter" in r.getMessage()]
+    assert told == [
+        "pod ns/p: more than 25 Events from kubelet at once; one more every 10 s is posted, the rest are not "
+        "(the kubelet's spam filter)"
+    ]
+    runner = asyncio.create_task(recorder.run(workers=2))
+    try:
+        await until(lambda: len(server.posted) == 29)
+        messages = [e["message"] for e in server.posted]
+        assert {f"back-off {i}" for i in range(25)} == {m for m in messages if m.startswith("back-off")}
+        assert {"pulled", "hit", "later", "later still"} <= set(messages)
+        assert "too soon" not in messages
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
+async def test_the_spam_filter_can_be_turned_off(served: tuple[Server, KubeSession]) -> None:
+    _, session = served
+    recorder = EventRecorder(session, host="vk", spam_burst=0)
+    for i in range(40):
+        recorder.record(EventSpec("ns", "p", "uid-p", "BackOff", f"back-off {i}"))
+    assert recorder.filtered == 0
 
 
 async def test_an_unwanted_body_is_not_decoded_but_errors_still_are(served: tuple[Server, KubeSession]) -> None:

@@ -42,6 +42,7 @@ def test_counter_escapes_labels() -> None:
 def test_a_counter_without_labels_shows_zero_until_counted() -> None:
     text = NodeMetrics().render()
     assert "vk_provider_events_dropped_total 0" in text.splitlines()
+    assert "vk_provider_events_filtered_total 0" in text.splitlines()
     assert "vk_provider_pod_starts_unrecorded_total 0" in text.splitlines()
     assert not [line for line in text.splitlines() if line.startswith("vk_provider_pods_started_total")]  # labelled
     c = Counter("c_total", "help")

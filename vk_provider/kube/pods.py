@@ -23,6 +23,10 @@ from vk_provider.kube.session import JSON, MERGE_PATCH, STRATEGIC_MERGE_PATCH, K
 log = logging.getLogger(__name__)
 
 EVENT_WORKERS = 4  # Events posted at once
+# The kubelet's Event spam filter (client-go's EventSourceObjectSpamFilter): at most 25 Events of one
+# Pod from one source at once, then one more every 5 minutes; the others are not posted.
+SPAM_BURST = 25
+SPAM_REFILL_SECONDS = 300.0
 
 
 class PodClient:
@@ -103,6 +107,13 @@ class _Series:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one write of it at a time, in order
 
 
+@dataclass(slots=True)
+class _Bucket:
+    tokens: float
+    at: float  # when they were counted (the recorder's clock)
+    told: bool = False  # that its Events are held back (logged)
+
+
 class EventRecorder:
     """Posts core/v1 Events in the order they are recorded, without blocking the caller.
 
@@ -116,6 +127,12 @@ class EventRecorder:
     budget than status; but an Event waits at most ``max_delay`` seconds after it was recorded, so
     a long burst of Pods does not starve them. When the queue is full, new Events are dropped and
     counted, as the kubelet's recorder drops them under load.
+
+    Like the kubelet's recorder too, a spam filter lets through at most ``spam_burst`` Events of
+    one Pod from one source (kubelet, EciService) at once, then one every
+    ``spam_refill_seconds`` (5 minutes; the agent scales it by pull.time_scale, simulated
+    minutes): a Pod in a crash loop does not flood the API server. The Events it holds back are
+    not posted, only counted (``filtered``, ``on_filter``); the first of each Pod is logged.
     """
 
     def __init__(
@@ -127,7 +144,12 @@ class EventRecorder:
         max_delay: float = 5.0,
         on_drop: Callable[[], None] | None = None,
         max_series: int = 4096,
+        spam_burst: int = SPAM_BURST,
+        spam_refill_seconds: float = SPAM_REFILL_SECONDS,
+        on_filter: Callable[[], None] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``spam_burst`` 0: no spam filter."""
         self._s = session
         self._on_drop = on_drop
         self._host = host
@@ -138,11 +160,19 @@ class EventRecorder:
         self._series: OrderedDict[EventSpec, _Series] = OrderedDict()
         self._max_series = max_series
         self._last_ns = 0
+        self._spam_burst = spam_burst
+        self._spam_refill = spam_refill_seconds
+        self._on_filter = on_filter
+        self._monotonic = monotonic
+        self._buckets: OrderedDict[tuple[str, ...], _Bucket] = OrderedDict()  # the last max_series Pods
+        self.filtered = 0  # held back by the spam filter
         self.posted = 0
         self.repeats = 0  # repeats written as a count on an existing Event
         self.dropped = 0
 
     def record(self, spec: EventSpec, now: datetime | None = None) -> None:
+        if not self._admitted(spec):
+            return
         moment = now or datetime.now(UTC)
         series = self._series.get(spec)
         if series is None:
@@ -164,6 +194,38 @@ class EventRecorder:
             if self.dropped == 1 or self.dropped % 1000 == 0:
                 log.warning("event queue full (%d waiting): %d events dropped so far", self._queue.qsize(),
                             self.dropped)  # fmt: skip
+
+    def _admitted(self, spec: EventSpec) -> bool:
+        """The spam filter: a token bucket per Pod and source (client-go keys it by the source's
+        component and host and the involved object)."""
+        if self._spam_burst <= 0:
+            return True
+        key = (spec.component, spec.host or self._host, spec.namespace, spec.pod_name, spec.pod_uid)
+        now = self._monotonic()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = self._buckets[key] = _Bucket(float(self._spam_burst), now)
+            if len(self._buckets) > self._max_series:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(key)
+            earned = (now - bucket.at) / self._spam_refill if self._spam_refill > 0 else float(self._spam_burst)
+            bucket.tokens = min(float(self._spam_burst), bucket.tokens + earned)
+            bucket.at = now
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return True
+        self.filtered += 1
+        if self._on_filter is not None:
+            self._on_filter()
+        if not bucket.told:  # said once per Pod
+            bucket.told = True
+            log.info(
+                "pod %s/%s: more than %d Events from %s at once; one more every %.0f s is posted, the rest "
+                "are not (the kubelet's spam filter)",
+                spec.namespace, spec.pod_name, self._spam_burst, spec.component, self._spam_refill,
+            )  # fmt: skip
+        return False
 
     def _new_name(self, spec: EventSpec) -> str:
         """``<pod>.<hex nanoseconds>``, strictly increasing (the kubelet's Event names)."""
