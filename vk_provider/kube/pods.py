@@ -221,7 +221,7 @@ class EventRecorder:
         if not bucket.told:  # said once per Pod
             bucket.told = True
             log.info(
-                "pod %s/%s: more than %d Events from %s at once; one more every %.0f s is posted, the rest "
+                "pod %s/%s: more than %d Events from %s at once; one more every %.3g s is posted, the rest "
                 "are not (the kubelet's spam filter)",
                 spec.namespace, spec.pod_name, self._spam_burst, spec.component, self._spam_refill,
             )  # fmt: skip
