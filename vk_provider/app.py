@@ -386,6 +386,8 @@ class Agent:
                 await asyncio.wait_for(self.cache_manager.flush_hits(show_expiries=False), timeout=3.0)
             except TimeoutError:
                 log.warning("image cache matches were not recorded before shutdown")
+        if self.events is not None:  # a moment for the Events waiting; those left are counted in the log
+            await self.events.flush(timeout=1.0)
         await self.supervisor.stop()
         if self.images is not None:
             await self.images.close()

@@ -230,6 +230,27 @@ async def test_the_spam_filter_lets_25_events_of_a_pod_through_then_one_per_refi
         await asyncio.gather(runner, return_exceptions=True)
 
 
+async def test_events_the_spam_filter_holds_back_still_count_in_the_next_one_posted(
+    served: tuple[Server, KubeSession],
+) -> None:
+    server, session = served
+    clock = [0.0]
+    recorder = EventRecorder(session, host="vk", spam_refill_seconds=300.0, monotonic=lambda: clock[0])
+    back_off = EventSpec("ns", "p", "uid-p", "BackOff", "Back-off restarting failed container", "Warning")
+    runner = asyncio.create_task(recorder.run(workers=1))
+    try:
+        for _ in range(30):
+            recorder.record(back_off)
+        await recorder.flush(timeout=2)
+        assert recorder.filtered == 5
+        clock[0] += 300.0  # one refill
+        recorder.record(back_off)  # the 31st: posted, with every one before it counted
+        await until(lambda: bool(server.patched) and server.patched[-1][1]["count"] == 31)
+    finally:
+        runner.cancel()
+        await asyncio.gather(runner, return_exceptions=True)
+
+
 async def test_the_spam_filter_can_be_turned_off(served: tuple[Server, KubeSession]) -> None:
     _, session = served
     recorder = EventRecorder(session, host="vk", spam_burst=0)

@@ -171,10 +171,14 @@ class EventRecorder:
         self.dropped = 0
 
     def record(self, spec: EventSpec, now: datetime | None = None) -> None:
-        if not self._admitted(spec):
-            return
         moment = now or datetime.now(UTC)
         series = self._series.get(spec)
+        if not self._admitted(spec):
+            if series is not None:  # still counted, as the kubelet's correlator counts before its
+                self._series.move_to_end(spec)  # filter: the next one posted brings the total
+                series.count += 1
+                series.last = max(series.last, moment)
+            return
         if series is None:
             series = self._series[spec] = _Series(spec, self._new_name(spec), moment, moment)
             if len(self._series) > self._max_series:
