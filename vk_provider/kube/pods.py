@@ -173,20 +173,17 @@ class EventRecorder:
     def record(self, spec: EventSpec, now: datetime | None = None) -> None:
         moment = now or datetime.now(UTC)
         series = self._series.get(spec)
-        if not self._admitted(spec):
-            if series is not None:  # still counted, as the kubelet's correlator counts before its
-                self._series.move_to_end(spec)  # filter: the next one posted brings the total
-                series.count += 1
-                series.last = max(series.last, moment)
+        admitted = self._admitted(spec)
+        if series is not None:  # a repeat is counted even when held back, as the kubelet's
+            self._series.move_to_end(spec)  # correlator counts before its filter: the next one
+            series.count += 1  # posted brings the total
+            series.last = max(series.last, moment)
+        if not admitted:
             return
         if series is None:
             series = self._series[spec] = _Series(spec, self._new_name(spec), moment, moment)
             if len(self._series) > self._max_series:
                 self._series.popitem(last=False)
-        else:
-            self._series.move_to_end(spec)
-            series.count += 1
-            series.last = max(series.last, moment)
         try:
             self._queue.put_nowait((series, series.count, asyncio.get_running_loop().time()))
         except asyncio.QueueFull:
